@@ -1,0 +1,313 @@
+"""The audit writer: the single owner of the hash chain's head and of the segment files.
+
+Callers :meth:`AuditWriter.submit` an entry without waiting; it lands in a bounded
+mailbox and the caller gets an :class:`AuditTicket`. The writer's loop is a group commit:
+it takes everything that piled up in the mailbox, gives each entry its ``seq``, ``ts``,
+``prev`` and ``hash``, writes all lines with one ``write`` and makes them durable with one
+``fsync`` (in a worker thread, so the event loop keeps serving), and only then sets every
+ticket. Under load one fsync covers many entries; alone, an entry costs exactly one.
+
+When a write or an fsync fails, the batch is not durable: its tickets fail with
+:class:`~actors.errors.AuditUnavailable`, the head goes back to the last durable entry,
+and the file is cut back to its last durable size before anything else is appended. The
+cut happens through a freshly opened descriptor, and an fsync that failed is never
+retried on the same pages and then trusted: the lines are written again in a new batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from actors.chain import GENESIS, seal, segment_name
+from actors.errors import AuditUnavailable
+
+log = logging.getLogger("vm_tenant.audit")
+
+SYSTEM_SOURCE: dict[str, Any] = {"ip": None, "token_id": "system"}
+
+
+def utc_now() -> str:
+    """An RFC 3339 UTC timestamp with microseconds, as the audit lines carry them."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class AuditTicket:
+    """The promise of one submitted entry: :meth:`wait` returns it once it is durable."""
+
+    __slots__ = ("_done", "entry", "error")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self.entry: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    def _resolve(self, entry: dict[str, Any] | None, error: str | None = None) -> None:
+        self.entry, self.error = entry, error
+        self._done.set()
+
+    async def wait(self) -> dict[str, Any]:
+        """The stored entry; raises ``AuditUnavailable`` when it could not be made durable.
+
+        The writer always answers, so callers shield this wait when they must apply the
+        outcome whatever happens to their own request.
+        """
+        await self._done.wait()
+        if self.entry is None:
+            raise AuditUnavailable(self.error or "the audit entry could not be made durable")
+        return self.entry
+
+
+@dataclass(slots=True)
+class AuditStats:
+    """Counters exported by the writer (cumulative since start)."""
+
+    entries: int = 0
+    batches: int = 0
+    fsyncs: int = 0
+    failures: int = 0
+    largest_batch: int = 0
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    fd: int
+    size: int  # bytes known to be durable
+
+
+@dataclass(slots=True)
+class _Pending:
+    fields: dict[str, Any]
+    ticket: AuditTicket = field(default_factory=AuditTicket)
+
+
+class AuditWriter:
+    """Appends entries to ``<data-dir>/audit/`` with group commit; exactly one per data dir.
+
+    ``head_seq``/``head_hash`` are the last durable entry found at start (0 and 64 zeros
+    for an empty log). ``fsync`` is the function used to make a file durable; tests pass
+    one that counts calls or raises a real ``OSError``.
+    """
+
+    def __init__(
+        self,
+        audit_dir: Path,
+        head_seq: int = 0,
+        head_hash: str = GENESIS,
+        *,
+        fsync: Callable[[int], None] = os.fsync,
+        max_queue: int = 65536,
+        max_batch: int = 4096,
+        segment_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.audit_dir = audit_dir
+        self.seq = head_seq
+        self.head = head_hash
+        self.stats = AuditStats()
+        self._fsync = fsync
+        self._max_batch = max_batch
+        self._segment_bytes = segment_bytes
+        self._segment: _Segment | None = None
+        self._needs_repair = False
+        self._damaged: str | None = None
+        self._send, self._receive = trio.open_memory_channel[_Pending](max_queue)
+        self._durable = trio.Condition()
+
+    # -- the caller's side ---------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last batch failed and the file is not repaired, or when damaged."""
+        return not self._needs_repair and self._damaged is None
+
+    def mark_damaged(self, reason: str) -> None:
+        """Refuse every further entry: the journal is damaged and must not grow."""
+        self._damaged = reason
+        log.error("audit log damaged, refusing writes: %s", reason)
+
+    def queue_depth(self) -> int:
+        return self._receive.statistics().current_buffer_used
+
+    def submit(
+        self,
+        *,
+        op: str,
+        outcome: str,
+        tenant: str | None,
+        vm: str | None,
+        source: dict[str, Any],
+        request_id: str | None,
+        detail: dict[str, Any],
+    ) -> AuditTicket:
+        """Queue one entry and return its ticket without waiting.
+
+        Raises ``AuditUnavailable`` at once when the journal is damaged, the writer has
+        stopped, or its mailbox is full (the caller answers 503 rather than queue forever).
+        """
+        if self._damaged is not None:
+            raise AuditUnavailable("the audit log is damaged; writes are refused")
+        pending = _Pending(
+            {
+                "op": op,
+                "outcome": outcome,
+                "tenant": tenant,
+                "vm": vm,
+                "source": source,
+                "request_id": request_id,
+                "detail": detail,
+            }
+        )
+        try:
+            self._send.send_nowait(pending)
+        except trio.WouldBlock:
+            raise AuditUnavailable("the audit writer is overloaded") from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise AuditUnavailable("the audit writer has stopped") from None
+        return pending.ticket
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once every entry up to ``seq`` is durable."""
+        async with self._durable:
+            while self.seq < seq:
+                await self._durable.wait()
+
+    def close(self) -> None:
+        """Stop taking entries; :meth:`run` writes what is queued and then returns."""
+        self._send.close()
+
+    # -- the writer's loop ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The actor: group-commit batches until the mailbox is closed and drained."""
+        task_status.started()
+        try:
+            with self._receive:
+                while True:
+                    try:
+                        first = await self._receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                    batch = [first]
+                    while len(batch) < self._max_batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await self._commit(batch)
+        finally:
+            if self._segment is not None:
+                os.close(self._segment.fd)
+                self._segment = None
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        if self._damaged is not None:
+            for pending in batch:
+                pending.ticket._resolve(None, "the audit log is damaged; writes are refused")
+            return
+        seq, head = self.seq, self.head
+        lines: list[bytes] = []
+        entries: list[dict[str, Any]] = []
+        ts = utc_now()
+        for pending in batch:
+            seq += 1
+            entry = {"seq": seq, "ts": ts, **pending.fields, "prev": head}
+            lines.append(seal(entry))
+            head = entry["hash"]
+            entries.append(entry)
+        first_seq = self.seq + 1
+        try:
+            # Shielded: a batch that reached the disk must be acknowledged or cut back,
+            # never abandoned half-way by a cancellation.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._write_batch, first_seq, b"".join(lines))
+        except OSError as error:
+            self.stats.failures += 1
+            log.error("audit batch of %d entries not durable: %s", len(batch), error)
+            for pending in batch:
+                pending.ticket._resolve(None, f"the audit entry could not be made durable: {error}")
+            return
+        self.seq, self.head = seq, head
+        self.stats.entries += len(batch)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for pending, entry in zip(batch, entries, strict=True):
+            pending.ticket._resolve(entry)
+        async with self._durable:
+            self._durable.notify_all()
+
+    # -- file work, in a worker thread -----------------------------------------------------
+
+    def _write_batch(self, first_seq: int, data: bytes) -> None:
+        if self._needs_repair:
+            self._repair()
+        segment = self._segment_for(first_seq)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(segment.fd, data[written:])
+            self._fsync(segment.fd)
+            self.stats.fsyncs += 1
+        except OSError:
+            self._needs_repair = True
+            raise
+        segment.size += len(data)
+
+    def _repair(self) -> None:
+        """Cut the current segment back to its durable size through a fresh descriptor."""
+        segment = self._segment
+        if segment is not None:
+            os.close(segment.fd)
+            fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.ftruncate(fd, segment.size)
+                self._fsync(fd)
+            except OSError:
+                os.close(fd)
+                self._segment = None
+                raise
+            segment.fd = fd
+        self._needs_repair = False
+        log.warning("audit log repaired; accepting writes again")
+
+    def _segment_for(self, first_seq: int) -> _Segment:
+        segment = self._segment
+        if segment is None:
+            segment = self._open_last_segment(first_seq)
+        if segment.size >= self._segment_bytes:
+            os.close(segment.fd)
+            self._segment = None
+            segment = self._create_segment(first_seq)
+        self._segment = segment
+        return segment
+
+    def _open_last_segment(self, first_seq: int) -> _Segment:
+        existing = sorted(self.audit_dir.glob("*.jsonl"))
+        if not existing:
+            return self._create_segment(first_seq)
+        path = existing[-1]
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        return _Segment(path, fd, os.fstat(fd).st_size)
+
+    def _create_segment(self, first_seq: int) -> _Segment:
+        path = self.audit_dir / segment_name(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # The new name must survive a crash as well as the lines written into it.
+            dir_fd = os.open(self.audit_dir, os.O_RDONLY)
+            try:
+                self._fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return _Segment(path, fd, 0)

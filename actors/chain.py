@@ -1,0 +1,173 @@
+"""The audit chain's format: canonical bytes, entry hashes, segment files, verification.
+
+Pure functions over bytes and files, shared by the writer, the start-up replay and the
+offline ``vm-tenant audit verify``. The canonical form is the one API.md fixes (sorted
+keys, no insignificant whitespace, non-ASCII kept as UTF-8); msgspec's encoder with
+sorted keys produces exactly those bytes, which ``tests/test_chain.py`` checks against
+the standard library on arbitrary JSON values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+GENESIS = "0" * 64
+SEGMENT_DIGITS = 12
+_encoder = msgspec.json.Encoder(order="sorted")
+_decoder = msgspec.json.Decoder(dict)
+
+
+def canonical(entry: dict[str, Any]) -> bytes:
+    """The canonical JSON bytes of ``entry`` (sorted keys, compact, UTF-8)."""
+    return _encoder.encode(entry)
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 over the canonical form of ``entry`` without its ``hash`` member."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def seal(entry: dict[str, Any]) -> bytes:
+    """Add ``hash`` to ``entry`` (which must not have one yet) and return its stored line."""
+    digest = hashlib.sha256(canonical(entry)).hexdigest()
+    entry["hash"] = digest
+    return canonical(entry) + b"\n"
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    """Parse one stored line; raises ``msgspec.DecodeError`` when it is not a JSON object."""
+    return _decoder.decode(line)
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:0{SEGMENT_DIGITS}d}.jsonl"
+
+
+def list_segments(audit_dir: Path) -> list[Path]:
+    """Segment files in chain order (lexical order of their zero-padded names)."""
+    if not audit_dir.is_dir():
+        return []
+    return sorted(
+        p
+        for p in audit_dir.iterdir()
+        if p.suffix == ".jsonl" and p.stem.isdigit() and len(p.stem) == SEGMENT_DIGITS
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RawLine:
+    """One line of a segment as stored, with where it lies."""
+
+    segment: Path
+    offset: int
+    data: bytes  # without the trailing newline
+    complete: bool  # False for a last line that has no newline yet
+
+
+def iter_lines(audit_dir: Path, start: Path | None = None, offset: int = 0) -> Iterator[RawLine]:
+    """Every line of every segment, in chain order, optionally from a known position."""
+    segments = list_segments(audit_dir)
+    if start is not None:
+        segments = [s for s in segments if s >= start]
+    for index, segment in enumerate(segments):
+        pos = offset if (start is not None and index == 0) else 0
+        with segment.open("rb") as f:
+            f.seek(pos)
+            for line in f:
+                complete = line.endswith(b"\n")
+                yield RawLine(segment, pos, line.rstrip(b"\n") if complete else line, complete)
+                pos += len(line)
+
+
+Verdict = Literal["ok", "torn", "tampered", "truncated"]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What a verification found: ``verdict``, how far it got, and the first bad ``seq``."""
+
+    verdict: Verdict
+    entries: int
+    head_seq: int
+    head_hash: str
+    bad_seq: int | None = None
+    reason: str = ""
+
+    @property
+    def intact(self) -> bool:
+        return self.verdict in ("ok", "torn")
+
+
+class ChainBroken(Exception):
+    """A chain failed verification; ``report`` says where and why."""
+
+    def __init__(self, report: VerifyReport) -> None:
+        super().__init__(f"audit chain {report.verdict} at seq {report.bad_seq}: {report.reason}")
+        self.report = report
+
+
+class ChainVerifier:
+    """Checks entries one by one against the running head of the chain.
+
+    Feed it every line in order with :meth:`check`; it raises :class:`ChainBroken` on the
+    first entry that does not link, does not hash, or does not parse.
+    """
+
+    def __init__(self, seq: int = 0, head: str = GENESIS) -> None:
+        self.seq = seq
+        self.head = head
+        self.entries = 0
+
+    def report(
+        self, verdict: Verdict = "ok", bad: int | None = None, why: str = ""
+    ) -> VerifyReport:
+        return VerifyReport(verdict, self.entries, self.seq, self.head, bad, why)
+
+    def check(self, data: bytes) -> dict[str, Any]:
+        expected = self.seq + 1
+        try:
+            entry = decode_line(data)
+        except msgspec.DecodeError:
+            raise ChainBroken(
+                self.report("tampered", expected, "line is not a JSON object")
+            ) from None
+        seq, stored = entry.get("seq"), entry.get("hash")
+        if type(seq) is not int or seq != expected:
+            why = f"expected seq {expected}, found {seq!r}"
+            raise ChainBroken(self.report("tampered", expected, why))
+        if entry.get("prev") != self.head:
+            raise ChainBroken(self.report("tampered", seq, "prev does not match the previous hash"))
+        if stored != entry_hash(entry):
+            raise ChainBroken(self.report("tampered", seq, "hash does not match the entry"))
+        self.seq, self.head = seq, stored
+        self.entries += 1
+        return entry
+
+
+def verify_lines(lines: Iterator[RawLine], verifier: ChainVerifier | None = None) -> VerifyReport:
+    """Verify a run of stored lines; a missing newline on the very last line is *torn*."""
+    verifier = verifier or ChainVerifier()
+    pending: RawLine | None = None
+    try:
+        for line in lines:
+            if pending is not None:
+                # An unterminated line followed by more data was not a write in progress.
+                raise ChainBroken(
+                    verifier.report("tampered", verifier.seq + 1, "line without newline")
+                )
+            if not line.complete:
+                pending = line
+                continue
+            verifier.check(line.data)
+    except ChainBroken as broken:
+        return broken.report
+    if pending is not None:
+        return verifier.report("torn", verifier.seq + 1, "last line is incomplete")
+    return verifier.report()

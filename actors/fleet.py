@@ -1,0 +1,136 @@
+"""The fleet client actor and the small interface its drivers implement.
+
+The :class:`FleetClient` owns the driver (opened and closed inside its own nursery) and a
+fixed pool of worker tasks reading one bounded mailbox, so the number of calls in flight
+to the fleet is bounded and each call has a deadline. Callers get a definite answer, a
+:class:`~actors.errors.FleetError` (the fleet said no: nothing happened), or a
+:class:`FleetInDoubt` (the call may or may not have taken effect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import outcome
+import trio
+
+from actors.errors import FleetError, FleetUnavailable
+
+log = logging.getLogger("vm_tenant.fleet")
+
+
+class FleetInDoubt(FleetUnavailable):
+    """The call went out but no answer came back in time: its outcome is unknown."""
+
+
+class FleetBusy(FleetUnavailable):
+    """The call was never sent (the client's mailbox is full): nothing happened."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """What the fleet needs to create a VM."""
+
+    vcpus: int
+    memory_mib: int
+    image: str
+    name: str | None
+
+
+class FleetDriver(Protocol):
+    """How the fleet client talks to one kind of fleet controller.
+
+    ``spawn`` is idempotent on ``vm_id`` (a repeated spawn of the same id never creates a
+    second VM) and returns the VM's state; ``destroy`` of a VM the fleet does not know
+    succeeds; ``status`` returns ``None`` for a VM the fleet does not know. Definite
+    refusals raise ``FleetError``; anything else that goes wrong raises ``FleetInDoubt``.
+    """
+
+    async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str: ...
+
+    async def destroy(self, vm_id: str) -> None: ...
+
+    async def status(self, vm_id: str) -> str | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    fn: Callable[..., Awaitable[Any]]
+    args: tuple[Any, ...]
+    reply: trio.MemorySendChannel[outcome.Outcome[Any]]
+
+
+class FleetClient:
+    """The actor in front of the fleet driver: bounded in-flight calls, per-call deadline."""
+
+    def __init__(
+        self, driver: FleetDriver, *, workers: int = 64, timeout: float = 10.0, queue: int = 1024
+    ) -> None:
+        self.driver = driver
+        self.timeout = timeout
+        self._workers = workers
+        self._send, self._receive = trio.open_memory_channel[_Call](queue)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve calls until :meth:`close`; then finish the queued ones and close the driver."""
+        try:
+            async with trio.open_nursery() as nursery:
+                with self._receive:
+                    for _ in range(self._workers):
+                        nursery.start_soon(self._worker, self._receive.clone())
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.driver.aclose()
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel[_Call]) -> None:
+        with receive:
+            async for call in receive:
+                result: outcome.Outcome[Any] | None = None
+                with trio.move_on_after(self.timeout):
+                    result = await outcome.acapture(call.fn, *call.args)
+                if result is None:
+                    result = outcome.Error(FleetInDoubt("the fleet did not answer in time"))
+                elif isinstance(result, outcome.Error) and not isinstance(
+                    result.error, FleetError | FleetUnavailable
+                ):
+                    # A driver bug must not crash the pool; the caller cannot know what
+                    # happened, so it is in doubt.
+                    log.error("fleet driver failed", exc_info=result.error)
+                    result = outcome.Error(FleetInDoubt("the fleet driver failed"))
+                # A caller that gave up is gone; its reconciler will ask again.
+                with contextlib.suppress(trio.BrokenResourceError):
+                    call.reply.send_nowait(result)
+
+    async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        try:
+            self._send.send_nowait(_Call(fn, args, reply_send))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            raise FleetBusy("the fleet client is overloaded") from None
+        with reply_receive:
+            # The worker answers within its own deadline; this one only guards against a
+            # worker pool that stopped while the call was queued.
+            with trio.move_on_after(self.timeout * 2 + 1) as scope:
+                result = await reply_receive.receive()
+            if scope.cancelled_caught:
+                raise FleetInDoubt("the fleet did not answer in time")
+        return result.unwrap()
+
+    async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
+        return await self._call(self.driver.spawn, vm_id, tenant, spec)
+
+    async def destroy(self, vm_id: str) -> None:
+        await self._call(self.driver.destroy, vm_id)
+
+    async def status(self, vm_id: str) -> str | None:
+        return await self._call(self.driver.status, vm_id)

@@ -1,0 +1,202 @@
+"""The tenant registry: the directory of tenants and their tokens, and the actors' supervisor.
+
+It owns which tenants exist and which token ids each one has issued (the edge asks it,
+synchronously, whether a verified token is still valid), and it starts one
+:class:`~actors.tenant.TenantActor` per tenant lazily, on first use, inside its own
+nursery. :meth:`TenantRegistry.actor` does no ``await`` between lookup and insert, so a
+tenant's actor can never be started twice; an actor that exhausted its restart budget is
+replaced by a fresh one over the same state on the next request.
+
+Tenant and token operations are rare and involve no fleet call: they are applied only
+once their audit entry is durable, and a pending creation reserves its id meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import outcome
+import trio
+
+from actors.audit import AuditWriter
+from actors.errors import Busy, Conflict, NotFound
+from actors.fleet import FleetClient
+from actors.messages import Reopen, Reply, Retire, Source
+from actors.state import IN_DOUBT_STATES, Quota, TenantState
+from actors.tenant import TenantActor
+
+log = logging.getLogger("vm_tenant.registry")
+
+
+def new_token_id() -> str:
+    return f"tok-{secrets.token_hex(8)}"
+
+
+class TenantRegistry:
+    """Directory of tenants and tokens; starts and supervises the tenant actors."""
+
+    def __init__(
+        self,
+        tenants: dict[str, TenantState],
+        audit: AuditWriter,
+        fleet: FleetClient,
+        *,
+        mailbox_size: int = 256,
+        call_timeout: float = 30.0,
+    ) -> None:
+        self._tenants = tenants
+        self._audit = audit
+        self._fleet = fleet
+        self._mailbox_size = mailbox_size
+        self.call_timeout = call_timeout
+        self._actors: dict[str, TenantActor] = {}
+        self._creating: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the actors' nursery until :meth:`close`, then until every actor has drained."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for tenant in self._tenants.values():
+                # Operations left in doubt by a crash are resolved right away, not on the
+                # tenant's next request.
+                if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values()):
+                    self.actor(tenant.id)
+            task_status.started()
+            await self._closed.wait()
+            for actor in self._actors.values():
+                actor.inbox.close()
+
+    def close(self) -> None:
+        """Stop taking commands; queued ones and running jobs finish."""
+        self._closed.set()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "tenants": len(self._tenants),
+            "active_actors": len(self._actors),
+            "mailbox_depth": sum(a.mailbox_depth() for a in self._actors.values()),
+        }
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    def exists(self, tenant_id: str) -> bool:
+        return tenant_id in self._tenants
+
+    def token_valid(self, tenant_id: str, token_id: str) -> bool:
+        tenant = self._tenants.get(tenant_id)
+        return tenant is not None and token_id in tenant.tokens
+
+    def actor(self, tenant_id: str) -> TenantActor:
+        """The tenant's actor, started on first use. Never awaits."""
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None:
+            raise NotFound("no such tenant")
+        actor = self._actors.get(tenant_id)
+        if actor is None or actor.failed:
+            if self._nursery is None or self._closed.is_set():
+                raise Busy("the service is shutting down")
+            actor = TenantActor(tenant, self._audit, self._fleet, mailbox_size=self._mailbox_size)
+            self._actors[tenant_id] = actor
+            self._nursery.start_soon(actor.run)
+        return actor
+
+    async def call(self, tenant_id: str, make: Callable[[Reply], Any]) -> Any:
+        """Send ``make(reply)`` to the tenant's actor and wait for its answer.
+
+        A full mailbox answers ``Busy`` at once rather than queueing without limit.
+        """
+        actor = self.actor(tenant_id)
+        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        try:
+            actor.inbox.send_nowait(make(send))
+        except trio.WouldBlock:
+            raise Busy("too many requests in flight for this tenant") from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise Busy("the tenant is not taking requests right now") from None
+        with receive:
+            with trio.fail_after(self.call_timeout):
+                result = await receive.receive()
+        return result.unwrap()
+
+    # -- tenant and token operations -------------------------------------------------------
+
+    async def create_tenant(
+        self, tenant_id: str, quota: Quota, source: Source, request_id: str
+    ) -> str:
+        """Provision a tenant with its first token; returns that token's id."""
+        if tenant_id in self._tenants or tenant_id in self._creating:
+            raise Conflict(f"tenant {tenant_id!r} already exists")
+        token_id = new_token_id()
+        self._creating.add(tenant_id)
+        try:
+            ticket = self._submit(
+                "tenant.create",
+                tenant_id,
+                source,
+                request_id,
+                {"quota": quota.to_json(), "token_id": token_id},
+            )
+            with trio.CancelScope(shield=True):
+                await ticket.wait()
+            self._tenants[tenant_id] = TenantState(tenant_id, quota, {token_id})
+        finally:
+            self._creating.discard(tenant_id)
+        return token_id
+
+    async def delete_tenant(self, tenant_id: str, source: Source, request_id: str) -> None:
+        """Deprovision a tenant with no VMs; all its tokens stop working."""
+        await self.call(tenant_id, Retire)
+        actor = self.actor(tenant_id)
+        try:
+            ticket = self._submit("tenant.delete", tenant_id, source, request_id, {})
+            with trio.CancelScope(shield=True):
+                await ticket.wait()
+        except BaseException:
+            actor.inbox.send_nowait(Reopen())
+            raise
+        del self._tenants[tenant_id]
+        self._actors.pop(tenant_id, None)
+        actor.inbox.close()
+
+    async def issue_token(self, tenant_id: str, source: Source, request_id: str) -> str:
+        if tenant_id not in self._tenants:
+            raise NotFound("no such tenant")
+        token_id = new_token_id()
+        ticket = self._submit("token.issue", tenant_id, source, request_id, {"token_id": token_id})
+        with trio.CancelScope(shield=True):
+            await ticket.wait()
+        tenant = self._tenants.get(tenant_id)
+        if tenant is not None:
+            tenant.tokens.add(token_id)
+        return token_id
+
+    async def revoke_token(
+        self, tenant_id: str, token_id: str, source: Source, request_id: str
+    ) -> None:
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None or token_id not in tenant.tokens:
+            raise NotFound("no such token")
+        ticket = self._submit("token.revoke", tenant_id, source, request_id, {"token_id": token_id})
+        with trio.CancelScope(shield=True):
+            await ticket.wait()
+        tenant.tokens.discard(token_id)
+
+    def _submit(
+        self, op: str, tenant_id: str, source: Source, request_id: str, detail: dict[str, Any]
+    ) -> Any:
+        return self._audit.submit(
+            op=op,
+            outcome="succeeded",
+            tenant=tenant_id,
+            vm=None,
+            source=source.to_json(),
+            request_id=request_id,
+            detail=detail,
+        )

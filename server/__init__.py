@@ -1,0 +1,1 @@
+"""The edge: the Quart-Trio app, bearer-token auth, request schemas, problems, the CLI."""

@@ -1,0 +1,336 @@
+"""The Quart-Trio application: routes, auth gates, problem mapping, request ids.
+
+Handlers stay thin: authenticate, decode, send one message to the core, shape the answer.
+Every error path ends in :func:`~server.problems.problem_response`; the catch-all
+handler turns a bug into a bare 500 problem without a traceback, and bad input never
+reaches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from typing import Any, TypeVar
+
+import msgspec
+import trio
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+
+from actors.audit_reader import AuditReader
+from actors.chain import canonical
+from actors.errors import DomainError, FleetUnavailable
+from actors.fleet import VmSpec
+from actors.messages import Destroy, GetUsage, GetVm, ListVms, Replay, Source, Spawn, UpdateQuota
+from actors.service import Service
+from server.auth import Authority, Principal
+from server.openapi import openapi_document
+from server.problems import Problem, domain_problem, problem_response
+from server.schemas import (
+    IDEMPOTENCY_KEY_RE,
+    REQUEST_ID_RE,
+    CreateTenantBody,
+    EmptyBody,
+    SpawnBody,
+    UpdateTenantBody,
+    decode_body,
+    parse_int,
+    reject_unknown_params,
+    single,
+)
+
+log = logging.getLogger("vm_tenant.http")
+
+MAX_BODY = 64 * 1024
+LIVE_STATES = frozenset({"pending", "running", "error"})
+LIVE_STATUS_TIMEOUT = 2.0
+T = TypeVar("T")
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        msgspec.json.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def create_app(service: Service, authority: Authority) -> QuartTrio:
+    """Build the app over a running core (the caller owns the core's lifetime)."""
+    app = QuartTrio("vm_tenant")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    registry = service.registry
+    reader = AuditReader(service.config.data_dir / "audit")
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @app.before_request
+    async def assign_request_id() -> None:
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+
+    @app.after_request
+    async def echo_request_id(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        return response
+
+    @app.errorhandler(Problem)
+    async def on_problem(error: Problem) -> Response:
+        return problem_response(error.code, error.detail, error.headers)
+
+    @app.errorhandler(DomainError)
+    async def on_domain_error(error: DomainError) -> Response:
+        problem = domain_problem(error)
+        return problem_response(problem.code, problem.detail)
+
+    @app.errorhandler(trio.TooSlowError)
+    async def on_too_slow(_: trio.TooSlowError) -> Response:
+        error = FleetUnavailable("the operation did not finish in time; it will be reconciled")
+        return await on_domain_error(error)
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(error: HTTPException) -> Response:
+        if isinstance(error, MethodNotAllowed):
+            allow = ", ".join(sorted(error.valid_methods or ()))
+            return problem_response(
+                "method_not_allowed",
+                f"{request.method} is not supported here",
+                {"Allow": allow},
+            )
+        if isinstance(error, RequestEntityTooLarge):
+            return problem_response("payload_too_large", f"the body exceeds {MAX_BODY} bytes")
+        if error.code == 404:
+            return problem_response("not_found", "the requested resource does not exist")
+        if error.code is not None and 400 <= error.code < 500:
+            return problem_response("invalid_request", error.description or "bad request")
+        log.error("unexpected HTTP error %s", error)
+        return problem_response("internal_error", "the request could not be completed")
+
+    @app.errorhandler(Exception)
+    async def on_bug(error: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
+        return problem_response("internal_error", "the request could not be completed")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def principal() -> Principal:
+        return authority.authenticate(request.headers.get("Authorization"), registry)
+
+    def tenant_principal() -> Principal:
+        who = principal()
+        if who.kind != "tenant":
+            raise Problem("forbidden", "this endpoint takes a tenant token")
+        return who
+
+    def admin_principal() -> Principal:
+        who = principal()
+        if who.kind != "admin":
+            raise Problem("forbidden", "this endpoint takes the admin token")
+        return who
+
+    def source(who: Principal) -> Source:
+        return Source(request.remote_addr, who.token_id)
+
+    async def read_json(schema: type[T], *, optional: bool = False) -> T:
+        length = request.content_length
+        if length is not None and length > MAX_BODY:
+            raise Problem("payload_too_large", f"the body exceeds {MAX_BODY} bytes")
+        data = await request.get_data(cache=False)
+        assert isinstance(data, bytes)
+        if optional and not data:
+            return decode_body(b"{}", schema)
+        if request.mimetype != "application/json":
+            raise Problem("unsupported_media_type", "the body must be application/json")
+        return decode_body(data, schema)
+
+    def no_params() -> None:
+        reject_unknown_params(request.args, set())
+
+    # -- operations ----------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if not service.ready:
+            return problem_response("audit_unavailable", "the audit log is not writable")
+        return json_response({"status": "ready"})
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(openapi_document())
+
+    # -- tenant endpoints ----------------------------------------------------------------------
+
+    @app.post("/v1/vms")
+    async def spawn_vm() -> Response:
+        who = tenant_principal()
+        no_params()
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+            raise Problem("invalid_request", "Idempotency-Key must be 1..255 printable ASCII")
+        body = await read_json(SpawnBody)
+        spec = VmSpec(body.vcpus, body.memory_mib, body.image, body.name)
+        digest = None
+        if key is not None:
+            digest = hashlib.sha256(canonical(msgspec.structs.asdict(body))).hexdigest()
+        assert who.tenant is not None
+        result = await registry.call(
+            who.tenant,
+            lambda reply: Spawn(spec, key, digest, source(who), g.request_id, reply),
+        )
+        if isinstance(result, Replay):
+            replayed = {"Idempotent-Replayed": "true"}
+            if result.status != 201:
+                return problem_response(result.body["code"], result.body["detail"], replayed)
+            result = result.body
+            headers = {"Location": f"/v1/vms/{result['id']}", **replayed}
+            return json_response(result, 201, headers)
+        return json_response(result, 201, {"Location": f"/v1/vms/{result['id']}"})
+
+    @app.get("/v1/vms")
+    async def list_vms() -> Response:
+        who = tenant_principal()
+        assert who.tenant is not None
+        reject_unknown_params(request.args, {"limit", "cursor"})
+        limit = parse_int(request.args, "limit", 100, 1, 1000)
+        cursor = single(request.args, "cursor")
+        after = authority.read_cursor(who.tenant, cursor) if cursor is not None else None
+        page, last = await registry.call(who.tenant, lambda reply: ListVms(after, limit, reply))
+        next_cursor = authority.cursor(who.tenant, last) if last is not None else None
+        return json_response({"vms": page, "next": next_cursor})
+
+    @app.get("/v1/vms/<vm_id>")
+    async def get_vm(vm_id: str) -> Response:
+        who = tenant_principal()
+        assert who.tenant is not None
+        no_params()
+        vm = await registry.call(who.tenant, lambda reply: GetVm(vm_id, reply))
+        if vm["state"] in LIVE_STATES:
+            with trio.move_on_after(LIVE_STATUS_TIMEOUT):
+                try:
+                    live = await service.fleet.status(vm_id)
+                except DomainError:
+                    live = None
+                if live is not None:
+                    vm["state"] = live
+        return json_response(vm)
+
+    @app.delete("/v1/vms/<vm_id>")
+    async def destroy_vm(vm_id: str) -> Response:
+        who = tenant_principal()
+        assert who.tenant is not None
+        no_params()
+        result = await registry.call(
+            who.tenant, lambda reply: Destroy(vm_id, source(who), g.request_id, reply)
+        )
+        return json_response(result)
+
+    @app.get("/v1/usage")
+    async def usage() -> Response:
+        who = tenant_principal()
+        assert who.tenant is not None
+        no_params()
+        return json_response(await registry.call(who.tenant, GetUsage))
+
+    # -- admin endpoints ------------------------------------------------------------------------
+
+    async def tenant_view(tenant_id: str) -> dict[str, Any]:
+        usage = await registry.call(tenant_id, GetUsage)
+        return {"id": tenant_id, "quota": usage["quota"], "allocated": usage["allocated"]}
+
+    @app.post("/v1/admin/tenants")
+    async def create_tenant() -> Response:
+        who = admin_principal()
+        no_params()
+        body = await read_json(CreateTenantBody)
+        quota = body.quota.to_quota()
+        token_id = await registry.create_tenant(body.id, quota, source(who), g.request_id)
+        return json_response(
+            {
+                "id": body.id,
+                "quota": quota.to_json(),
+                "token": authority.issue(body.id, token_id),
+                "token_id": token_id,
+            },
+            201,
+            {"Location": f"/v1/admin/tenants/{body.id}"},
+        )
+
+    @app.get("/v1/admin/tenants/<tenant_id>")
+    async def get_tenant(tenant_id: str) -> Response:
+        admin_principal()
+        no_params()
+        return json_response(await tenant_view(tenant_id))
+
+    @app.patch("/v1/admin/tenants/<tenant_id>")
+    async def update_tenant(tenant_id: str) -> Response:
+        who = admin_principal()
+        no_params()
+        registry.actor(tenant_id)  # 404 before reading the body of an unknown tenant
+        body = await read_json(UpdateTenantBody)
+        quota = body.quota.to_quota()
+        usage = await registry.call(
+            tenant_id, lambda reply: UpdateQuota(quota, source(who), g.request_id, reply)
+        )
+        return json_response(
+            {"id": tenant_id, "quota": usage["quota"], "allocated": usage["allocated"]}
+        )
+
+    @app.delete("/v1/admin/tenants/<tenant_id>")
+    async def delete_tenant(tenant_id: str) -> Response:
+        who = admin_principal()
+        no_params()
+        await registry.delete_tenant(tenant_id, source(who), g.request_id)
+        return Response(b"", status=204)
+
+    @app.post("/v1/admin/tenants/<tenant_id>/tokens")
+    async def issue_token(tenant_id: str) -> Response:
+        who = admin_principal()
+        no_params()
+        registry.actor(tenant_id)
+        await read_json(EmptyBody, optional=True)
+        token_id = await registry.issue_token(tenant_id, source(who), g.request_id)
+        return json_response(
+            {"token": authority.issue(tenant_id, token_id), "token_id": token_id}, 201
+        )
+
+    @app.delete("/v1/admin/tenants/<tenant_id>/tokens/<token_id>")
+    async def revoke_token(tenant_id: str, token_id: str) -> Response:
+        who = admin_principal()
+        no_params()
+        registry.actor(tenant_id)
+        await registry.revoke_token(tenant_id, token_id, source(who), g.request_id)
+        return Response(b"", status=204)
+
+    @app.get("/v1/admin/audit")
+    async def read_audit() -> Response:
+        admin_principal()
+        reject_unknown_params(request.args, {"after", "limit"})
+        after = parse_int(request.args, "after", 0, 0, 2**63 - 1)
+        limit = parse_int(request.args, "limit", 100, 1, 1000)
+        seq, head = service.audit.seq, service.audit.head
+        lines = await trio.to_thread.run_sync(reader.read, after, limit, seq)
+        body = b"".join(
+            [
+                b'{"entries":[',
+                b",".join(lines),
+                b'],"head":',
+                msgspec.json.encode({"seq": seq, "hash": head}),
+                b"}",
+            ]
+        )
+        return Response(body, status=200, content_type="application/json")
+
+    @app.get("/v1/admin/audit/head")
+    async def audit_head() -> Response:
+        admin_principal()
+        no_params()
+        checkpoint = service.latest_checkpoint()
+        if checkpoint is None:
+            raise Problem("not_found", "no checkpoint has been written yet")
+        return json_response(checkpoint)
+
+    return app
