@@ -1,0 +1,194 @@
+"""Shared fixtures: an in-process core with the Quart test client, and a live server.
+
+``core``/``api`` run the real actors over a real data dir in ``tmp_path`` and drive the
+real Quart-Trio app through its test client. ``live_server`` starts ``vm-tenant serve`` as
+a subprocess on 127.0.0.1 (port 0) and talks to it over real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from quart.typing import TestClientProtocol
+
+from actors.fleet_embedded import EmbeddedFleet
+from actors.service import Service, ServiceConfig, open_service
+from server.app import create_app
+from server.auth import Authority
+
+QUOTA = {"vcpus": 8, "memory_mib": 8192, "vms": 4}
+
+
+def service_config(data_dir: Path, **overrides: Any) -> ServiceConfig:
+    settings: dict[str, Any] = {
+        "data_dir": data_dir,
+        "embedded_boot_seconds": 0.0,
+        "fleet_timeout": 5.0,
+        "snapshot_interval": 3600.0,
+        "checkpoint_interval": 3600.0,
+    }
+    settings.update(overrides)
+    return ServiceConfig(**settings)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def core(data_dir: Path) -> AsyncIterator[Service]:
+    async with open_service(service_config(data_dir)) as service:
+        yield service
+
+
+@dataclass
+class Api:
+    """The Quart test client plus the operator's token and a few shortcuts."""
+
+    client: TestClientProtocol
+    service: Service
+    admin_token: str
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    @property
+    def fleet(self) -> EmbeddedFleet:
+        driver = self.service.fleet.driver
+        assert isinstance(driver, EmbeddedFleet)
+        return driver
+
+    async def create_tenant(self, tenant: str, quota: dict[str, int] | None = None) -> str:
+        response = await self.client.post(
+            "/v1/admin/tenants", json={"id": tenant, "quota": quota or QUOTA}, headers=self.admin
+        )
+        assert response.status_code == 201, await response.get_data()
+        body = await response.get_json()
+        return f"Bearer {body['token']}"
+
+    async def spawn(self, token: str, **spec: Any) -> Any:
+        body = {"vcpus": 1, "memory_mib": 256, "image": "debian-12", **spec}
+        return await self.client.post("/v1/vms", json=body, headers={"Authorization": token})
+
+    async def audit(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        response = await self.client.get(
+            f"/v1/admin/audit?after={after}&limit={limit}", headers=self.admin
+        )
+        assert response.status_code == 200
+        return (await response.get_json())["entries"]
+
+
+@pytest.fixture
+async def api(core: Service, data_dir: Path) -> Api:
+    authority = Authority.for_data_dir(data_dir)
+    app = create_app(core, authority)
+    token = (data_dir / "admin.token").read_text().strip()
+    return Api(app.test_client(), core, token)
+
+
+# -- live server ------------------------------------------------------------------------------
+
+LISTEN_RE = re.compile(r"vm-tenant listening on (http://\S+)")
+
+
+@dataclass
+class LiveServer:
+    """A ``vm-tenant serve`` subprocess on 127.0.0.1 with an ephemeral port."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[str] | None = None
+    url: str = ""
+    log: list[str] = field(default_factory=list)
+    _pump: threading.Thread = field(init=False)
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
+             "--bind", "127.0.0.1:0"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        found = threading.Event()
+        lines = self.log
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stderr is not None
+            with self.proc.stderr:
+                for line in self.proc.stderr:
+                    lines.append(line)
+                    match = LISTEN_RE.search(line)
+                    if match and not found.is_set():
+                        self.url = match.group(1)
+                        found.set()
+            found.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        found.wait(timeout)
+        if not self.url:
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        return self
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Signal the server and wait for it to exit; returns its exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._pump.join(10)
+        self.url = ""
+        return code
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(30)
+            self._pump.join(10)
+        self.url = ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    server = LiveServer(tmp_path / "live-data").start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def audit_lines(data_dir: Path) -> list[bytes]:
+    """Every stored audit line, in chain order, read straight from the segment files."""
+    lines: list[bytes] = []
+    for segment in sorted((data_dir / "audit").glob("*.jsonl")):
+        lines.extend(segment.read_bytes().splitlines())
+    return lines

@@ -1,0 +1,225 @@
+"""Tenant actors in-process, under the virtual clock: reservation, release, ordering, restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import outcome
+import pytest
+import trio
+import trio.testing
+
+from actors.errors import AuditUnavailable, FleetError, FleetUnavailable, QuotaExceeded
+from actors.fleet import VmSpec
+from actors.fleet_embedded import EmbeddedFleet
+from actors.messages import Destroy, GetUsage, GetVm, ListVms, Source, Spawn
+from actors.service import Service, open_service
+from actors.state import Quota
+from actors.tenant import InternalError, TenantActor
+from conftest import audit_lines, service_config
+
+ADMIN = Source("127.0.0.1", "admin")
+USER = Source("127.0.0.1", "tok-user")
+
+
+def fleet_of(service: Service) -> EmbeddedFleet:
+    driver = service.fleet.driver
+    assert isinstance(driver, EmbeddedFleet)
+    return driver
+
+
+async def spawn(service: Service, tenant: str, vcpus: int = 1, memory: int = 256) -> Any:
+    spec = VmSpec(vcpus, memory, "debian-12", None)
+    return await service.registry.call(
+        tenant, lambda reply: Spawn(spec, None, None, USER, "req", reply)
+    )
+
+
+async def destroy(service: Service, tenant: str, vm_id: str) -> Any:
+    return await service.registry.call(tenant, lambda reply: Destroy(vm_id, USER, "req", reply))
+
+
+async def usage(service: Service, tenant: str) -> dict[str, int]:
+    return (await service.registry.call(tenant, GetUsage))["allocated"]
+
+
+@pytest.fixture
+async def svc(data_dir: Path, autojump_clock: trio.testing.MockClock) -> Any:
+    async with open_service(service_config(data_dir, fleet_timeout=2.0)) as service:
+        yield service
+
+
+@pytest.mark.parametrize(
+    ("quota", "vcpus", "memory"),
+    [
+        (Quota(1000, 100_000, 10), 1, 256),  # vms
+        (Quota(10, 100_000, 1000), 1, 256),  # vcpus
+        (Quota(1000, 10 * 256, 1000), 1, 256),  # memory_mib
+    ],
+)
+async def test_concurrent_spawns_never_exceed_quota(
+    svc: Service, quota: Quota, vcpus: int, memory: int
+) -> None:
+    await svc.registry.create_tenant("acme", quota, ADMIN, "req")
+    fleet_of(svc).knobs.latency = 0.05  # spawns overlap at the fleet
+    results: list[outcome.Outcome[Any]] = []
+
+    async def one() -> None:
+        results.append(await outcome.acapture(spawn, svc, "acme", vcpus, memory))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(40):
+            nursery.start_soon(one)
+    ok = [r.unwrap() for r in results if isinstance(r, outcome.Value)]
+    refused = [r.error for r in results if isinstance(r, outcome.Error)]
+    assert len(ok) == 10
+    assert len(refused) == 30 and all(isinstance(e, QuotaExceeded) for e in refused)
+    allocated = await usage(svc, "acme")
+    assert allocated == {"vcpus": 10 * vcpus, "memory_mib": 10 * memory, "vms": 10}
+    assert fleet_of(svc).vm_ids() == {vm["id"] for vm in ok}
+
+
+async def test_fleet_failure_releases_the_reservation(svc: Service) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
+    fleet_of(svc).knobs.fail_next = 1
+    with pytest.raises(FleetError):
+        await spawn(svc, "acme")
+    assert await usage(svc, "acme") == {"vcpus": 0, "memory_mib": 0, "vms": 0}
+    vm = await spawn(svc, "acme")  # the released capacity is usable again
+    assert vm["state"] == "running"
+    ops = [(e["op"], e["outcome"]) for e in map(_json, audit_lines(svc.config.data_dir))]
+    assert ops[1:] == [
+        ("vm.spawn", "requested"),
+        ("vm.spawn", "failed"),
+        ("vm.spawn", "requested"),
+        ("vm.spawn", "succeeded"),
+    ]
+
+
+async def test_capacity_is_released_only_after_the_fleet_confirms_destroy(svc: Service) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
+    vm = await spawn(svc, "acme")
+    fleet_of(svc).knobs.latency = 5.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(destroy, svc, "acme", vm["id"])
+        await trio.testing.wait_all_tasks_blocked()
+        # the destroy is at the fleet: the VM still counts and no new spawn fits
+        assert await usage(svc, "acme") == {"vcpus": 1, "memory_mib": 256, "vms": 1}
+        record = await svc.registry.call("acme", lambda reply: GetVm(vm["id"], reply))
+        assert record["state"] == "destroying"
+        fleet_of(svc).knobs.latency = 0.0
+        with pytest.raises(QuotaExceeded):
+            await spawn(svc, "acme")
+    assert await usage(svc, "acme") == {"vcpus": 0, "memory_mib": 0, "vms": 0}
+    assert fleet_of(svc).vm_ids() == set()
+
+
+async def test_failed_destroy_keeps_the_vm_and_its_capacity(svc: Service) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 2), ADMIN, "req")
+    vm = await spawn(svc, "acme")
+    fleet_of(svc).knobs.fail_next = 1
+    with pytest.raises(FleetError):
+        await destroy(svc, "acme", vm["id"])
+    record = await svc.registry.call("acme", lambda reply: GetVm(vm["id"], reply))
+    assert record["state"] == "running"
+    assert (await usage(svc, "acme"))["vms"] == 1
+
+
+async def test_lost_fleet_answer_keeps_capacity_until_reconciled(svc: Service) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
+    fleet_of(svc).knobs.hang = True
+    with pytest.raises(FleetUnavailable):
+        await spawn(svc, "acme")
+    page, _ = await svc.registry.call("acme", lambda reply: ListVms(None, 10, reply))
+    assert [vm["state"] for vm in page] == ["unknown"]
+    assert (await usage(svc, "acme"))["vms"] == 1
+    fleet_of(svc).knobs.hang = False
+    # the reconciler asks again with backoff; the embedded fleet never saw the spawn
+    for _ in range(100):
+        if (await usage(svc, "acme"))["vms"] == 0:
+            break
+        await trio.sleep(1)
+    assert (await usage(svc, "acme"))["vms"] == 0
+    last = _json(audit_lines(svc.config.data_dir)[-1])
+    assert (last["op"], last["outcome"], last["source"]["token_id"]) == (
+        "vm.spawn",
+        "failed",
+        "system",
+    )
+
+
+async def test_one_slow_tenant_does_not_stall_another(svc: Service) -> None:
+    await svc.registry.create_tenant("slow", Quota(4, 4096, 4), ADMIN, "req")
+    await svc.registry.create_tenant("fast", Quota(4, 4096, 4), ADMIN, "req")
+    fleet_of(svc).knobs.hang = True
+    answered = trio.Event()
+
+    async def stuck_spawn() -> None:
+        with pytest.raises(FleetUnavailable):
+            await spawn(svc, "slow")
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stuck_spawn)
+        await trio.testing.wait_all_tasks_blocked()
+        # the spawn sits at the fleet; reads of that tenant and of another still answer
+        assert (await usage(svc, "slow"))["vms"] == 1
+        assert (await usage(svc, "fast"))["vms"] == 0
+        assert not answered.is_set()
+        fleet_of(svc).knobs.hang = False
+
+
+async def test_supervisor_restarts_a_crashed_actor(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
+    vm = await spawn(svc, "acme")
+    real_usage = TenantActor._usage
+    crashes = {"left": 1}
+
+    def crashing_usage(self: TenantActor) -> dict[str, Any]:
+        if crashes["left"]:
+            crashes["left"] -= 1
+            raise RuntimeError("bug")
+        return real_usage(self)
+
+    monkeypatch.setattr(TenantActor, "_usage", crashing_usage)
+    with pytest.raises(InternalError):
+        await usage(svc, "acme")
+    actor = svc.registry.actor("acme")
+    assert actor.restarts == 1 and not actor.failed
+    assert (await usage(svc, "acme"))["vms"] == 1  # same state after the restart
+    record = await svc.registry.call("acme", lambda reply: GetVm(vm["id"], reply))
+    assert record["id"] == vm["id"]
+
+
+async def test_restart_budget_exhausted_gives_a_fresh_actor(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
+    first = svc.registry.actor("acme")
+    real_usage = TenantActor._usage
+    monkeypatch.setattr(TenantActor, "_usage", lambda self: 1 / 0)
+    for _ in range(6):
+        with pytest.raises(InternalError):
+            await usage(svc, "acme")
+    assert first.failed
+    monkeypatch.setattr(TenantActor, "_usage", real_usage)
+    assert (await usage(svc, "acme"))["vms"] == 0
+    assert svc.registry.actor("acme") is not first
+
+
+async def test_audit_failure_means_nothing_is_forwarded(svc: Service) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
+    svc.audit.mark_damaged("test")
+    with pytest.raises(AuditUnavailable):
+        await spawn(svc, "acme")
+    assert fleet_of(svc).calls == 0
+    assert (await usage(svc, "acme"))["vms"] == 0
+    assert not svc.ready
+
+
+def _json(line: bytes) -> dict[str, Any]:
+    return json.loads(line)
