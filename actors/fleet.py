@@ -95,21 +95,25 @@ class FleetClient:
     async def _worker(self, receive: trio.MemoryReceiveChannel[_Call]) -> None:
         with receive:
             async for call in receive:
-                result: outcome.Outcome[Any] | None = None
+                result: outcome.Outcome[Any] = outcome.Error(
+                    FleetInDoubt("the fleet did not answer in time")
+                )
                 with trio.move_on_after(self.timeout):
-                    result = await outcome.acapture(call.fn, *call.args)
-                if result is None:
-                    result = outcome.Error(FleetInDoubt("the fleet did not answer in time"))
-                elif isinstance(result, outcome.Error) and not isinstance(
-                    result.error, FleetError | FleetUnavailable
-                ):
-                    # A driver bug must not crash the pool; the caller cannot know what
-                    # happened, so it is in doubt.
-                    log.error("fleet driver failed", exc_info=result.error)
-                    result = outcome.Error(FleetInDoubt("the fleet driver failed"))
+                    result = await self._invoke(call)
                 # A caller that gave up is gone; its reconciler will ask again.
                 with contextlib.suppress(trio.BrokenResourceError):
                     call.reply.send_nowait(result)
+
+    async def _invoke(self, call: _Call) -> outcome.Outcome[Any]:
+        try:
+            return outcome.Value(await call.fn(*call.args))
+        except (FleetError, FleetUnavailable) as error:
+            return outcome.Error(error)
+        except Exception:
+            # A driver bug must not crash the pool; the caller cannot know what happened,
+            # so the outcome is in doubt.
+            log.exception("fleet driver failed")
+            return outcome.Error(FleetInDoubt("the fleet driver failed"))
 
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)

@@ -46,6 +46,8 @@ class ServiceConfig:
     shutdown_grace: float = 10.0
     mailbox_size: int = 256
     embedded_boot_seconds: float = 1.0
+    #: audit file work on the event loop thread (tests under Trio's virtual clock only)
+    inline_io: bool = False
 
 
 @dataclass(slots=True)
@@ -106,7 +108,7 @@ async def open_service(
     if replayed.torn_cut:
         log.warning("cut an incomplete last audit line (it was never acknowledged)")
     head = replayed.head
-    writer = AuditWriter(data_dir / "audit", head.seq, head.hash)
+    writer = AuditWriter(data_dir / "audit", head.seq, head.hash, inline_io=config.inline_io)
     fleet = FleetClient(driver or make_driver(config), timeout=config.fleet_timeout)
     registry = TenantRegistry(
         replayed.state.tenants,

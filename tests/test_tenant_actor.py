@@ -45,9 +45,12 @@ async def usage(service: Service, tenant: str) -> dict[str, int]:
     return (await service.registry.call(tenant, GetUsage))["allocated"]
 
 
+# pytest-trio takes the clock from the test's own arguments, so every test below asks for
+# ``autojump_clock`` itself.
 @pytest.fixture
-async def svc(data_dir: Path, autojump_clock: trio.testing.MockClock) -> Any:
-    async with open_service(service_config(data_dir, fleet_timeout=2.0)) as service:
+async def svc(data_dir: Path) -> Any:
+    config = service_config(data_dir, fleet_timeout=2.0, inline_io=True)
+    async with open_service(config) as service:
         yield service
 
 
@@ -60,7 +63,7 @@ async def svc(data_dir: Path, autojump_clock: trio.testing.MockClock) -> Any:
     ],
 )
 async def test_concurrent_spawns_never_exceed_quota(
-    svc: Service, quota: Quota, vcpus: int, memory: int
+    autojump_clock: trio.testing.MockClock, svc: Service, quota: Quota, vcpus: int, memory: int
 ) -> None:
     await svc.registry.create_tenant("acme", quota, ADMIN, "req")
     fleet_of(svc).knobs.latency = 0.05  # spawns overlap at the fleet
@@ -81,7 +84,9 @@ async def test_concurrent_spawns_never_exceed_quota(
     assert fleet_of(svc).vm_ids() == {vm["id"] for vm in ok}
 
 
-async def test_fleet_failure_releases_the_reservation(svc: Service) -> None:
+async def test_fleet_failure_releases_the_reservation(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
     fleet_of(svc).knobs.fail_next = 1
     with pytest.raises(FleetError):
@@ -98,10 +103,12 @@ async def test_fleet_failure_releases_the_reservation(svc: Service) -> None:
     ]
 
 
-async def test_capacity_is_released_only_after_the_fleet_confirms_destroy(svc: Service) -> None:
+async def test_capacity_is_released_only_after_the_fleet_confirms_destroy(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
     vm = await spawn(svc, "acme")
-    fleet_of(svc).knobs.latency = 5.0
+    fleet_of(svc).knobs.latency = 1.5  # below the 2 s fleet timeout
     async with trio.open_nursery() as nursery:
         nursery.start_soon(destroy, svc, "acme", vm["id"])
         await trio.testing.wait_all_tasks_blocked()
@@ -116,7 +123,9 @@ async def test_capacity_is_released_only_after_the_fleet_confirms_destroy(svc: S
     assert fleet_of(svc).vm_ids() == set()
 
 
-async def test_failed_destroy_keeps_the_vm_and_its_capacity(svc: Service) -> None:
+async def test_failed_destroy_keeps_the_vm_and_its_capacity(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 2), ADMIN, "req")
     vm = await spawn(svc, "acme")
     fleet_of(svc).knobs.fail_next = 1
@@ -127,7 +136,9 @@ async def test_failed_destroy_keeps_the_vm_and_its_capacity(svc: Service) -> Non
     assert (await usage(svc, "acme"))["vms"] == 1
 
 
-async def test_lost_fleet_answer_keeps_capacity_until_reconciled(svc: Service) -> None:
+async def test_lost_fleet_answer_keeps_capacity_until_reconciled(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
     fleet_of(svc).knobs.hang = True
     with pytest.raises(FleetUnavailable):
@@ -150,7 +161,9 @@ async def test_lost_fleet_answer_keeps_capacity_until_reconciled(svc: Service) -
     )
 
 
-async def test_one_slow_tenant_does_not_stall_another(svc: Service) -> None:
+async def test_one_slow_tenant_does_not_stall_another(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
     await svc.registry.create_tenant("slow", Quota(4, 4096, 4), ADMIN, "req")
     await svc.registry.create_tenant("fast", Quota(4, 4096, 4), ADMIN, "req")
     fleet_of(svc).knobs.hang = True
@@ -163,7 +176,8 @@ async def test_one_slow_tenant_does_not_stall_another(svc: Service) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stuck_spawn)
-        await trio.testing.wait_all_tasks_blocked()
+        while fleet_of(svc).calls == 0:
+            await trio.sleep(0.001)
         # the spawn sits at the fleet; reads of that tenant and of another still answer
         assert (await usage(svc, "slow"))["vms"] == 1
         assert (await usage(svc, "fast"))["vms"] == 0
@@ -172,7 +186,7 @@ async def test_one_slow_tenant_does_not_stall_another(svc: Service) -> None:
 
 
 async def test_supervisor_restarts_a_crashed_actor(
-    svc: Service, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock, svc: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     vm = await spawn(svc, "acme")
@@ -196,7 +210,7 @@ async def test_supervisor_restarts_a_crashed_actor(
 
 
 async def test_restart_budget_exhausted_gives_a_fresh_actor(
-    svc: Service, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock, svc: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     first = svc.registry.actor("acme")
@@ -211,7 +225,9 @@ async def test_restart_budget_exhausted_gives_a_fresh_actor(
     assert svc.registry.actor("acme") is not first
 
 
-async def test_audit_failure_means_nothing_is_forwarded(svc: Service) -> None:
+async def test_audit_failure_means_nothing_is_forwarded(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     svc.audit.mark_damaged("test")
     with pytest.raises(AuditUnavailable):
