@@ -45,7 +45,9 @@ _TENANT_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "
 
 
 def _op(summary: str, ok: dict[str, Any], *codes: str, **extra: Any) -> dict[str, Any]:
-    operation = {"summary": summary, "responses": {**ok, **_problems(*codes)}}
+    if "requestBody" in extra:
+        codes = (*codes, "invalid_request", "payload_too_large", "unsupported_media_type")
+    operation = {"summary": summary, "responses": {**ok, **_problems(*dict.fromkeys(codes))}}
     operation.update(extra)
     return operation
 
@@ -103,6 +105,15 @@ def openapi_document() -> dict[str, Any]:
                     "id": {"type": "string"},
                     "quota": _ref("QuotaBody"),
                     "allocated": _ref("QuotaBody"),
+                },
+            },
+            "CreatedTenant": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "quota": _ref("QuotaBody"),
+                    "token": {"type": "string"},
+                    "token_id": {"type": "string"},
                 },
             },
             "Token": {
@@ -211,7 +222,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/admin/tenants": {
             "post": _op(
                 "Provision a tenant",
-                {"201": _json(_ref("Token"), "created, with its first token")},
+                {"201": _json(_ref("CreatedTenant"), "created, with its first token")},
                 "invalid_request",
                 "forbidden",
                 "conflict",

@@ -94,7 +94,8 @@ def decode_body(data: bytes, schema: type[T]) -> T:
         return msgspec.json.decode(data, type=schema)
     except msgspec.ValidationError as error:
         raise Problem("invalid_request", f"invalid body: {error}") from None
-    except msgspec.DecodeError as error:
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
+        # msgspec reports bad UTF-8 inside a string as UnicodeDecodeError.
         raise Problem("invalid_request", f"body is not valid UTF-8 JSON: {error}") from None
 
 
