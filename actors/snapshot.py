@@ -157,7 +157,13 @@ def replay(data_dir: Path, *, upto: int | None = None, cut_torn: bool = False) -
 
 
 def _lines_from_anchor(audit_dir: Path, anchor: Anchor) -> Iterator[RawLine]:
-    """Lines after the anchor, having checked that the anchor line is still what it was."""
+    """Lines after the anchor, having checked that the anchor line is still what it was.
+
+    The anchor is looked up at its recorded offset first. If an earlier line of its
+    segment changed length, the offset no longer fits; then the segment is searched for
+    the anchor's seq, so that damage *before* the anchor is reported by the prefix check
+    (writes refused) instead of as a missing anchor (start refused).
+    """
     if anchor.seq == 0:
         return iter_lines(audit_dir)
     segment = audit_dir / (anchor.segment or "")
@@ -165,19 +171,31 @@ def _lines_from_anchor(audit_dir: Path, anchor: Anchor) -> Iterator[RawLine]:
         raise SnapshotError(f"snapshot anchor seq {anchor.seq} points into a missing segment")
     lines = iter_lines(audit_dir, segment, anchor.offset)
     first = next(lines, None)
-    if first is None or not first.complete:
-        raise SnapshotError(f"the log no longer reaches the snapshot anchor seq {anchor.seq}")
+    if first is not None and _is_anchor(first, anchor):
+        return lines
+    lines = iter_lines(audit_dir, segment)
+    for line in lines:
+        if line.segment != segment:
+            break
+        if _is_anchor(line, anchor):
+            return lines
+    raise SnapshotError(
+        f"the log no longer holds the snapshot's anchor entry seq {anchor.seq} unchanged"
+    )
+
+
+def _is_anchor(line: RawLine, anchor: Anchor) -> bool:
+    if not line.complete or f'"seq":{anchor.seq},'.encode() not in line.data:
+        return False
     try:
-        entry = msgspec.json.decode(first.data)
+        entry = msgspec.json.decode(line.data)
     except msgspec.DecodeError:
-        raise SnapshotError(f"the snapshot anchor seq {anchor.seq} is not a log entry") from None
-    if (
-        not isinstance(entry, dict)
-        or entry.get("seq") != anchor.seq
-        or entry.get("hash") != anchor.hash
-    ):
-        raise SnapshotError(f"the log differs from the snapshot at its anchor seq {anchor.seq}")
-    return lines
+        return False
+    return (
+        isinstance(entry, dict)
+        and entry.get("seq") == anchor.seq
+        and entry.get("hash") == anchor.hash
+    )
 
 
 def _cut(segment: Path, offset: int) -> None:

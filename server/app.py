@@ -72,6 +72,12 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
     @app.after_request
     async def echo_request_id(response: Response) -> Response:
         response.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        if response.status_code >= 400 and (
+            request.content_length or "Transfer-Encoding" in request.headers
+        ):
+            # An error may be answered before the body was read; Hypercorn cannot then
+            # reuse the connection cleanly, so tell the client not to.
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Problem)
