@@ -56,6 +56,10 @@ class FleetDriver(Protocol):
 
     async def status(self, vm_id: str) -> str | None: ...
 
+    def accepting(self) -> bool:
+        """False while the driver knows the fleet is unreachable (calls would fail fast)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -129,6 +133,9 @@ class FleetClient:
             if scope.cancelled_caught:
                 raise FleetInDoubt("the fleet did not answer in time")
         return result.unwrap()
+
+    def accepting(self) -> bool:
+        return self.driver.accepting()
 
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
         return await self._call(self.driver.spawn, vm_id, tenant, spec)

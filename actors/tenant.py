@@ -20,6 +20,7 @@ seconds marks the actor failed), and answers the caller of the message that cras
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 from collections import deque
@@ -128,7 +129,7 @@ class TenantActor:
             self._jobs = jobs
             for vm in list(self.state.vms.values()):
                 if vm.state in IN_DOUBT_STATES:
-                    self._start_reconcile(vm.id, vm.state)
+                    self._start_reconcile(vm)
             task_status.started()
             with self._receive:
                 while True:
@@ -294,6 +295,9 @@ class TenantActor:
         if self.closing:
             send_reply(msg.reply, outcome.Error(Conflict("the tenant is being deleted")))
             return
+        if not self.fleet.accepting():
+            send_reply(msg.reply, outcome.Error(FleetBusy("the fleet is unreachable right now")))
+            return
         key_detail = (
             {} if key is None else {"idempotency_key": key, "request_hash": msg.request_hash}
         )
@@ -394,7 +398,7 @@ class TenantActor:
             except FleetInDoubt as exc:
                 await inbox.send(MarkInDoubt(vm_id))
                 send_reply(reply, outcome.Error(exc))
-                await self._reconcile(inbox, vm_id, "spawning")
+                await self._reconcile(inbox, vm_id, spec)
                 return
             except (FleetError, FleetBusy) as exc:
                 # The spawn definitely did not happen, whether or not its outcome entry
@@ -474,6 +478,9 @@ class TenantActor:
             }.get(vm.state, "has an operation in doubt that is being reconciled")
             send_reply(msg.reply, outcome.Error(Conflict(f"the VM {what}")))
             return
+        if not self.fleet.accepting():
+            send_reply(msg.reply, outcome.Error(FleetBusy("the fleet is unreachable right now")))
+            return
         detail = {"previous_state": vm.state}
         try:
             ticket = self._submit(
@@ -512,7 +519,7 @@ class TenantActor:
             except FleetInDoubt as exc:
                 await inbox.send(MarkInDoubt(vm_id))
                 send_reply(reply, outcome.Error(exc))
-                await self._reconcile(inbox, vm_id, "destroying")
+                await self._reconcile(inbox, vm_id, None)
                 return
             except (FleetError, FleetBusy) as exc:
                 await self._settle_destroy(
@@ -562,35 +569,44 @@ class TenantActor:
 
     # -- reconciliation of operations in doubt ------------------------------------------------
 
-    def _start_reconcile(self, vm_id: str, operation: str) -> None:
-        self._start(self._reconcile_job, vm_id, operation)
+    def _start_reconcile(self, vm: VmRecord) -> None:
+        spec = None
+        if vm.state != "destroying":
+            spec = VmSpec(vm.vcpus, vm.memory_mib, vm.image, vm.name)
+        self._start(self._reconcile_job, vm.id, spec)
 
-    async def _reconcile_job(self, inbox: Any, vm_id: str, operation: str) -> None:
+    async def _reconcile_job(self, inbox: Any, vm_id: str, spec: VmSpec | None) -> None:
         with inbox:
-            await self._reconcile(inbox, vm_id, operation)
+            await self._reconcile(inbox, vm_id, spec)
 
-    async def _reconcile(self, inbox: Any, vm_id: str, operation: str) -> None:
-        """Ask the fleet about ``vm_id`` until it answers, then settle and audit the answer.
+    async def _reconcile(self, inbox: Any, vm_id: str, spec: VmSpec | None) -> None:
+        """Repeat the operation in doubt until the fleet answers definitely; audit that.
 
-        ``operation`` is ``spawning`` or ``destroying``: what was in flight when the answer
-        was lost. The capacity stays counted the whole time.
+        A ``spec`` means a spawn was in flight when the answer was lost, none a destroy.
+        Both calls are idempotent by VM id, so repeating one converges even if
+        the lost call still lands late; merely asking for the VM's status could not rule
+        that out. The capacity stays counted the whole time.
         """
         delay, ceiling = self._backoff
         while True:
             try:
-                state = await self.fleet.status(vm_id)
+                if spec is not None:
+                    state = await self.fleet.spawn(vm_id, self.state.id, spec)
+                    await self._settle_spawn(inbox, vm_id, state, "", SYSTEM, None)
+                else:
+                    await self.fleet.destroy(vm_id)
+                    await self._settle_destroy(inbox, vm_id, True, None, "", SYSTEM, None)
+                return
+            except FleetError as exc:
+                break_reason = str(exc)
                 break
-            except (FleetUnavailable, FleetError):
-                await trio.sleep(delay)
+            except FleetUnavailable:
+                await trio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, ceiling)
-        if operation == "spawning":
-            reason = "" if state is not None else "the fleet does not know the VM"
-            await self._settle_spawn(inbox, vm_id, state, reason, SYSTEM, None)
-        elif state is None:
-            await self._settle_destroy(inbox, vm_id, True, None, "", SYSTEM, None)
+        if spec is not None:
+            await self._settle_spawn(inbox, vm_id, None, break_reason, SYSTEM, None)
         else:
-            reason = "the VM still exists at the fleet"
-            await self._settle_destroy(inbox, vm_id, False, state, reason, SYSTEM, None)
+            await self._settle_destroy(inbox, vm_id, False, None, break_reason, SYSTEM, None)
 
     # -- quota -------------------------------------------------------------------------------
 

@@ -1189,20 +1189,21 @@ async def test_fleet_timeout_on_spawn_keeps_the_vm_counted_until_reconciled(
     await until(lambda: api.service.audit.seq >= settled)
     assert api.service.audit.seq == settled
 
-    # The fleet never created it (it hung before doing anything): the spawn failed.
-    assert (await usage(api, acme))["allocated"] == allocation()
-    await assert_problem(
-        await api.client.get(f"/v1/vms/{vm['id']}", headers=acme.auth), 404, "not_found"
-    )
+    # The reconciler repeated the spawn (idempotent by id) and the fleet carried it out:
+    # the VM exists, still counts, and the resolution is audited by the system.
+    assert (await usage(api, acme))["allocated"] == allocation(2, 256, 1)
+    now = await api.client.get(f"/v1/vms/{vm['id']}", headers=acme.auth)
+    assert (await now.get_json())["state"] in ("pending", "running")
+    assert api.fleet.vm_ids() == {vm["id"]}
     last = (await api.audit(after=settled - 1))[0]
     assert (last["op"], last["outcome"], last["vm"], last["tenant"]) == (
         "vm.spawn",
-        "failed",
+        "succeeded",
         vm["id"],
         "acme",
     )
     assert last["source"] == {"ip": None, "token_id": "system"}
-    assert (await spawn(api, acme)).status_code == 201
+    await assert_problem(await spawn(api, acme), 403, "quota_exceeded")
 
 
 async def test_fleet_timeout_on_destroy_is_reconciled_against_the_fleet(
@@ -1230,12 +1231,14 @@ async def test_fleet_timeout_on_destroy_is_reconciled_against_the_fleet(
     await heal_fleet(api, clock)
     await until(lambda: api.service.audit.seq >= settled)
     assert api.service.audit.seq == settled
-    # The fleet still has the VM (the destroy never reached it): it stays, counted, live.
-    state = (await (await api.client.get("/v1/vms", headers=acme.auth)).get_json())["vms"][0]
-    assert state["state"] in {"pending", "running"}
-    assert (await usage(api, acme))["allocated"] == allocation(1, 256, 1)
+    # The reconciler repeated the destroy (idempotent by id) and the fleet carried it
+    # out: the VM is gone and its capacity released.
+    listing = await (await api.client.get("/v1/vms", headers=acme.auth)).get_json()
+    assert listing["vms"] == []
+    assert (await usage(api, acme))["allocated"] == allocation()
+    assert api.fleet.vm_ids() == set()
     assert entries_for(await api.audit(), vm["id"])[-2:] == [
         ("vm.destroy", "requested"),
-        ("vm.destroy", "failed"),
+        ("vm.destroy", "succeeded"),
     ]
-    assert (await destroy(api, acme, vm["id"])).status_code == 200
+    await assert_problem(await destroy(api, acme, vm["id"]), 404, "not_found")

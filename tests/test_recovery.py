@@ -25,6 +25,12 @@ USER = Source("127.0.0.1", "tok-user")
 SPEC = VmSpec(1, 256, "debian-12", "web")
 
 
+def fleet_of(service: Service) -> EmbeddedFleet:
+    driver = service.fleet.driver
+    assert isinstance(driver, EmbeddedFleet)
+    return driver
+
+
 async def spawn(service: Service, tenant: str, key: str | None = None) -> Any:
     return await service.registry.call(
         tenant, lambda reply: Spawn(SPEC, key, "h" if key else None, USER, "req", reply)
@@ -141,7 +147,8 @@ async def test_operations_in_doubt_are_resolved_against_the_fleet(data_dir: Path
         await service.registry.create_tenant("acme", Quota(8, 8192, 8), ADMIN, "r")
         doomed = await spawn(service, "acme")
     # Simulate a crash after three `requested` entries were made durable: one spawn the
-    # fleet carried out, one it never saw, one destroy the fleet carried out.
+    # fleet carried out, one it never saw (repeated now, so it lands), and one destroy
+    # the fleet carried out.
     fleet = EmbeddedFleet(data_dir / "fleet", boot_seconds=0)
     await fleet.spawn("vm-landed", "acme", SPEC)
     await fleet.destroy(doomed["id"])
@@ -175,14 +182,15 @@ async def test_operations_in_doubt_are_resolved_against_the_fleet(data_dir: Path
                 if all(vm["state"] in ("pending", "running") for vm in vms):
                     break
                 await trio.sleep(0.01)
-        assert [vm["id"] for vm in vms] == ["vm-landed"]
+        assert sorted(vm["id"] for vm in vms) == ["vm-landed", "vm-lost"]
         usage = await service.registry.call("acme", GetUsage)
-        assert usage["allocated"] == {"vcpus": 1, "memory_mib": 256, "vms": 1}
+        assert usage["allocated"] == {"vcpus": 2, "memory_mib": 512, "vms": 2}
+        assert fleet_of(service).vm_ids() == {"vm-landed", "vm-lost"}
         await service.audit.wait_durable(seq + 3)
     resolutions = {
         (e["vm"], e["op"]): e for e in map(json.loads, audit_lines(data_dir)) if e["seq"] > seq
     }
     assert resolutions[("vm-landed", "vm.spawn")]["outcome"] == "succeeded"
-    assert resolutions[("vm-lost", "vm.spawn")]["outcome"] == "failed"
+    assert resolutions[("vm-lost", "vm.spawn")]["outcome"] == "succeeded"
     assert resolutions[(doomed["id"], "vm.destroy")]["outcome"] == "succeeded"
     assert all(e["source"] == SYSTEM_SOURCE for e in resolutions.values())

@@ -147,18 +147,41 @@ async def test_lost_fleet_answer_keeps_capacity_until_reconciled(
     assert [vm["state"] for vm in page] == ["unknown"]
     assert (await usage(svc, "acme"))["vms"] == 1
     fleet_of(svc).knobs.hang = False
-    # the reconciler asks again with backoff; the embedded fleet never saw the spawn
+    # the reconciler repeats the spawn (idempotent by id) until the fleet answers
+    for _ in range(100):
+        vm = (await svc.registry.call("acme", lambda reply: ListVms(None, 10, reply)))[0][0]
+        if vm["state"] != "unknown":
+            break
+        await trio.sleep(1)
+    assert vm["state"] == "running"
+    assert fleet_of(svc).vm_ids() == {vm["id"]}
+    assert (await usage(svc, "acme"))["vms"] == 1
+    # tenant.create, vm.spawn requested, and the reconciler's resolution
+    await svc.audit.wait_durable(3)
+    last = _json(audit_lines(svc.config.data_dir)[-1])
+    assert (last["op"], last["outcome"], last["vm"], last["source"]["token_id"]) == (
+        "vm.spawn",
+        "succeeded",
+        vm["id"],
+        "system",
+    )
+
+
+async def test_definite_refusal_while_reconciling_releases(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
+    await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
+    fleet_of(svc).knobs.hang = True
+    with pytest.raises(FleetUnavailable):
+        await spawn(svc, "acme")
+    fleet_of(svc).knobs.hang = False
+    fleet_of(svc).knobs.fail_next = 1  # the repeated spawn is refused for good
     for _ in range(100):
         if (await usage(svc, "acme"))["vms"] == 0:
             break
         await trio.sleep(1)
     assert (await usage(svc, "acme"))["vms"] == 0
-    last = _json(audit_lines(svc.config.data_dir)[-1])
-    assert (last["op"], last["outcome"], last["source"]["token_id"]) == (
-        "vm.spawn",
-        "failed",
-        "system",
-    )
+    assert fleet_of(svc).vm_ids() == set()
 
 
 async def test_one_slow_tenant_does_not_stall_another(
