@@ -65,7 +65,9 @@ async def serve(config: ServiceConfig, bind: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = ServiceConfig(data_dir=Path(args.data_dir), fleet=args.fleet)
+    config = ServiceConfig(
+        data_dir=Path(args.data_dir), fleet=args.fleet, fleet_timeout=args.fleet_timeout
+    )
     try:
         trio.run(serve, config, args.bind)
     except StartupError as error:
@@ -168,6 +170,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 # -- argument parsing ----------------------------------------------------------------------
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], not {text!r}")
+    return value
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -186,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = commands.add_parser("serve", parents=[data_dir], help="run the proxy")
     serve_p.add_argument("--bind", default=_env("VM_TENANT_BIND", DEFAULT_BIND))
     serve_p.add_argument("--fleet", default=_env("VM_TENANT_FLEET", "embedded"))
+    serve_p.add_argument(
+        "--fleet-timeout",
+        type=_positive_seconds,
+        default=_env("VM_TENANT_FLEET_TIMEOUT", "10"),
+        help="deadline of one fleet call, in seconds (default 10)",
+    )
     serve_p.set_defaults(func=cmd_serve)
 
     tenant = commands.add_parser("tenant", help="provision tenants").add_subparsers(
