@@ -16,11 +16,14 @@ retried on the same pages and then trusted: the lines are written again in a new
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,8 @@ from actors.errors import AuditUnavailable
 log = logging.getLogger("vm_tenant.audit")
 
 SYSTEM_SOURCE: dict[str, Any] = {"ip": None, "token_id": "system"}
+#: how often a writer whose file needs repair retries on its own (seconds)
+REPAIR_INTERVAL = 1.0
 
 
 def utc_now() -> str:
@@ -195,10 +200,17 @@ class AuditWriter:
         try:
             with self._receive:
                 while True:
-                    try:
-                        first = await self._receive.receive()
-                    except trio.EndOfChannel:
-                        break
+                    # While the file needs repair, do not wait for a write to find out
+                    # whether the disk is back: /readyz must recover without traffic.
+                    first = None
+                    with trio.move_on_after(REPAIR_INTERVAL if self._needs_repair else inf):
+                        try:
+                            first = await self._receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    if first is None:
+                        await self._try_repair()
+                        continue
                     batch = [first]
                     while len(batch) < self._max_batch:
                         try:
@@ -207,9 +219,22 @@ class AuditWriter:
                             break
                     await self._commit(batch)
         finally:
-            if self._segment is not None:
+            if self._segment is not None and self._segment.fd >= 0:
                 os.close(self._segment.fd)
-                self._segment = None
+            self._segment = None
+
+    async def _try_repair(self) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await self._offload(self._repair)
+        except OSError as error:
+            log.warning("audit log still not writable: %s", error)
+
+    async def _offload(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._inline_io:
+            fn(*args)
+        else:
+            await trio.to_thread.run_sync(fn, *args)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         if self._damaged is not None:
@@ -231,10 +256,7 @@ class AuditWriter:
             # Shielded: a batch that reached the disk must be acknowledged or cut back,
             # never abandoned half-way by a cancellation.
             with trio.CancelScope(shield=True):
-                if self._inline_io:
-                    self._write_batch(first_seq, b"".join(lines))
-                else:
-                    await trio.to_thread.run_sync(self._write_batch, first_seq, b"".join(lines))
+                await self._offload(self._write_batch, first_seq, b"".join(lines))
         except OSError as error:
             self.stats.failures += 1
             log.error("audit batch of %d entries not durable: %s", len(batch), error)
@@ -262,23 +284,37 @@ class AuditWriter:
                 written += os.write(segment.fd, data[written:])
             self._fsync(segment.fd)
             self.stats.fsyncs += 1
+            if os.fstat(segment.fd).st_nlink == 0:
+                # Lines written to an unlinked file are lost with it: the journal has a
+                # hole now, and a damaged journal is never appended to.
+                self.mark_damaged(f"the audit segment {segment.path.name} was removed")
+                raise OSError(errno.ENOENT, "the audit segment was removed")
         except OSError:
             self._needs_repair = True
+            # Cut our lines off at once (a reader must never see them); if the disk
+            # refuses even that, the writer retries until it succeeds.
+            with contextlib.suppress(OSError):
+                self._repair()
             raise
         segment.size += len(data)
 
     def _repair(self) -> None:
-        """Cut the current segment back to its durable size through a fresh descriptor."""
+        """Cut the current segment back to its durable size through a fresh descriptor.
+
+        The segment record (path and durable size) is kept when this fails, so a later
+        attempt still knows where to cut.
+        """
         segment = self._segment
         if segment is not None:
-            os.close(segment.fd)
+            if segment.fd >= 0:
+                os.close(segment.fd)
+                segment.fd = -1
             fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
             try:
                 os.ftruncate(fd, segment.size)
                 self._fsync(fd)
             except OSError:
                 os.close(fd)
-                self._segment = None
                 raise
             segment.fd = fd
         self._needs_repair = False
