@@ -2,7 +2,8 @@
 
 The :class:`FleetClient` owns the driver (opened and closed inside its own nursery) and a
 fixed pool of worker tasks reading one bounded mailbox, so the number of calls in flight
-to the fleet is bounded and each call has a deadline. Callers get a definite answer, a
+to the fleet is bounded and each call has a deadline. Its :class:`CircuitBreaker` turns
+a fleet that keeps failing into fast refusals for a cool-down. Callers get a definite answer, a
 :class:`~actors.errors.FleetError` (the fleet said no: nothing happened), or a
 :class:`FleetInDoubt` (the call may or may not have taken effect).
 """
@@ -13,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from math import inf
 from typing import Any, Protocol
 
 import outcome
@@ -28,7 +30,34 @@ class FleetInDoubt(FleetUnavailable):
 
 
 class FleetBusy(FleetUnavailable):
-    """The call was never sent (the client's mailbox is full): nothing happened."""
+    """The call was never sent, or the fleet said it did not act: nothing happened."""
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failed calls, for ``cooldown`` seconds.
+
+    A failed call is one that came back in doubt (including an expired deadline) or
+    never reached the fleet; a definite answer, even a refusal, closes the circuit.
+    """
+
+    def __init__(self, threshold: int = 5, cooldown: float = 5.0) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = -inf
+
+    def allows(self) -> bool:
+        return trio.current_time() >= self.open_until
+
+    def record(self, result: outcome.Outcome[Any]) -> None:
+        if isinstance(result, outcome.Error) and isinstance(result.error, FleetUnavailable):
+            self.failures += 1
+            if self.failures >= self.threshold:
+                if self.allows():
+                    log.warning("fleet unreachable: circuit open for %.1f s", self.cooldown)
+                self.open_until = trio.current_time() + self.cooldown
+        else:
+            self.failures = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +85,6 @@ class FleetDriver(Protocol):
 
     async def status(self, vm_id: str) -> str | None: ...
 
-    def accepting(self) -> bool:
-        """False while the driver knows the fleet is unreachable (calls would fail fast)."""
-        ...
-
     async def aclose(self) -> None: ...
 
 
@@ -74,10 +99,17 @@ class FleetClient:
     """The actor in front of the fleet driver: bounded in-flight calls, per-call deadline."""
 
     def __init__(
-        self, driver: FleetDriver, *, workers: int = 64, timeout: float = 10.0, queue: int = 1024
+        self,
+        driver: FleetDriver,
+        *,
+        workers: int = 64,
+        timeout: float = 10.0,
+        queue: int = 1024,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.driver = driver
         self.timeout = timeout
+        self.breaker = breaker or CircuitBreaker()
         self._workers = workers
         self._send, self._receive = trio.open_memory_channel[_Call](queue)
 
@@ -104,6 +136,7 @@ class FleetClient:
                 )
                 with trio.move_on_after(self.timeout):
                     result = await self._invoke(call)
+                self.breaker.record(result)
                 # A caller that gave up is gone; its reconciler will ask again.
                 with contextlib.suppress(trio.BrokenResourceError):
                     call.reply.send_nowait(result)
@@ -120,6 +153,8 @@ class FleetClient:
             return outcome.Error(FleetInDoubt("the fleet driver failed"))
 
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        if not self.breaker.allows():
+            raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
         reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
         try:
             self._send.send_nowait(_Call(fn, args, reply_send))
@@ -135,7 +170,8 @@ class FleetClient:
         return result.unwrap()
 
     def accepting(self) -> bool:
-        return self.driver.accepting()
+        """False while the circuit is open: calls would fail fast, so reserve nothing."""
+        return self.breaker.allows()
 
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
         return await self._call(self.driver.spawn, vm_id, tenant, spec)

@@ -126,9 +126,6 @@ class EmbeddedFleet:
         vm = self._vms.get(vm_id)
         return None if vm is None else self._state(vm)
 
-    def accepting(self) -> bool:
-        return True
-
     def vm_ids(self) -> set[str]:
         """Every VM the simulator holds (for tests that compare it with the proxy)."""
         return set(self._vms)

@@ -3,15 +3,12 @@
 One ``httpx.AsyncClient`` (a bounded connection pool, per-phase timeouts) lives as long as
 the fleet client actor that owns this driver. Every call is idempotent by VM id, so a
 call whose connection could not be made, or that the fleet answered ``503``, is retried
-with jittered exponential backoff; the fleet client's per-call deadline bounds the whole.
-A circuit breaker counts consecutive calls that went nowhere or came back in doubt;
-once open, :meth:`HttpFleet.accepting` is False for a cool-down and calls fail fast with
-:class:`~actors.fleet.FleetBusy`, so a dead fleet costs tenants a quick 503.
+with jittered exponential backoff; the fleet client's per-call deadline bounds the whole
+(and its circuit breaker turns a dead fleet into fast 503s).
 """
 
 from __future__ import annotations
 
-import logging
 import random
 from typing import Any
 
@@ -21,32 +18,7 @@ import trio
 from actors.errors import FleetError
 from actors.fleet import FleetBusy, FleetInDoubt, VmSpec
 
-log = logging.getLogger("vm_tenant.fleet.http")
-
 BASE = "/fleet/v1/vms"
-
-
-class CircuitBreaker:
-    """Opens after ``threshold`` consecutive failures, for ``cooldown`` seconds."""
-
-    def __init__(self, threshold: int = 5, cooldown: float = 5.0) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self.open_until = 0.0
-
-    def allows(self) -> bool:
-        return trio.current_time() >= self.open_until
-
-    def success(self) -> None:
-        self.failures = 0
-
-    def failure(self) -> None:
-        self.failures += 1
-        if self.failures >= self.threshold:
-            if self.allows():
-                log.warning("fleet unreachable: circuit open for %.1f s", self.cooldown)
-            self.open_until = trio.current_time() + self.cooldown
 
 
 class HttpFleet:
@@ -61,10 +33,8 @@ class HttpFleet:
         read_timeout: float = 10.0,
         attempts: int = 4,
         backoff: float = 0.05,
-        breaker: CircuitBreaker | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.breaker = breaker or CircuitBreaker()
         self._attempts = attempts
         self._backoff = backoff
         self._client = httpx.AsyncClient(
@@ -76,12 +46,7 @@ class HttpFleet:
             transport=transport,
         )
 
-    def accepting(self) -> bool:
-        return self.breaker.allows()
-
     async def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        if not self.breaker.allows():
-            raise FleetBusy("the fleet is unreachable (circuit open)")
         delay = self._backoff
         for attempt in range(1, self._attempts + 1):
             try:
@@ -90,14 +55,12 @@ class HttpFleet:
                 # Nothing reached the fleet: safe to try again, and definite if we give up.
                 outcome: BaseException = FleetBusy(f"cannot reach the fleet: {error}")
             except httpx.TransportError as error:
-                self.breaker.failure()
                 raise FleetInDoubt(f"no answer from the fleet: {error!r}") from None
             else:
                 if response.status_code != 503:
                     return response
                 outcome = FleetBusy("the fleet is overloaded (503)")
             if attempt == self._attempts:
-                self.breaker.failure()
                 raise outcome
             await trio.sleep(delay * (0.5 + random.random()))
             delay *= 2
@@ -120,9 +83,7 @@ class HttpFleet:
         except (ValueError, KeyError, TypeError):
             state = None
         if state not in ("pending", "running", "error"):
-            self.breaker.failure()
             raise FleetInDoubt("the fleet answered without a valid VM state")
-        self.breaker.success()
         return str(state)
 
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
@@ -141,14 +102,12 @@ class HttpFleet:
     async def destroy(self, vm_id: str) -> None:
         response = await self._send("DELETE", f"{BASE}/{vm_id}")
         if response.status_code in (200, 204, 404):
-            self.breaker.success()
             return
         raise self._definite_or_doubt(response)
 
     async def status(self, vm_id: str) -> str | None:
         response = await self._send("GET", f"{BASE}/{vm_id}")
         if response.status_code == 404:
-            self.breaker.success()
             return None
         if response.status_code == 200:
             return self._state(response)

@@ -25,6 +25,7 @@ from actors.chain import ChainBroken
 from actors.checkpoint import CheckpointSigner
 from actors.fleet import FleetClient, FleetDriver
 from actors.fleet_embedded import EmbeddedFleet
+from actors.fleet_http import HttpFleet
 from actors.registry import TenantRegistry
 
 log = logging.getLogger("vm_tenant.service")
@@ -91,7 +92,9 @@ class Service:
 def make_driver(config: ServiceConfig) -> FleetDriver:
     if config.fleet == "embedded":
         return EmbeddedFleet(config.data_dir / "fleet", boot_seconds=config.embedded_boot_seconds)
-    raise StartupError(f"unsupported fleet {config.fleet!r}: only 'embedded' is available")
+    if config.fleet.startswith(("http://", "https://")):
+        return HttpFleet(config.fleet, read_timeout=config.fleet_timeout)
+    raise StartupError(f"--fleet must be 'embedded' or an http(s):// URL, not {config.fleet!r}")
 
 
 @asynccontextmanager
