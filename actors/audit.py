@@ -55,6 +55,8 @@ class AuditTicket:
         self.error: str | None = None
 
     def _resolve(self, entry: dict[str, Any] | None, error: str | None = None) -> None:
+        if self._done.is_set():
+            return
         self.entry, self.error = entry, error
         self._done.set()
 
@@ -217,7 +219,14 @@ class AuditWriter:
                             batch.append(self._receive.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await self._commit(batch)
+                    try:
+                        await self._commit(batch)
+                    except Exception:
+                        # A bug here must not take the whole service down: fail the
+                        # batch's waiters (nothing of theirs was acknowledged) and go on.
+                        log.exception("audit writer failed on a batch")
+                        for pending in batch:
+                            pending.ticket._resolve(None, "internal error in the audit writer")
         finally:
             if self._segment is not None and self._segment.fd >= 0:
                 os.close(self._segment.fd)
@@ -244,13 +253,25 @@ class AuditWriter:
         seq, head = self.seq, self.head
         lines: list[bytes] = []
         entries: list[dict[str, Any]] = []
+        sealed: list[_Pending] = []
         ts = utc_now()
         for pending in batch:
+            entry = {"seq": seq + 1, "ts": ts, **pending.fields, "prev": head}
+            try:
+                line = seal(entry)
+            except (TypeError, ValueError, UnicodeError) as error:
+                # An entry that cannot be encoded fails alone; the chain skips it.
+                log.error("audit entry %s refused: %s", pending.fields.get("op"), error)
+                pending.ticket._resolve(None, "the audit entry could not be encoded")
+                continue
             seq += 1
-            entry = {"seq": seq, "ts": ts, **pending.fields, "prev": head}
-            lines.append(seal(entry))
+            lines.append(line)
             head = entry["hash"]
             entries.append(entry)
+            sealed.append(pending)
+        if not sealed:
+            return
+        batch = sealed
         first_seq = self.seq + 1
         try:
             # Shielded: a batch that reached the disk must be acknowledged or cut back,

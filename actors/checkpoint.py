@@ -93,6 +93,7 @@ class CheckpointSigner:
         pub_path = public_key_path(data_dir)
         if not pub_path.exists() or pub_path.read_bytes() != public:
             pub_path.write_bytes(public)
+        _cut_torn_tail(checkpoints_path(data_dir))
         stored = [c for c in read_checkpoints(data_dir) if c is not None]
         self.latest: dict[str, Any] | None = stored[-1] if stored else None
 
@@ -117,3 +118,21 @@ class CheckpointSigner:
             fsync_dir(self.data_dir)
         self.latest = checkpoint
         return checkpoint
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop an incomplete last line (an append cut short by a crash, never relied on).
+
+    Left in place, the next append would be glued to it and the file would read as
+    tampered from then on.
+    """
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, data.rfind(b"\n") + 1)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -62,14 +62,13 @@ class EmbeddedFleet:
         self.calls = 0
         directory.mkdir(parents=True, exist_ok=True)
         self._journal = directory / "vms.jsonl"
+        self._destroyed: set[str] = set()
         self._vms: dict[str, _SimVm] = self._load()
-        # Compact on open, so the journal grows with activity since the last start only.
-        atomic_write(
-            self._journal,
-            b"".join(
-                msgspec.json.encode(_Record("spawn", vm)) + b"\n" for vm in self._vms.values()
-            ),
-        )
+        # Compact on open, so the journal grows with activity since the last start only
+        # (destroyed ids stay: they are never re-created).
+        records = [_Record("spawn", vm) for vm in self._vms.values()]
+        records += [_Record("destroy", id=vm_id) for vm_id in sorted(self._destroyed)]
+        atomic_write(self._journal, b"".join(msgspec.json.encode(r) + b"\n" for r in records))
         self._fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND)
 
     def _load(self) -> dict[str, _SimVm]:
@@ -87,6 +86,7 @@ class EmbeddedFleet:
                 vms[record.vm.id] = record.vm
             elif record.op == "destroy" and record.id is not None:
                 vms.pop(record.id, None)
+                self._destroyed.add(record.id)
         return vms
 
     def _append(self, record: _Record) -> None:
@@ -108,6 +108,9 @@ class EmbeddedFleet:
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
         await self._behave()
         vm = self._vms.get(vm_id)
+        if vm is None and vm_id in self._destroyed:
+            # A late or repeated spawn must not bring back a VM whose capacity is gone.
+            raise FleetError("this VM id was destroyed and is never re-created")
         if vm is None:
             vm = _SimVm(
                 vm_id, tenant, spec.vcpus, spec.memory_mib, spec.image, spec.name, time.time()
@@ -120,6 +123,7 @@ class EmbeddedFleet:
         await self._behave()
         if self._vms.pop(vm_id, None) is not None:
             self._append(_Record("destroy", id=vm_id))
+            self._destroyed.add(vm_id)
 
     async def status(self, vm_id: str) -> str | None:
         await self._behave()

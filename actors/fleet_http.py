@@ -74,7 +74,9 @@ class HttpFleet:
         except (ValueError, AttributeError):
             error = None
         if isinstance(error, str):
-            return FleetError(f"the fleet refused ({response.status_code}): {error}")
+            # The fleet's text goes into the audit log: keep it short and valid UTF-8.
+            text = error[:500].encode("utf-8", "backslashreplace").decode("utf-8")
+            return FleetError(f"the fleet refused ({response.status_code}): {text}")
         return FleetInDoubt(f"unexpected answer from the fleet ({response.status_code})")
 
     def _state(self, response: httpx.Response) -> str:

@@ -4,9 +4,10 @@ Each message is a small frozen dataclass. Calls carry a one-shot ``reply`` chann
 buffer 1 on which the actor sends exactly one :class:`outcome.Outcome`; the actor never
 waits on it, and a reply to a caller that already gave up is dropped.
 
-Messages from the edge are the commands (``Spawn`` ... ``Reopen``); the ``*Settled`` and
-``QuotaApplied`` messages come from the actor's own jobs, which do the waiting (for the
-audit fsync, for the fleet) outside the actor's turn and report back.
+Messages from the edge are the commands (``Spawn`` ... ``Reopen``); the rest come from
+the actor's own jobs, which do the waiting (for the audit fsync, for the fleet) outside
+the actor's turn and report back. An outcome is settled in two phases: the entry is
+recorded, and only once it is durable is the state changed and the caller answered.
 """
 
 from __future__ import annotations
@@ -114,42 +115,53 @@ class Reopen:
 
 
 @dataclass(frozen=True, slots=True)
-class SpawnSettled:
-    """The spawn's fate: ``state`` from the fleet, or ``None`` when it did not happen.
+class Settle:
+    """The fleet's definite answer about one VM operation (``kind`` is spawn or destroy).
 
-    ``audit`` is False for a reservation rolled back because its ``requested`` entry
-    never became durable (there is nothing to record then). ``reply`` receives the
-    ticket of the outcome entry.
+    ``ok`` False is a definite refusal; ``state`` is the fleet's VM state after a spawn,
+    or the state a VM is back in after a refused destroy (None: as it was).
     """
 
     vm_id: str
+    kind: str
+    ok: bool
     state: str | None
     reason: str
     source: Source
     request_id: str | None
-    audit: bool
-    reply: Reply | None
 
 
 @dataclass(frozen=True, slots=True)
-class DestroySettled:
-    """The destroy's fate: ``destroyed`` True, or the state the VM is back in."""
+class RecordOutcome:
+    """Phase one of settling: submit the outcome entry; the reply is its ticket."""
+
+    settle: Settle
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOutcome:
+    """Phase two, once the outcome entry is durable: change the state; reply the body."""
+
+    settle: Settle
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """The ``requested`` entry never became durable: undo the reservation or the mark."""
 
     vm_id: str
-    destroyed: bool
-    state: str | None
-    reason: str
-    source: Source
-    request_id: str | None
-    audit: bool
-    reply: Reply | None
+    kind: str
+    previous_state: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class MarkInDoubt:
-    """The fleet's answer was lost: the VM is ``unknown`` until reconciled."""
+    """The fleet's answer (or its record) was lost: the VM is ``unknown`` until reconciled."""
 
     vm_id: str
+    kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +173,10 @@ class ForgetKey:
 
 @dataclass(frozen=True, slots=True)
 class QuotaApplied:
+    """A quota change is durable at ``seq``; older ones arriving later are ignored."""
+
     quota: Quota
+    seq: int
     reply: Reply
 
 
@@ -174,9 +189,13 @@ TenantMessage = (
     | UpdateQuota
     | Retire
     | Reopen
-    | SpawnSettled
-    | DestroySettled
+    | RecordOutcome
+    | ApplyOutcome
+    | Rollback
     | MarkInDoubt
     | ForgetKey
     | QuotaApplied
 )
+
+#: commands that may write; refused once the actor is stopping
+WRITE_COMMANDS = (Spawn, Destroy, UpdateQuota, Retire)

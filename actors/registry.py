@@ -13,6 +13,7 @@ once their audit entry is durable, and a pending creation reserves its id meanwh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import outcome
 import trio
 
 from actors.audit import AuditWriter
-from actors.errors import Busy, Conflict, NotFound
+from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
 from actors.fleet import FleetClient
 from actors.messages import Reopen, Reply, Retire, Source
 from actors.state import IN_DOUBT_STATES, Quota, TenantState
@@ -71,7 +72,7 @@ class TenantRegistry:
             task_status.started()
             await self._closed.wait()
             for actor in self._actors.values():
-                actor.inbox.close()
+                actor.stop(Busy("the service is shutting down"))
 
     def close(self) -> None:
         """Stop taking commands; queued ones and running jobs finish."""
@@ -154,16 +155,19 @@ class TenantRegistry:
         """Deprovision a tenant with no VMs; all its tokens stop working."""
         await self.call(tenant_id, Retire)
         actor = self.actor(tenant_id)
-        try:
-            ticket = self._submit("tenant.delete", tenant_id, source, request_id, {})
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            try:
+                ticket = self._submit("tenant.delete", tenant_id, source, request_id, {})
                 await ticket.wait()
-        except BaseException:
-            actor.inbox.send_nowait(Reopen())
-            raise
+            except AuditUnavailable:
+                # Not deleted after all: take spawns again (a blocking send, so a full
+                # mailbox delays this instead of losing it).
+                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                    await actor.inbox.send(Reopen())
+                raise
         del self._tenants[tenant_id]
         self._actors.pop(tenant_id, None)
-        actor.inbox.close()
+        actor.stop(NotFound("no such tenant"))
 
     async def issue_token(self, tenant_id: str, source: Source, request_id: str) -> str:
         if tenant_id not in self._tenants:

@@ -48,6 +48,8 @@ class VmRecord(msgspec.Struct):
     settled_state: str = "pending"
     #: the Idempotency-Key of the spawn that created it, if any
     idempotency_key: str | None = None
+    #: while ``state`` is ``unknown``: the operation in doubt, ``spawn`` or ``destroy``
+    doubt: str | None = None
 
     def to_json(self, state: str | None = None) -> dict[str, Any]:
         return {
@@ -208,7 +210,7 @@ def _apply_destroy(tenant: TenantState, entry: dict[str, Any]) -> None:
     elif outcome == "succeeded":
         tenant.remove_vm(vm_id)
     elif outcome == "failed":
-        vm.state = detail.get("state", vm.settled_state)
+        vm.state = vm.settled_state = detail.get("state", vm.settled_state)
 
 
 def _remember_key(

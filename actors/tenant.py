@@ -14,13 +14,14 @@ a VM that may exist is never released from the quota.
 
 :meth:`TenantActor.run` is the supervisor: it owns the mailbox and the jobs, restarts the
 message loop after a crash (bounded: more than ``MAX_RESTARTS`` in ``RESTART_PERIOD``
-seconds marks the actor failed), and answers the caller of the message that crashed it.
+seconds marks the actor failed, cancels its jobs and answers everything queued), and
+answers the caller of the message that crashed it. The jobs themselves live in
+``actors/tenant_jobs.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import secrets
 import time
 from collections import deque
@@ -34,40 +35,43 @@ from actors.errors import (
     AuditUnavailable,
     Conflict,
     DomainError,
-    FleetError,
-    FleetUnavailable,
     IdempotencyConflict,
     NotFound,
     QuotaExceeded,
 )
-from actors.fleet import FleetBusy, FleetClient, FleetInDoubt, VmSpec
+from actors.fleet import FleetBusy, FleetClient, VmSpec
 from actors.messages import (
+    WRITE_COMMANDS,
+    ApplyOutcome,
     Destroy,
-    DestroySettled,
     ForgetKey,
     GetUsage,
     GetVm,
     ListVms,
     MarkInDoubt,
     QuotaApplied,
+    RecordOutcome,
     Reopen,
     Replay,
-    Reply,
     Retire,
+    Rollback,
+    Settle,
     Source,
     Spawn,
-    SpawnSettled,
     TenantMessage,
     UpdateQuota,
     send_reply,
 )
 from actors.state import IN_DOUBT_STATES, IdempotencyRecord, TenantState, VmRecord
+from actors.tenant_jobs import TenantJobs
 
 log = logging.getLogger("vm_tenant.tenant")
 
 MAX_RESTARTS = 5
 RESTART_PERIOD = 10.0
 SYSTEM = Source(SYSTEM_SOURCE["ip"], SYSTEM_SOURCE["token_id"])
+#: the longest VM id written to the audit log as given; longer ones are cut
+MAX_LOGGED_ID = 128
 
 
 class InternalError(DomainError):
@@ -99,8 +103,7 @@ class TenantActor:
         fleet: FleetClient,
         *,
         mailbox_size: int = 256,
-        reconcile_backoff: float = 0.5,
-        reconcile_backoff_max: float = 30.0,
+        reconcile_backoff: tuple[float, float] = (0.5, 30.0),
     ) -> None:
         self.state = state
         self.audit = audit
@@ -108,9 +111,14 @@ class TenantActor:
         self.failed = False
         self.restarts = 0
         self.closing = False
-        self._backoff = (reconcile_backoff, reconcile_backoff_max)
         self.inbox, self._receive = trio.open_memory_channel[TenantMessage](mailbox_size)
-        self._jobs: trio.Nursery | None = None
+        # Jobs report through clones of this end, which the registry never sees, so the
+        # registry closing ``inbox`` cannot cut a job off from its actor.
+        self._internal = self.inbox.clone()
+        self._stopping: DomainError | None = None
+        self._quota_seq = 0
+        self._jobs = TenantJobs(state.id, fleet, SYSTEM, reconcile_backoff)
+        self._nursery: trio.Nursery | None = None
         self._current: TenantMessage | None = None
 
     @property
@@ -120,13 +128,23 @@ class TenantActor:
     def mailbox_depth(self) -> int:
         return self._receive.statistics().current_buffer_used
 
+    def stop(self, error: DomainError) -> None:
+        """Take no more commands (queued ones are answered ``error``); jobs finish.
+
+        The loop ends once the last job has reported back.
+        """
+        if self._stopping is None:
+            self._stopping = error
+            self.inbox.close()
+            self._internal.close()
+
     # -- supervision ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until the inbox is closed and every job has finished."""
+        """Run until stopped and every job has finished."""
         recent: deque[float] = deque()
-        async with trio.open_nursery() as jobs:
-            self._jobs = jobs
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for vm in list(self.state.vms.values()):
                 if vm.state in IN_DOUBT_STATES:
                     self._start_reconcile(vm)
@@ -138,6 +156,7 @@ class TenantActor:
                         break
                     except Exception as error:
                         if self._crashed(error, recent):
+                            nursery.cancel_scope.cancel()
                             break
 
     def _crashed(self, error: Exception, recent: deque[float]) -> bool:
@@ -151,24 +170,28 @@ class TenantActor:
         while recent and recent[0] < now - RESTART_PERIOD:
             recent.popleft()
         self.restarts += 1
-        if len(recent) > MAX_RESTARTS:
-            self.failed = True
-            log.error("tenant actor %s failed too often; stopping it", self.tenant_id)
-            # Answer everything still queued: its callers must not wait for a dead loop.
-            while True:
-                try:
-                    queued = self._receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                unavailable = InternalError("the tenant actor is restarting")
-                send_reply(getattr(queued, "reply", None), outcome.Error(unavailable))
-            return True
-        return False
+        if len(recent) <= MAX_RESTARTS:
+            return False
+        self.failed = True
+        log.error("tenant actor %s failed too often; replacing it", self.tenant_id)
+        self.stop(InternalError("the tenant actor is restarting"))
+        # Answer everything still queued: its callers must not wait for a dead loop.
+        while True:
+            try:
+                queued = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            unavailable = InternalError("the tenant actor is restarting")
+            send_reply(getattr(queued, "reply", None), outcome.Error(unavailable))
+        return True
 
     async def _loop(self) -> None:
         async for message in self._receive:
             self._current = message
-            self._handle(message)
+            if self._stopping is not None and isinstance(message, WRITE_COMMANDS):
+                send_reply(message.reply, outcome.Error(self._stopping))
+            else:
+                self._handle(message)
             self._current = None
 
     def _handle(self, message: TenantMessage) -> None:
@@ -187,8 +210,9 @@ class TenantActor:
                 send_reply(reply, outcome.Value(self._usage()))
             case UpdateQuota():
                 self._update_quota(message)
-            case QuotaApplied(quota, reply):
-                self.state.quota = quota
+            case QuotaApplied(quota, seq, reply):
+                if seq > self._quota_seq:
+                    self.state.quota, self._quota_seq = quota, seq
                 send_reply(reply, outcome.Value(self._usage()))
             case Retire(reply):
                 if self.closing:
@@ -200,16 +224,25 @@ class TenantActor:
                     send_reply(reply, outcome.Value(None))
             case Reopen():
                 self.closing = False
-            case ForgetKey(key):
-                self.state.idempotency.pop(key, None)
-            case SpawnSettled():
-                self._spawn_settled(message)
-            case DestroySettled():
-                self._destroy_settled(message)
-            case MarkInDoubt(vm_id):
+            case RecordOutcome(settle, reply):
+                send_reply(reply, self._record_outcome(settle))
+            case ApplyOutcome(settle, reply):
+                send_reply(reply, outcome.Value(self._apply_outcome(settle)))
+            case Rollback():
+                self._rollback(message)
+            case MarkInDoubt(vm_id, kind):
                 vm = self.state.vms.get(vm_id)
                 if vm is not None:
-                    vm.state = "unknown"
+                    vm.state, vm.doubt = "unknown", kind
+            case ForgetKey(key):
+                self.state.idempotency.pop(key, None)
+
+    def _refuse_write(self) -> DomainError | None:
+        if self.closing:
+            return Conflict("the tenant is being deleted")
+        if not self.fleet.accepting():
+            return FleetBusy("the fleet is unreachable right now; try again shortly")
+        return None
 
     def _usage(self) -> dict[str, Any]:
         return {
@@ -228,14 +261,9 @@ class TenantActor:
         return page, None
 
     def _submit(
-        self,
-        op: str,
-        outcome_: str,
-        vm: str | None,
-        source: Source,
-        request_id: str | None,
+        self, op: str, outcome_: str, vm: str | None, source: Source, request_id: str | None,
         detail: dict[str, Any],
-    ) -> AuditTicket:
+    ) -> AuditTicket:  # fmt: skip
         return self.audit.submit(
             op=op,
             outcome=outcome_,
@@ -246,34 +274,21 @@ class TenantActor:
             detail=detail,
         )
 
-    def _try_submit(
-        self, op: str, outcome_: str, msg: SpawnSettled | DestroySettled, detail: dict[str, Any]
-    ) -> AuditTicket | None:
-        """Submit an outcome entry; None (logged) when the writer refuses it.
-
-        An outcome that cannot be recorded stays true in memory: the fleet did what it
-        did, and a restart resolves the ``requested`` entry against the fleet the same way.
-        """
-        try:
-            return self._submit(op, outcome_, msg.vm_id, msg.source, msg.request_id, detail)
-        except AuditUnavailable as exc:
-            log.warning("outcome of %s on %s not recorded: %s", op, msg.vm_id, exc)
-            return None
-
     def _start(self, job: Any, *args: Any) -> None:
-        assert self._jobs is not None
-        # Each job holds its own clone of the inbox so the loop only ends once the last
-        # job has reported back.
-        self._jobs.start_soon(self._guarded, job, self.inbox.clone(), *args)
+        assert self._nursery is not None
+        # Each job holds its own clone of the internal inbox so the loop only ends once
+        # the last job has reported back.
+        self._nursery.start_soon(self._guarded, job, self._internal.clone(), *args)
 
-    async def _guarded(self, job: Any, inbox: Any, *args: Any) -> None:
+    async def _guarded(self, job: Any, inbox: trio.MemorySendChannel[Any], *args: Any) -> None:
         """Run one job; its failure is logged, never allowed to take the actor down."""
-        try:
-            await job(inbox, *args)
-        except trio.BrokenResourceError:
-            log.warning("tenant actor %s stopped before a job could report", self.tenant_id)
-        except Exception:
-            log.exception("a job of tenant actor %s failed", self.tenant_id)
+        with inbox:
+            try:
+                await job(inbox, *args)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.warning("tenant actor %s stopped before a job could report", self.tenant_id)
+            except Exception:
+                log.exception("a job of tenant actor %s failed", self.tenant_id)
 
     # -- spawn -------------------------------------------------------------------------------
 
@@ -292,11 +307,8 @@ class TenantActor:
                 return
             send_reply(msg.reply, outcome.Error(error))
             return
-        if self.closing:
-            send_reply(msg.reply, outcome.Error(Conflict("the tenant is being deleted")))
-            return
-        if not self.fleet.accepting():
-            send_reply(msg.reply, outcome.Error(FleetBusy("the fleet is unreachable right now")))
+        if refusal := self._refuse_write():
+            send_reply(msg.reply, outcome.Error(refusal))
             return
         key_detail = (
             {} if key is None else {"idempotency_key": key, "request_hash": msg.request_hash}
@@ -329,7 +341,7 @@ class TenantActor:
                 tenant.idempotency[key] = IdempotencyRecord(
                     msg.request_hash or "", 403, problem, utc_now()
                 )
-            self._start(self._rejected_job, ticket, QuotaExceeded(dimension, text), key, msg.reply)
+            self._start(self._jobs.rejected, ticket, QuotaExceeded(dimension, text), key, msg.reply)
             return
         vm = VmRecord(
             id=new_vm_id(),
@@ -355,121 +367,24 @@ class TenantActor:
             tenant.idempotency[key] = IdempotencyRecord(
                 msg.request_hash or "", 0, None, vm.created_at
             )
-        self._start(
-            self._spawn_job, ticket, vm.id, spec, key, msg.source, msg.request_id, msg.reply
-        )
-
-    async def _rejected_job(
-        self, inbox: Any, ticket: AuditTicket, error: DomainError, key: str | None, reply: Reply
-    ) -> None:
-        with inbox:
-            try:
-                await ticket.wait()
-            except AuditUnavailable as exc:
-                if key is not None:
-                    # Nothing durable says this key was answered: let a retry decide anew.
-                    await inbox.send(ForgetKey(key))
-                send_reply(reply, outcome.Error(exc))
-                return
-            send_reply(reply, outcome.Error(error))
-
-    async def _spawn_job(
-        self,
-        inbox: Any,
-        ticket: AuditTicket,
-        vm_id: str,
-        spec: VmSpec,
-        key: str | None,
-        source: Source,
-        request_id: str,
-        reply: Reply,
-    ) -> None:
-        with inbox:
-            try:
-                await ticket.wait()
-            except AuditUnavailable as exc:
-                await inbox.send(
-                    SpawnSettled(vm_id, None, "audit", source, request_id, False, None)
-                )
-                send_reply(reply, outcome.Error(exc))
-                return
-            try:
-                state = await self.fleet.spawn(vm_id, self.state.id, spec)
-            except FleetInDoubt as exc:
-                await inbox.send(MarkInDoubt(vm_id))
-                send_reply(reply, outcome.Error(exc))
-                await self._reconcile(inbox, vm_id, spec)
-                return
-            except (FleetError, FleetBusy) as exc:
-                # The spawn definitely did not happen, whether or not its outcome entry
-                # becomes durable (a restart would resolve it the same way).
-                await self._settle_spawn(inbox, vm_id, None, str(exc), source, request_id)
-                send_reply(reply, outcome.Error(exc))
-                return
-            body = await self._settle_spawn(inbox, vm_id, state, "", source, request_id)
-            send_reply(reply, _wrap(body or NotFound("no such VM")))
-
-    async def _settle_spawn(
-        self,
-        inbox: Any,
-        vm_id: str,
-        state: str | None,
-        reason: str,
-        source: Source,
-        request_id: str | None,
-    ) -> dict[str, Any] | None:
-        """Report the fleet's answer to the loop; the VM body once its entry is durable."""
-        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
-        await inbox.send(SpawnSettled(vm_id, state, reason, source, request_id, True, send))
-        return await _settled(receive)
-
-    def _spawn_settled(self, msg: SpawnSettled) -> None:
-        tenant = self.state
-        vm = tenant.vms.get(msg.vm_id)
-        if vm is None:
-            send_reply(msg.reply, outcome.Value((None, None)))
-            return
-        key = vm.idempotency_key
-        if msg.state is None:
-            tenant.remove_vm(msg.vm_id)
-            if key is not None:
-                tenant.idempotency.pop(key, None)
-        else:
-            vm.state = vm.settled_state = msg.state
-            if key is not None:
-                old = tenant.idempotency[key]
-                tenant.idempotency[key] = IdempotencyRecord(
-                    old.request_hash, 201, vm.to_json(), old.created
-                )
-        if not msg.audit:
-            return
-        detail: dict[str, Any] = {"idempotency_key": key} if key is not None else {}
-        if msg.state is None:
-            detail["reason"] = msg.reason
-        else:
-            detail["state"] = msg.state
-        if msg.source is SYSTEM:
-            detail["resolution"] = "reconciled"
-        result = "failed" if msg.state is None else "succeeded"
-        body = vm.to_json() if msg.state is not None else None
-        send_reply(
-            msg.reply, outcome.Value((self._try_submit("vm.spawn", result, msg, detail), body))
-        )
+        self._start(self._jobs.spawn, ticket, vm.id, spec, msg.source, msg.request_id, msg.reply)
 
     # -- destroy -------------------------------------------------------------------------------
 
     def _destroy(self, msg: Destroy) -> None:
         vm = self.state.vms.get(msg.vm_id)
         if vm is None:
-            detail = {"reason": "not_found"}
+            logged, detail = msg.vm_id, {"reason": "not_found"}
+            if len(logged) > MAX_LOGGED_ID:
+                logged, detail["vm_id_truncated"] = logged[:MAX_LOGGED_ID], True
             try:
                 ticket = self._submit(
-                    "vm.destroy", "rejected", msg.vm_id, msg.source, msg.request_id, detail
+                    "vm.destroy", "rejected", logged, msg.source, msg.request_id, detail
                 )
             except AuditUnavailable as exc:
                 send_reply(msg.reply, outcome.Error(exc))
                 return
-            self._start(self._rejected_job, ticket, NotFound("no such VM"), None, msg.reply)
+            self._start(self._jobs.rejected, ticket, NotFound("no such VM"), None, msg.reply)
             return
         if vm.state in IN_DOUBT_STATES:
             what = {
@@ -478,8 +393,8 @@ class TenantActor:
             }.get(vm.state, "has an operation in doubt that is being reconciled")
             send_reply(msg.reply, outcome.Error(Conflict(f"the VM {what}")))
             return
-        if not self.fleet.accepting():
-            send_reply(msg.reply, outcome.Error(FleetBusy("the fleet is unreachable right now")))
+        if refusal := self._refuse_write():
+            send_reply(msg.reply, outcome.Error(refusal))
             return
         detail = {"previous_state": vm.state}
         try:
@@ -489,128 +404,87 @@ class TenantActor:
         except AuditUnavailable as exc:
             send_reply(msg.reply, outcome.Error(exc))
             return
-        previous = vm.state
-        vm.state = "destroying"
+        previous, vm.state = vm.state, "destroying"
         self._start(
-            self._destroy_job, ticket, vm.id, previous, msg.source, msg.request_id, msg.reply
+            self._jobs.destroy, ticket, vm.id, previous, msg.source, msg.request_id, msg.reply
         )
 
-    async def _destroy_job(
-        self,
-        inbox: Any,
-        ticket: AuditTicket,
-        vm_id: str,
-        previous: str,
-        source: Source,
-        request_id: str,
-        reply: Reply,
-    ) -> None:
-        with inbox:
-            try:
-                await ticket.wait()
-            except AuditUnavailable as exc:
-                await inbox.send(
-                    DestroySettled(vm_id, False, previous, "audit", source, None, False, None)
-                )
-                send_reply(reply, outcome.Error(exc))
-                return
-            try:
-                await self.fleet.destroy(vm_id)
-            except FleetInDoubt as exc:
-                await inbox.send(MarkInDoubt(vm_id))
-                send_reply(reply, outcome.Error(exc))
-                await self._reconcile(inbox, vm_id, None)
-                return
-            except (FleetError, FleetBusy) as exc:
-                await self._settle_destroy(
-                    inbox, vm_id, False, previous, str(exc), source, request_id
-                )
-                send_reply(reply, outcome.Error(exc))
-                return
-            body = await self._settle_destroy(inbox, vm_id, True, None, "", source, request_id)
-            send_reply(reply, _wrap(body or NotFound("no such VM")))
+    # -- outcomes ------------------------------------------------------------------------------
 
-    async def _settle_destroy(
-        self,
-        inbox: Any,
-        vm_id: str,
-        destroyed: bool,
-        state: str | None,
-        reason: str,
-        source: Source,
-        request_id: str | None,
-    ) -> dict[str, Any] | None:
-        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
-        await inbox.send(
-            DestroySettled(vm_id, destroyed, state, reason, source, request_id, True, send)
-        )
-        return await _settled(receive)
+    def _record_outcome(self, settle: Settle) -> outcome.Outcome[Any]:
+        """Submit the outcome entry of a settled operation; nothing changes yet."""
+        vm = self.state.vms.get(settle.vm_id)
+        if vm is None:
+            return outcome.Error(NotFound("no such VM"))
+        detail: dict[str, Any] = {}
+        if settle.kind == "spawn" and vm.idempotency_key is not None:
+            detail["idempotency_key"] = vm.idempotency_key
+        if not settle.ok:
+            detail["reason"] = settle.reason
+        if settle.kind == "spawn" and settle.ok:
+            detail["state"] = settle.state
+        if settle.kind == "destroy" and not settle.ok:
+            detail["state"] = settle.state or vm.settled_state
+        if settle.source is SYSTEM:
+            detail["resolution"] = "reconciled"
+        result = "succeeded" if settle.ok else "failed"
+        op = f"vm.{settle.kind}"
+        try:
+            ticket = self._submit(op, result, vm.id, settle.source, settle.request_id, detail)
+        except AuditUnavailable as exc:
+            return outcome.Error(exc)
+        return outcome.Value(ticket)
 
-    def _destroy_settled(self, msg: DestroySettled) -> None:
+    def _apply_outcome(self, settle: Settle) -> dict[str, Any] | None:
+        """Apply an outcome whose entry is durable, exactly as the fold in state.py does."""
+        tenant = self.state
+        vm = tenant.vms.get(settle.vm_id)
+        if vm is None:
+            return None
+        key = vm.idempotency_key
+        if settle.kind == "spawn" and settle.ok:
+            vm.state = vm.settled_state = settle.state or "pending"
+            vm.doubt = None
+            record = tenant.idempotency.get(key) if key is not None else None
+            if key is not None and record is not None:
+                tenant.idempotency[key] = IdempotencyRecord(
+                    record.request_hash, 201, vm.to_json(), record.created
+                )
+            return vm.to_json()
+        if settle.kind == "spawn":
+            tenant.remove_vm(vm.id)
+            if key is not None:
+                tenant.idempotency.pop(key, None)
+            return None
+        if settle.ok:
+            tenant.remove_vm(vm.id)
+            return {"id": vm.id, "state": "destroyed"}
+        vm.state = vm.settled_state = settle.state or vm.settled_state
+        vm.doubt = None
+        return None
+
+    def _rollback(self, msg: Rollback) -> None:
         vm = self.state.vms.get(msg.vm_id)
         if vm is None:
-            send_reply(msg.reply, outcome.Value((None, None)))
             return
-        if msg.destroyed:
-            self.state.remove_vm(msg.vm_id)
+        if msg.kind == "spawn":
+            self.state.remove_vm(vm.id)
+            if vm.idempotency_key is not None:
+                self.state.idempotency.pop(vm.idempotency_key, None)
         else:
-            vm.state = msg.state or vm.settled_state
-            vm.settled_state = vm.state
-        if not msg.audit:
-            return
-        detail: dict[str, Any] = {} if msg.destroyed else {"reason": msg.reason, "state": vm.state}
-        if msg.source is SYSTEM:
-            detail["resolution"] = "reconciled"
-        result = "succeeded" if msg.destroyed else "failed"
-        body = {"id": msg.vm_id, "state": "destroyed"} if msg.destroyed else None
-        send_reply(
-            msg.reply, outcome.Value((self._try_submit("vm.destroy", result, msg, detail), body))
-        )
-
-    # -- reconciliation of operations in doubt ------------------------------------------------
+            vm.state = msg.previous_state or vm.settled_state
 
     def _start_reconcile(self, vm: VmRecord) -> None:
-        spec = None
-        if vm.state != "destroying":
-            spec = VmSpec(vm.vcpus, vm.memory_mib, vm.image, vm.name)
-        self._start(self._reconcile_job, vm.id, spec)
-
-    async def _reconcile_job(self, inbox: Any, vm_id: str, spec: VmSpec | None) -> None:
-        with inbox:
-            await self._reconcile(inbox, vm_id, spec)
-
-    async def _reconcile(self, inbox: Any, vm_id: str, spec: VmSpec | None) -> None:
-        """Repeat the operation in doubt until the fleet answers definitely; audit that.
-
-        A ``spec`` means a spawn was in flight when the answer was lost, none a destroy.
-        Both calls are idempotent by VM id, so repeating one converges even if
-        the lost call still lands late; merely asking for the VM's status could not rule
-        that out. The capacity stays counted the whole time.
-        """
-        delay, ceiling = self._backoff
-        while True:
-            try:
-                if spec is not None:
-                    state = await self.fleet.spawn(vm_id, self.state.id, spec)
-                    await self._settle_spawn(inbox, vm_id, state, "", SYSTEM, None)
-                else:
-                    await self.fleet.destroy(vm_id)
-                    await self._settle_destroy(inbox, vm_id, True, None, "", SYSTEM, None)
-                return
-            except FleetError as exc:
-                break_reason = str(exc)
-                break
-            except FleetUnavailable:
-                await trio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, ceiling)
-        if spec is not None:
-            await self._settle_spawn(inbox, vm_id, None, break_reason, SYSTEM, None)
-        else:
-            await self._settle_destroy(inbox, vm_id, False, None, break_reason, SYSTEM, None)
+        spawning = vm.state == "spawning" or (vm.state == "unknown" and vm.doubt == "spawn")
+        spec = VmSpec(vm.vcpus, vm.memory_mib, vm.image, vm.name) if spawning else None
+        self._start(self._jobs.reconcile, vm.id, spec)
 
     # -- quota -------------------------------------------------------------------------------
 
     def _update_quota(self, msg: UpdateQuota) -> None:
+        if self.closing:
+            send_reply(msg.reply, outcome.Error(Conflict("the tenant is being deleted")))
+            return
         detail = {"quota": msg.quota.to_json(), "previous": self.state.quota.to_json()}
         try:
             ticket = self._submit(
@@ -619,30 +493,8 @@ class TenantActor:
         except AuditUnavailable as exc:
             send_reply(msg.reply, outcome.Error(exc))
             return
-        self._start(self._quota_job, ticket, msg)
-
-    async def _quota_job(self, inbox: Any, ticket: AuditTicket, msg: UpdateQuota) -> None:
-        with inbox:
-            try:
-                await ticket.wait()
-            except AuditUnavailable as exc:
-                send_reply(msg.reply, outcome.Error(exc))
-                return
-            # Applied only once durable: an unacknowledged raise never admits a spawn.
-            await inbox.send(QuotaApplied(msg.quota, msg.reply))
+        self._start(self._jobs.quota, ticket, msg.quota, msg.reply)
 
 
 def _wrap(result: Any) -> outcome.Outcome[Any]:
     return outcome.Error(result) if isinstance(result, BaseException) else outcome.Value(result)
-
-
-async def _settled(receive: trio.MemoryReceiveChannel[outcome.Outcome[Any]]) -> Any:
-    """The loop's answer to a settle report: wait for its entry, return the reply body."""
-    with receive:
-        ticket, body = (await receive.receive()).unwrap()
-    if ticket is not None:
-        try:
-            await ticket.wait()
-        except AuditUnavailable as exc:
-            log.warning("an outcome entry did not become durable: %s", exc)
-    return body

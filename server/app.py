@@ -145,8 +145,9 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         assert isinstance(data, bytes)
         if optional and not data:
             return decode_body(b"{}", schema)
-        if request.mimetype != "application/json":
-            raise Problem("unsupported_media_type", "the body must be application/json")
+        charset = request.mimetype_params.get("charset", "utf-8").lower()
+        if request.mimetype != "application/json" or charset not in ("utf-8", "utf8"):
+            raise Problem("unsupported_media_type", "the body must be UTF-8 application/json")
         return decode_body(data, schema)
 
     def no_params() -> None:

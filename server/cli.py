@@ -135,8 +135,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 def _expect_head(text: str) -> tuple[int, str]:
     match = re.fullmatch(r"(\d+):([0-9a-f]{64})", text)
-    if not match:
-        raise argparse.ArgumentTypeError("expected SEQ:HASH (a number and 64 lowercase hex digits)")
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError("expected SEQ:HASH (a seq >= 1 and 64 lowercase hex)")
     return int(match.group(1)), match.group(2)
 
 

@@ -104,11 +104,12 @@ class Fleet:
         self.in_flight = 0
         self.hanging = 0
         self.unhang = trio.Event()
-        self.vms: dict[str, dict[str, Any]] = self._load(state_file)
+        self.destroyed: set[str] = set()
+        self.vms: dict[str, dict[str, Any]] = self._load(state_file, self.destroyed)
         self._fd = os.open(state_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     @staticmethod
-    def _load(state_file: Path) -> dict[str, dict[str, Any]]:
+    def _load(state_file: Path, destroyed: set[str]) -> dict[str, dict[str, Any]]:
         vms: dict[str, dict[str, Any]] = {}
         if not state_file.exists():
             return vms
@@ -121,6 +122,7 @@ class Fleet:
                 vms[record["vm"]["id"]] = record["vm"]
             elif record["op"] == "delete":
                 vms.pop(record["id"], None)
+                destroyed.add(record["id"])
         return vms
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -137,6 +139,8 @@ class Fleet:
     def put(self, vm_id: str, body: Any) -> Answer:
         if vm_id in self.vms:
             return 200, self.view(self.vms[vm_id])
+        if vm_id in self.destroyed:
+            return 409, {"error": "this VM id was destroyed and is never re-created"}
         problem = spec_problem(vm_id, body)
         if problem:
             return 422, {"error": problem}
@@ -150,6 +154,7 @@ class Fleet:
             return 404, {"error": "no such VM"}
         self._append({"op": "delete", "id": vm_id})
         del self.vms[vm_id]
+        self.destroyed.add(vm_id)
         return 200, {"id": vm_id, "state": "destroyed"}
 
     def get(self, vm_id: str) -> Answer:

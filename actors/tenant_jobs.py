@@ -1,0 +1,191 @@
+"""The waiting half of a tenant actor: jobs that wait for the audit fsync and the fleet.
+
+A job runs in its actor's nursery with a clone of the actor's inbox, and it never touches
+the tenant's state: everything it learns goes back to the actor as a message (see
+``actors/messages.py``), so the actor stays the only owner of that state.
+
+Outcomes are settled in two phases. The job reports the fleet's definite answer
+(:class:`~actors.messages.RecordOutcome`); the actor submits the outcome entry; once that
+entry is durable the job asks the actor to apply it (:class:`~actors.messages.ApplyOutcome`)
+and only then answers its caller. An outcome that cannot be made durable leaves the VM
+``unknown``, still counted, and the job turns into a reconciler: it repeats the
+operation (idempotent by VM id) with backoff until both the fleet's answer and its
+record are definite. So the state in memory and the state a replay of the log rebuilds
+never disagree, and nothing is acknowledged that a restart could undo.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import outcome
+import trio
+
+from actors.audit import AuditTicket
+from actors.errors import AuditUnavailable, DomainError, FleetError, FleetUnavailable
+from actors.fleet import FleetBusy, FleetClient, FleetInDoubt, VmSpec
+from actors.messages import (
+    ApplyOutcome,
+    ForgetKey,
+    MarkInDoubt,
+    QuotaApplied,
+    RecordOutcome,
+    Reply,
+    Rollback,
+    Settle,
+    Source,
+    send_reply,
+)
+from actors.state import Quota
+
+log = logging.getLogger("vm_tenant.tenant")
+
+Inbox = trio.MemorySendChannel[Any]
+
+
+class TenantJobs:
+    """The job coroutines of one tenant actor (started by it, reporting to it)."""
+
+    def __init__(
+        self,
+        tenant_id: str,
+        fleet: FleetClient,
+        system: Source,
+        backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.fleet = fleet
+        self.system = system
+        self.backoff = backoff
+
+    async def rejected(
+        self, inbox: Inbox, ticket: AuditTicket, error: DomainError, key: str | None, reply: Reply
+    ) -> None:
+        """Answer a refused write once its ``rejected`` entry is durable."""
+        try:
+            await ticket.wait()
+        except AuditUnavailable as exc:
+            if key is not None:
+                # Nothing durable says this key was answered: let a retry decide anew.
+                await inbox.send(ForgetKey(key))
+            send_reply(reply, outcome.Error(exc))
+            return
+        send_reply(reply, outcome.Error(error))
+
+    async def spawn(
+        self, inbox: Inbox, ticket: AuditTicket, vm_id: str, spec: VmSpec, source: Source,
+        request_id: str, reply: Reply,
+    ) -> None:  # fmt: skip
+        try:
+            await ticket.wait()
+        except AuditUnavailable as exc:
+            await inbox.send(Rollback(vm_id, "spawn", None))
+            send_reply(reply, outcome.Error(exc))
+            return
+        failure: DomainError | None = None
+        try:
+            state = await self.fleet.spawn(vm_id, self.tenant_id, spec)
+            settle = Settle(vm_id, "spawn", True, state, "", source, request_id)
+        except FleetInDoubt as exc:
+            await self._in_doubt(inbox, vm_id, spec, reply, exc)
+            return
+        except (FleetError, FleetBusy) as exc:
+            failure = exc
+            settle = Settle(vm_id, "spawn", False, None, str(exc), source, request_id)
+        await self._finish(inbox, settle, spec, reply, failure)
+
+    async def destroy(
+        self, inbox: Inbox, ticket: AuditTicket, vm_id: str, previous: str, source: Source,
+        request_id: str, reply: Reply,
+    ) -> None:  # fmt: skip
+        try:
+            await ticket.wait()
+        except AuditUnavailable as exc:
+            await inbox.send(Rollback(vm_id, "destroy", previous))
+            send_reply(reply, outcome.Error(exc))
+            return
+        failure: DomainError | None = None
+        try:
+            await self.fleet.destroy(vm_id)
+            settle = Settle(vm_id, "destroy", True, None, "", source, request_id)
+        except FleetInDoubt as exc:
+            await self._in_doubt(inbox, vm_id, None, reply, exc)
+            return
+        except (FleetError, FleetBusy) as exc:
+            failure = exc
+            settle = Settle(vm_id, "destroy", False, previous, str(exc), source, request_id)
+        await self._finish(inbox, settle, None, reply, failure)
+
+    async def _finish(
+        self, inbox: Inbox, settle: Settle, spec: VmSpec | None, reply: Reply,
+        failure: DomainError | None,
+    ) -> None:  # fmt: skip
+        try:
+            body = await self._settle(inbox, settle)
+        except AuditUnavailable as exc:
+            await self._in_doubt(inbox, settle.vm_id, spec, reply, exc)
+            return
+        send_reply(reply, outcome.Error(failure) if failure else outcome.Value(body))
+
+    async def _in_doubt(
+        self, inbox: Inbox, vm_id: str, spec: VmSpec | None, reply: Reply, error: DomainError
+    ) -> None:
+        kind = "spawn" if spec is not None else "destroy"
+        await inbox.send(MarkInDoubt(vm_id, kind))
+        send_reply(reply, outcome.Error(error))
+        await self.reconcile(inbox, vm_id, spec)
+
+    async def reconcile(self, inbox: Inbox, vm_id: str, spec: VmSpec | None) -> None:
+        """Repeat the operation in doubt until its outcome is definite and durable.
+
+        A ``spec`` means a spawn was in flight when the answer was lost, none a destroy.
+        Both calls are idempotent by VM id, so repeating one converges even if the lost
+        call lands late; merely asking for the VM's status could not rule that out. The
+        capacity stays counted the whole time.
+        """
+        delay, ceiling = self.backoff
+        while True:
+            try:
+                if spec is not None:
+                    state = await self.fleet.spawn(vm_id, self.tenant_id, spec)
+                    settle = Settle(vm_id, "spawn", True, state, "", self.system, None)
+                else:
+                    await self.fleet.destroy(vm_id)
+                    settle = Settle(vm_id, "destroy", True, None, "", self.system, None)
+            except FleetError as exc:
+                kind = "spawn" if spec is not None else "destroy"
+                settle = Settle(vm_id, kind, False, None, str(exc), self.system, None)
+            except FleetUnavailable:
+                settle = None
+            if settle is not None:
+                try:
+                    await self._settle(inbox, settle)
+                    return
+                except AuditUnavailable as exc:
+                    log.warning("resolution of %s not recorded yet: %s", vm_id, exc)
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, ceiling)
+
+    async def _settle(self, inbox: Inbox, settle: Settle) -> Any:
+        """Record the outcome, wait until it is durable, then have it applied."""
+        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        await inbox.send(RecordOutcome(settle, send))
+        with receive:
+            ticket: AuditTicket = (await receive.receive()).unwrap()
+        await ticket.wait()
+        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        await inbox.send(ApplyOutcome(settle, send))
+        with receive:
+            return (await receive.receive()).unwrap()
+
+    async def quota(self, inbox: Inbox, ticket: AuditTicket, quota: Quota, reply: Reply) -> None:
+        try:
+            entry = await ticket.wait()
+        except AuditUnavailable as exc:
+            send_reply(reply, outcome.Error(exc))
+            return
+        # Applied only once durable, in log order: an unacknowledged raise never admits
+        # a spawn, and two racing changes end as the log says.
+        await inbox.send(QuotaApplied(quota, entry["seq"], reply))
