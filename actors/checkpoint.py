@@ -62,7 +62,7 @@ def read_checkpoints(data_dir: Path) -> list[dict[str, Any] | None]:
     for line in path.read_bytes().splitlines():
         try:
             value = msgspec.json.decode(line)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             result.append(None)
             continue
         result.append(value if isinstance(value, dict) else None)

@@ -79,7 +79,7 @@ class EmbeddedFleet:
         for line in self._journal.read_bytes().splitlines():
             try:
                 record = decoder.decode(line)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 log.warning("skipping a torn line in the fleet journal")
                 continue
             if record.op == "spawn" and record.vm is not None:

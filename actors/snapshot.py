@@ -82,7 +82,7 @@ def load(data_dir: Path) -> tuple[ProxyState, Anchor]:
         return state, Anchor()
     try:
         snap = msgspec.json.decode(path.read_bytes(), type=_Snapshot)
-    except msgspec.DecodeError as error:
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
         raise SnapshotError(f"{path}: unreadable snapshot: {error}") from None
     if snap.version != SNAPSHOT_VERSION:
         raise SnapshotError(f"{path}: unknown snapshot version {snap.version}")
@@ -189,7 +189,7 @@ def _is_anchor(line: RawLine, anchor: Anchor) -> bool:
         return False
     try:
         entry = msgspec.json.decode(line.data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return False
     return (
         isinstance(entry, dict)

@@ -74,3 +74,12 @@ def test_verify_intact_torn_and_tampered(tmp_path: Path) -> None:
     segment.write_bytes(b"".join([lines[0], lines[2], lines[1], *lines[3:]]))
     report = verify_lines(iter_lines(tmp_path))
     assert (report.verdict, report.bad_seq) == ("tampered", 2)
+
+
+def test_invalid_utf8_in_a_line_is_tampered_not_a_crash(tmp_path: Path) -> None:
+    lines = write_chain(tmp_path, 3)
+    segment = tmp_path / "000000000001.jsonl"
+    broken = lines[1].replace(b'"tenant.create"', b'"tenant.\xff\xfe"')
+    segment.write_bytes(b"".join([lines[0], broken, lines[2]]))
+    report = verify_lines(iter_lines(tmp_path))
+    assert (report.verdict, report.bad_seq) == ("tampered", 2)
