@@ -1,0 +1,94 @@
+"""Counting the proxy's fsyncs per acknowledged write, from outside the process.
+
+The proxy exports no counters over HTTP (``AuditWriter.stats`` lives in the process), so
+two external sources are used, each read per measured window ``[start, end]``:
+
+* **strace** (:func:`sync_times`): the server runs under
+  ``strace -f --seccomp-bpf -ttt -T -e trace=fsync,fdatasync,syncfs,sync``; every line
+  that starts such a call carries its wall-clock time (and, once finished, how long it
+  took). This counts *every* sync of the process: audit batches, new segments'
+  directory, checkpoints, snapshots.
+* **the audit log** (:func:`audit_batches`): the writer stamps every entry of one group
+  commit with the same ``ts`` and makes the batch durable with one fsync, so the number
+  of distinct ``ts`` values in a window is the number of audit batches (audit fsyncs),
+  and the entries per batch show how well group commit works.
+
+Acknowledged writes come from wrk (``writes_acked``: 201 answers and 200 answers of a
+destroy). Both sources need the time windows only, so they add nothing to the hot path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+_SYNC_LINE = re.compile(r"^(?:\d+\s+)?(\d+\.\d+)\s+(?:fsync|fdatasync|syncfs|sync)\(")
+_FINISHED = re.compile(
+    r"^(?:\d+\s+)?(\d+\.\d+)\s+(?:(?:fsync|fdatasync|syncfs|sync)\(|<\.\.\. \w+ resumed>)"
+    r".*<(\d+\.\d+)>\s*$"
+)
+
+
+def sync_times(trace_path: Path) -> list[float]:
+    """Sorted start times of the sync calls in an ``strace -ttt -o`` file."""
+    times = []
+    with trace_path.open(errors="replace") as lines:
+        for line in lines:
+            match = _SYNC_LINE.match(line)
+            if match:
+                times.append(float(match.group(1)))
+    times.sort()
+    return times
+
+
+def sync_durations(trace_path: Path) -> list[tuple[float, float]]:
+    """(time, seconds) of every finished sync call (``strace -T`` appends ``<seconds>``).
+
+    A call interrupted in the file by another thread's line finishes on a ``<... fsync
+    resumed>`` line; its time is then that line's (the call's end), close enough here.
+    """
+    found = []
+    with trace_path.open(errors="replace") as lines:
+        for line in lines:
+            match = _FINISHED.match(line)
+            if match:
+                found.append((float(match.group(1)), float(match.group(2))))
+    return found
+
+
+def mean_duration_in(durations: list[tuple[float, float]], start: float, end: float) -> float:
+    inside = [seconds for at, seconds in durations if start <= at < end]
+    return sum(inside) / len(inside) if inside else 0.0
+
+
+def count_in(times: list[float], start: float, end: float) -> int:
+    """How many of the sorted ``times`` fall in ``[start, end)``."""
+    return bisect.bisect_left(times, end) - bisect.bisect_left(times, start)
+
+
+def _epoch(ts: str) -> float:
+    stamp = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    return stamp.timestamp()
+
+
+def audit_batches(audit_dir: Path) -> Counter[float]:
+    """Entries per batch timestamp (epoch seconds) over every segment of the log."""
+    batches: Counter[float] = Counter()
+    for segment in sorted(audit_dir.glob("*.jsonl")):
+        with segment.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                try:
+                    batches[_epoch(json.loads(line)["ts"])] += 1
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line: not durable, not counted
+    return batches
+
+
+def batches_in(batches: Counter[float], start: float, end: float) -> tuple[int, int]:
+    """(batches, entries) whose timestamp falls in ``[start, end)``."""
+    stamps = [ts for ts in batches if start <= ts < end]
+    return len(stamps), sum(batches[ts] for ts in stamps)
