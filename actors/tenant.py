@@ -367,7 +367,9 @@ class TenantActor:
             tenant.idempotency[key] = IdempotencyRecord(
                 msg.request_hash or "", 0, None, vm.created_at
             )
-        self._start(self._jobs.spawn, ticket, vm.id, spec, msg.source, msg.request_id, msg.reply)
+        self._start(
+            self._jobs.operate, ticket, vm.id, spec, None, msg.source, msg.request_id, msg.reply
+        )
 
     # -- destroy -------------------------------------------------------------------------------
 
@@ -406,7 +408,7 @@ class TenantActor:
             return
         previous, vm.state = vm.state, "destroying"
         self._start(
-            self._jobs.destroy, ticket, vm.id, previous, msg.source, msg.request_id, msg.reply
+            self._jobs.operate, ticket, vm.id, None, previous, msg.source, msg.request_id, msg.reply
         )
 
     # -- outcomes ------------------------------------------------------------------------------

@@ -74,49 +74,36 @@ class TenantJobs:
             return
         send_reply(reply, outcome.Error(error))
 
-    async def spawn(
-        self, inbox: Inbox, ticket: AuditTicket, vm_id: str, spec: VmSpec, source: Source,
-        request_id: str, reply: Reply,
+    async def operate(
+        self, inbox: Inbox, ticket: AuditTicket, vm_id: str, spec: VmSpec | None,
+        previous: str | None, source: Source, request_id: str, reply: Reply,
     ) -> None:  # fmt: skip
+        """Carry out a spawn (``spec`` given) or a destroy once its request is durable."""
+        kind = "spawn" if spec is not None else "destroy"
         try:
             await ticket.wait()
         except AuditUnavailable as exc:
-            await inbox.send(Rollback(vm_id, "spawn", None))
+            await inbox.send(Rollback(vm_id, kind, previous))
             send_reply(reply, outcome.Error(exc))
             return
         failure: DomainError | None = None
         try:
-            state = await self.fleet.spawn(vm_id, self.tenant_id, spec)
-            settle = Settle(vm_id, "spawn", True, state, "", source, request_id)
+            state = await self._call_fleet(vm_id, spec)
+            settle = Settle(vm_id, kind, True, state, "", source, request_id)
         except FleetInDoubt as exc:
             await self._in_doubt(inbox, vm_id, spec, reply, exc)
             return
         except (FleetError, FleetBusy) as exc:
             failure = exc
-            settle = Settle(vm_id, "spawn", False, None, str(exc), source, request_id)
+            settle = Settle(vm_id, kind, False, previous, str(exc), source, request_id)
         await self._finish(inbox, settle, spec, reply, failure)
 
-    async def destroy(
-        self, inbox: Inbox, ticket: AuditTicket, vm_id: str, previous: str, source: Source,
-        request_id: str, reply: Reply,
-    ) -> None:  # fmt: skip
-        try:
-            await ticket.wait()
-        except AuditUnavailable as exc:
-            await inbox.send(Rollback(vm_id, "destroy", previous))
-            send_reply(reply, outcome.Error(exc))
-            return
-        failure: DomainError | None = None
-        try:
-            await self.fleet.destroy(vm_id)
-            settle = Settle(vm_id, "destroy", True, None, "", source, request_id)
-        except FleetInDoubt as exc:
-            await self._in_doubt(inbox, vm_id, None, reply, exc)
-            return
-        except (FleetError, FleetBusy) as exc:
-            failure = exc
-            settle = Settle(vm_id, "destroy", False, previous, str(exc), source, request_id)
-        await self._finish(inbox, settle, None, reply, failure)
+    async def _call_fleet(self, vm_id: str, spec: VmSpec | None) -> str | None:
+        """Spawn (returning the fleet's state) or destroy (returning None)."""
+        if spec is not None:
+            return await self.fleet.spawn(vm_id, self.tenant_id, spec)
+        await self.fleet.destroy(vm_id)
+        return None
 
     async def _finish(
         self, inbox: Inbox, settle: Settle, spec: VmSpec | None, reply: Reply,
@@ -145,20 +132,17 @@ class TenantJobs:
         call lands late; merely asking for the VM's status could not rule that out. The
         capacity stays counted the whole time.
         """
+        kind = "spawn" if spec is not None else "destroy"
         delay, ceiling = self.backoff
         while True:
+            settle: Settle | None = None
             try:
-                if spec is not None:
-                    state = await self.fleet.spawn(vm_id, self.tenant_id, spec)
-                    settle = Settle(vm_id, "spawn", True, state, "", self.system, None)
-                else:
-                    await self.fleet.destroy(vm_id)
-                    settle = Settle(vm_id, "destroy", True, None, "", self.system, None)
+                state = await self._call_fleet(vm_id, spec)
+                settle = Settle(vm_id, kind, True, state, "", self.system, None)
             except FleetError as exc:
-                kind = "spawn" if spec is not None else "destroy"
                 settle = Settle(vm_id, kind, False, None, str(exc), self.system, None)
             except FleetUnavailable:
-                settle = None
+                pass  # still in doubt: ask again after the backoff
             if settle is not None:
                 try:
                     await self._settle(inbox, settle)
