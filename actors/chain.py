@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -61,9 +61,8 @@ def list_segments(audit_dir: Path) -> list[Path]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class RawLine:
-    """One line of a segment as stored, with where it lies."""
+class RawLine(NamedTuple):
+    """One line of a segment as stored, with where it lies (a tuple: one per entry read)."""
 
     segment: Path
     offset: int

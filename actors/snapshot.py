@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -137,7 +138,7 @@ def replay(data_dir: Path, *, upto: int | None = None, cut_torn: bool = False) -
     lines = _lines_from_anchor(audit_dir, anchor)
     verifier = ChainVerifier(anchor.seq, anchor.hash)
     result = Replayed(state, anchor, anchor)
-    head = anchor
+    last: tuple[RawLine, dict[str, Any]] | None = None
     for line in lines:
         if upto is not None and verifier.seq >= upto:
             break
@@ -150,9 +151,11 @@ def replay(data_dir: Path, *, upto: int | None = None, cut_torn: bool = False) -
             break
         entry = verifier.check(line.data)
         apply(state, entry)
-        head = Anchor(entry["seq"], entry["hash"], line.segment.name, line.offset)
+        last = (line, entry)
+    if last is not None:
+        line, entry = last
+        result.head = Anchor(entry["seq"], entry["hash"], line.segment.name, line.offset)
         result.last_ts = entry["ts"]
-    result.head = head
     return result
 
 
