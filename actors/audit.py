@@ -144,9 +144,6 @@ class AuditWriter:
         self._damaged = reason
         log.error("audit log damaged, refusing writes: %s", reason)
 
-    def queue_depth(self) -> int:
-        return self._receive.statistics().current_buffer_used
-
     def submit(
         self,
         *,

@@ -78,13 +78,6 @@ class TenantRegistry:
         """Stop taking commands; queued ones and running jobs finish."""
         self._closed.set()
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "tenants": len(self._tenants),
-            "active_actors": len(self._actors),
-            "mailbox_depth": sum(a.mailbox_depth() for a in self._actors.values()),
-        }
-
     # -- lookup ------------------------------------------------------------------------------
 
     def exists(self, tenant_id: str) -> bool:

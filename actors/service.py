@@ -62,7 +62,6 @@ class Service:
     registry: TenantRegistry
     checkpoints: CheckpointSigner
     recovered: bool = False
-    prefix_verified: bool = False
     snapshot_anchor: snapshot.Anchor = field(default_factory=snapshot.Anchor)
 
     @property
@@ -167,7 +166,6 @@ async def _verify_prefix(service: Service, anchor: snapshot.Anchor) -> None:
         snapshot.verify_prefix, audit_dir, anchor, abandon_on_cancel=True
     )
     if report.intact:
-        service.prefix_verified = True
         return
     service.audit.mark_damaged(
         f"audit chain {report.verdict} at seq {report.bad_seq}: {report.reason}"

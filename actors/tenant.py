@@ -125,9 +125,6 @@ class TenantActor:
     def tenant_id(self) -> str:
         return self.state.id
 
-    def mailbox_depth(self) -> int:
-        return self._receive.statistics().current_buffer_used
-
     def stop(self, error: DomainError) -> None:
         """Take no more commands (queued ones are answered ``error``); jobs finish.
 
