@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from quart.typing import TestClientProtocol
 
@@ -100,6 +101,11 @@ async def api(core: Service, data_dir: Path) -> Api:
 
 # -- live server ------------------------------------------------------------------------------
 
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 LISTEN_RE = re.compile(r"vm-tenant listening on (http://\S+)")
 
 
@@ -167,6 +173,13 @@ class LiveServer:
             self.proc.wait(30)
             self._pump.join(10)
         self.url = ""
+
+    def client(self) -> httpx.AsyncClient:
+        """An HTTP client for this server; its timeout only guards against a hang."""
+        assert self.url, "the server is not running"
+        return httpx.AsyncClient(
+            base_url=self.url, timeout=30.0, limits=httpx.Limits(max_connections=128)
+        )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import LiveServer
+from conftest import LiveServer, bearer
 
 FLEET_SERVER = Path(__file__).with_name("fleet_server.py")
 FLEET_LISTEN_RE = re.compile(r"fleet-server listening on (http://\S+)")
@@ -107,7 +107,7 @@ class Rig:
         """New clients after a restart (the old pools hold dead connections)."""
         await self.api.aclose()
         await self.ctl.aclose()
-        self.api = proxy_client(self.proxy)
+        self.api = self.proxy.client()
         self.ctl = httpx.AsyncClient(base_url=self.fleet.url, timeout=30.0)
 
     async def tenant(self, tenant: str, quota: dict[str, int]) -> str:
@@ -199,18 +199,6 @@ class Rig:
                 await trio.sleep(0.02)
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def proxy_client(proxy: LiveServer) -> httpx.AsyncClient:
-    assert proxy.url, "the proxy is not running"
-    # Generous: only a guard against a hung request, never a timing assertion.
-    return httpx.AsyncClient(
-        base_url=proxy.url, timeout=20.0, limits=httpx.Limits(max_connections=128)
-    )
-
-
 def ids(vms: Any) -> set[str]:
     return {vm["id"] for vm in vms} if isinstance(vms, list) else set(vms)
 
@@ -258,7 +246,7 @@ def proxy(tmp_path: Path, fleet: FleetServer) -> Iterator[LiveServer]:
 
 @pytest.fixture
 async def rig(fleet: FleetServer, proxy: LiveServer) -> AsyncIterator[Rig]:
-    rig = Rig(fleet, proxy, proxy_client(proxy), httpx.AsyncClient(base_url=fleet.url))
+    rig = Rig(fleet, proxy, proxy.client(), httpx.AsyncClient(base_url=fleet.url))
     try:
         yield rig
     finally:

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import LiveServer
+from conftest import LiveServer, bearer
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 BIG_QUOTA = {"vcpus": 1000, "memory_mib": 1_000_000, "vms": 1000}
@@ -38,17 +38,6 @@ TERMINAL = frozenset({"succeeded", "failed"})
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def client_for(server: LiveServer) -> httpx.AsyncClient:
-    assert server.url, "the server is not running"
-    return httpx.AsyncClient(
-        base_url=server.url, timeout=30.0, limits=httpx.Limits(max_connections=128)
-    )
 
 
 async def create_tenant(
@@ -207,7 +196,7 @@ STORMS = [
 async def test_spawn_storm_admits_exactly_the_quota(
     live_server: LiveServer, dimension: str, quota: dict[str, int], spec: dict[str, Any]
 ) -> None:
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         token = (await create_tenant(client, live_server, "storm", quota))["token"]
         responses: list[httpx.Response] = []
 
@@ -261,7 +250,7 @@ async def test_spawn_storm_admits_exactly_the_quota(
 async def test_other_tenants_vms_are_indistinguishable_from_missing_ones(
     live_server: LiveServer,
 ) -> None:
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         alpha = (await create_tenant(client, live_server, "alpha", BIG_QUOTA))["token"]
         beta = (await create_tenant(client, live_server, "beta", BIG_QUOTA))["token"]
         vm_a = await spawn_ok(client, alpha, name="alpha-vm")
@@ -366,7 +355,7 @@ async def assert_chain_continues(
 
 async def test_restart_keeps_state_and_the_audit_chain(live_server: LiveServer) -> None:
     admin = bearer(live_server.admin_token)
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         keep = await create_tenant(
             client, live_server, "keep", {"vcpus": 8, "memory_mib": 4096, "vms": 5}
         )
@@ -399,7 +388,7 @@ async def test_restart_keeps_state_and_the_audit_chain(live_server: LiveServer) 
 
     # A clean restart: SIGTERM, exit code 0, start again on the same data dir.
     await restart(live_server)
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         assert await observed_state(client, live_server, tokens) == before
         # The shutdown signed a checkpoint of the head it left.
         response = await client.get("/v1/admin/audit/head", headers=admin)
@@ -435,7 +424,7 @@ async def test_restart_keeps_state_and_the_audit_chain(live_server: LiveServer) 
 
     # A crash restart: kill -9 (no snapshot at shutdown), the state comes back by replay.
     await restart(live_server, crash=True)
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         assert await observed_state(client, live_server, tokens) == before
         await assert_unauthorized(client, revoked["token"])
         await assert_unauthorized(client, spare["token"])
@@ -450,7 +439,7 @@ async def test_restart_keeps_state_and_the_audit_chain(live_server: LiveServer) 
 
 async def test_kill_during_a_burst_loses_no_acknowledged_write(live_server: LiveServer) -> None:
     spawns, kill_after = 40, 20
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         token = (await create_tenant(client, live_server, "burst", BIG_QUOTA))["token"]
         existing = [await spawn_ok(client, token, name=f"pre-{i}") for i in range(20)]
 
@@ -504,7 +493,7 @@ async def test_kill_during_a_burst_loses_no_acknowledged_write(live_server: Live
     in_doubt = requested - ended
 
     await trio.to_thread.run_sync(live_server.start)
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         listed = await settled_vms(client, token)
         ids = {vm["id"] for vm in listed}
         assert spawned <= ids, "a VM whose spawn was acknowledged is gone"
@@ -583,7 +572,7 @@ async def test_sigterm_finishes_requests_in_flight(live_server: LiveServer) -> N
     parts = urlsplit(live_server.url)
     host, port = parts.hostname, parts.port
     assert host is not None and port is not None
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         token = (await create_tenant(client, live_server, "drain", BIG_QUOTA))["token"]
 
     # Requests whose headers the server has parsed (it answered "100 Continue") and
@@ -625,7 +614,7 @@ async def test_sigterm_finishes_requests_in_flight(live_server: LiveServer) -> N
 
     # What was acknowledged while draining is there after the restart.
     await trio.to_thread.run_sync(live_server.start)
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         listed = await list_all(client, token)
         assert {vm["id"] for vm in listed} == ids
         entries = await audit_entries(client, live_server)
@@ -709,7 +698,7 @@ async def test_tenant_and_token_commands(live_server: LiveServer) -> None:
     assert match, issued.stderr
     second_id = match.group(0)
 
-    async with client_for(live_server) as client:
+    async with live_server.client() as client:
         used = await usage(client, token)
         assert used == {
             "tenant": "cli-tenant",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
-
 from conftest import Api, LiveServer
 
 
@@ -20,6 +18,6 @@ async def test_spawn_list_destroy(api: Api) -> None:
 
 
 async def test_live_server_answers(live_server: LiveServer) -> None:
-    async with httpx.AsyncClient(base_url=live_server.url) as client:
+    async with live_server.client() as client:
         response = await client.get("/healthz")
     assert response.status_code == 200
