@@ -222,6 +222,16 @@ def test_example_file_validates_and_holds_the_defaults() -> None:
     assert set(resolved.sources.values()) == {f"file {example}"}
 
 
+def test_readme_example_validates(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"### Configuration.*?```toml\n(.*?)```", readme, re.DOTALL)
+    assert block, "README lost its configuration example"
+    example = write(tmp_path / "readme.toml", block.group(1))
+    resolved = settings.resolve({}, {}, str(example))
+    assert resolved.settings.bind == "0.0.0.0:8080"
+    assert resolved.sources["limits.burst"] == f"file {example}"
+
+
 # -- errors --------------------------------------------------------------------------------
 
 
