@@ -19,13 +19,13 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from actors.service import ServiceConfig, StartupError, open_service
 from actors.verify import verify_data_dir
+from server import settings
 from server.app import create_app
 from server.auth import Authority, admin_token_path
 
 log = logging.getLogger("vm_tenant")
 
 DEFAULT_DATA_DIR = "./vm-tenant-data"
-DEFAULT_BIND = "127.0.0.1:8080"
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
@@ -64,15 +64,35 @@ async def serve(config: ServiceConfig, bind: str) -> None:
             log.info("HTTP drained; stopping actors")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    config = ServiceConfig(
-        data_dir=Path(args.data_dir), fleet=args.fleet, fleet_timeout=args.fleet_timeout
-    )
+def _settings(args: argparse.Namespace) -> settings.Resolved | None:
+    """The validated settings, or None after printing every problem with them."""
+    for warning in settings.typo_warnings(os.environ):
+        log.warning("%s", warning)
     try:
-        trio.run(serve, config, args.bind)
+        return settings.from_args(args)
+    except settings.SettingsError as error:
+        print(error, file=sys.stderr)
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    resolved = _settings(args)
+    if resolved is None:
+        return 2
+    config = resolved.settings.service_config()
+    try:
+        trio.run(serve, config, resolved.settings.bind)
     except StartupError as error:
         log.error("%s", error)
         return 1
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    resolved = _settings(args)
+    if resolved is None:
+        return 2
+    print(settings.to_toml(resolved), end="")
     return 0
 
 
@@ -170,16 +190,6 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 # -- argument parsing ----------------------------------------------------------------------
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], not {text!r}")
-    return value
-
-
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -195,16 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--url", default=_env("VM_TENANT_URL", DEFAULT_URL))
     client.add_argument("--admin-token", default=None)
 
-    serve_p = commands.add_parser("serve", parents=[data_dir], help="run the proxy")
-    serve_p.add_argument("--bind", default=_env("VM_TENANT_BIND", DEFAULT_BIND))
-    serve_p.add_argument("--fleet", default=_env("VM_TENANT_FLEET", "embedded"))
-    serve_p.add_argument(
-        "--fleet-timeout",
-        type=_positive_seconds,
-        default=_env("VM_TENANT_FLEET_TIMEOUT", "10"),
-        help="deadline of one fleet call, in seconds (default 10)",
-    )
+    setting_flags = settings.flag_parser()
+    serve_p = commands.add_parser("serve", parents=[setting_flags], help="run the proxy")
     serve_p.set_defaults(func=cmd_serve)
+    config_p = commands.add_parser("config", help="settings tools").add_subparsers(
+        dest="action", required=True
+    )
+    show = config_p.add_parser(
+        "show", parents=[setting_flags], help="print the effective settings of serve as TOML"
+    )
+    show.set_defaults(func=cmd_config_show)
 
     tenant = commands.add_parser("tenant", help="provision tenants").add_subparsers(
         dest="action", required=True
