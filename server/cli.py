@@ -22,6 +22,7 @@ from actors.service import ServiceConfig, StartupError, open_service
 from actors.verify import verify_data_dir
 from server.app import create_app
 from server.auth import Authority, admin_token_path
+from server.keyring import KeyringError
 
 log = logging.getLogger("vm_tenant")
 
@@ -36,8 +37,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 async def serve(config: ServiceConfig, bind: str) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        authority = _authority(config.data_dir)
         async with open_service(config) as service:
-            authority = Authority.for_data_dir(config.data_dir)
             app = create_app(service, authority)
             hconfig = HypercornConfig()
             hconfig.bind = [bind]
@@ -63,6 +64,15 @@ async def serve(config: ServiceConfig, bind: str) -> None:
                 log.info("vm-tenant listening on %s", " ".join(binds))
                 await stop.wait()
             log.info("HTTP drained; stopping actors")
+
+
+def _authority(data_dir: Path) -> Authority:
+    """The data dir's keyring and admin token; an unusable keyring stops the start."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        return Authority.for_data_dir(data_dir)
+    except KeyringError as error:
+        raise StartupError(f"cannot start on {data_dir}: {error}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

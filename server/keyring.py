@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -50,7 +50,7 @@ class SigningKey(msgspec.Struct):
 
     id: str
     created_at: str
-    state: str  # "active" or "retired"
+    state: Literal["active", "retired"]
     secret: str | None
     retired_at: str | None = None
 
@@ -85,8 +85,10 @@ class Keyring:
     """The keys, in creation order; persisted to ``path`` unless it is None (tests)."""
 
     def __init__(self, keys: list[SigningKey], path: Path | None, clock: Clock) -> None:
-        if not any(key.state == "active" and key.secret for key in keys):
+        if not any(key.state == "active" for key in keys):
             raise KeyringError("the keyring holds no active key")
+        if any(key.state == "active" and not key.secret for key in keys):
+            raise KeyringError("an active key of the keyring has no secret")
         self._keys = keys
         self._path = path
         self._clock = clock
@@ -108,7 +110,7 @@ class Keyring:
         if path.exists():
             try:
                 stored = msgspec.json.decode(path.read_bytes(), type=_KeyringFile)
-            except (msgspec.DecodeError, UnicodeDecodeError) as error:
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as error:
                 raise KeyringError(f"{path}: unreadable keyring: {error}") from None
             if stored.version != KEYRING_VERSION:
                 raise KeyringError(f"{path}: unknown keyring version {stored.version}")

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import httpx
 import trio
 
 from conftest import LiveServer, bearer
-from server.keyring import rfc3339
+from server.keyring import KEYRING_FILE, rfc3339
 
 
 async def run_cli(server: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:
@@ -97,3 +99,17 @@ async def test_rotate_retire_and_restart_with_the_operator_commands(
         assert await status(client, new_token) == 200
     states = key_states((await run_cli(live_server, "keys", "list")).stdout)
     assert states == {old_key: "retired", new_key: "signing"}
+
+
+def test_an_unreadable_keyring_stops_the_start(tmp_path: Path) -> None:
+    keyring = tmp_path / "data" / "keys" / KEYRING_FILE
+    keyring.parent.mkdir(parents=True)
+    keyring.write_text('{"version": 1, "keys": []}')
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path / "data"),
+         "--bind", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no active key" in result.stderr
+    assert "Traceback" not in result.stderr
