@@ -14,6 +14,7 @@ once their audit entry is durable, and a pending creation reserves its id meanwh
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import secrets
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 
 import outcome
 import trio
+from sortedcontainers import SortedDict
 
 from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
@@ -48,13 +50,16 @@ class TenantRegistry:
         mailbox_size: int = 256,
         call_timeout: float = 30.0,
     ) -> None:
-        self._tenants = tenants
+        # Sorted by id, so that listing pages start after a cursor without a scan.
+        self._tenants = tenants if isinstance(tenants, SortedDict) else SortedDict(tenants)
         self._audit = audit
         self._fleet = fleet
         self._mailbox_size = mailbox_size
         self.call_timeout = call_timeout
         self._actors: dict[str, TenantActor] = {}
         self._creating: set[str] = set()
+        #: token ids whose issue entry is submitted but not yet durable, per tenant
+        self._issuing: dict[str, set[str]] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
 
@@ -86,6 +91,32 @@ class TenantRegistry:
     def token_valid(self, tenant_id: str, token_id: str) -> bool:
         tenant = self._tenants.get(tenant_id)
         return tenant is not None and token_id in tenant.tokens
+
+    def list_tenants(
+        self, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` tenants with ids after ``after``, by id; and the id to continue after.
+
+        Reads each tenant's quota and allocation without a call to its actor (so listing
+        starts no actors); a read with no ``await`` in between sees each tenant whole.
+        """
+        ids = list(
+            itertools.islice(
+                self._tenants.irange(minimum=after, inclusive=(False, True)), limit + 1
+            )
+        )
+        more = len(ids) > limit
+        page = []
+        for tenant_id in ids[:limit]:
+            tenant = self._tenants[tenant_id]
+            page.append(
+                {
+                    "id": tenant_id,
+                    "quota": tenant.quota.to_json(),
+                    "allocated": tenant.allocated.to_json(),
+                }
+            )
+        return page, (ids[limit - 1] if more else None)
 
     def actor(self, tenant_id: str) -> TenantActor:
         """The tenant's actor, started on first use. Never awaits."""
@@ -122,7 +153,12 @@ class TenantRegistry:
     # -- tenant and token operations -------------------------------------------------------
 
     async def create_tenant(
-        self, tenant_id: str, quota: Quota, source: Source, request_id: str
+        self,
+        tenant_id: str,
+        quota: Quota,
+        source: Source,
+        request_id: str,
+        expires_at: str | None = None,
     ) -> str:
         """Provision a tenant with its first token; returns that token's id."""
         if tenant_id in self._tenants or tenant_id in self._creating:
@@ -135,7 +171,7 @@ class TenantRegistry:
                 tenant_id,
                 source,
                 request_id,
-                {"quota": quota.to_json(), "token_id": token_id},
+                _token_detail({"quota": quota.to_json(), "token_id": token_id}, expires_at),
             )
             with trio.CancelScope(shield=True):
                 await ticket.wait()
@@ -148,9 +184,13 @@ class TenantRegistry:
         """Deprovision a tenant with no VMs; all its tokens stop working."""
         await self.call(tenant_id, Retire)
         actor = self.actor(tenant_id)
+        # Deleting revokes every token, also one whose issue is not durable yet (its entry
+        # precedes this one in the log).
+        tokens = self._tenants[tenant_id].tokens | self._issuing.get(tenant_id, set())
+        detail = {"revoked_token_ids": sorted(tokens)}
         with trio.CancelScope(shield=True):
             try:
-                ticket = self._submit("tenant.delete", tenant_id, source, request_id, {})
+                ticket = self._submit("tenant.delete", tenant_id, source, request_id, detail)
                 await ticket.wait()
             except AuditUnavailable:
                 # Not deleted after all: take spawns again (a blocking send, so a full
@@ -162,15 +202,28 @@ class TenantRegistry:
         self._actors.pop(tenant_id, None)
         actor.stop(NotFound("no such tenant"))
 
-    async def issue_token(self, tenant_id: str, source: Source, request_id: str) -> str:
-        if tenant_id not in self._tenants:
+    async def issue_token(
+        self, tenant_id: str, source: Source, request_id: str, expires_at: str | None = None
+    ) -> str:
+        """Issue a token id (``expires_at``, RFC 3339, is recorded in the entry)."""
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None:
             raise NotFound("no such tenant")
         token_id = new_token_id()
-        ticket = self._submit("token.issue", tenant_id, source, request_id, {"token_id": token_id})
-        with trio.CancelScope(shield=True):
-            await ticket.wait()
-        tenant = self._tenants.get(tenant_id)
-        if tenant is not None:
+        detail = _token_detail({"token_id": token_id}, expires_at)
+        ticket = self._submit("token.issue", tenant_id, source, request_id, detail)
+        issuing = self._issuing.setdefault(tenant_id, set())
+        issuing.add(token_id)
+        try:
+            with trio.CancelScope(shield=True):
+                await ticket.wait()
+        finally:
+            issuing.discard(token_id)
+            if not issuing and self._issuing.get(tenant_id) is issuing:
+                del self._issuing[tenant_id]
+        # Only the tenant that issued it: a tenant deleted meanwhile (and perhaps created
+        # again under the same id) must not gain this token.
+        if self._tenants.get(tenant_id) is tenant:
             tenant.tokens.add(token_id)
         return token_id
 
@@ -197,3 +250,8 @@ class TenantRegistry:
             request_id=request_id,
             detail=detail,
         )
+
+
+def _token_detail(detail: dict[str, Any], expires_at: str | None) -> dict[str, Any]:
+    """An entry's detail, with the token's expiry when it has one (never the token)."""
+    return detail if expires_at is None else {**detail, "expires_at": expires_at}

@@ -128,7 +128,8 @@ class ProxyState:
     __slots__ = ("tenants",)
 
     def __init__(self) -> None:
-        self.tenants: dict[str, TenantState] = {}
+        # sorted by id: the admin API lists tenants in pages
+        self.tenants: dict[str, TenantState] = SortedDict()
 
 
 def quota_from(data: dict[str, Any]) -> Quota:

@@ -25,6 +25,7 @@ from actors.errors import DomainError, FleetUnavailable
 from actors.fleet import VmSpec
 from actors.messages import Destroy, GetUsage, GetVm, ListVms, Replay, Source, Spawn, UpdateQuota
 from actors.service import Service
+from server.admin_routes import add_admin_routes
 from server.auth import Authority, Principal
 from server.openapi import openapi_document
 from server.problems import Problem, domain_problem, problem_response
@@ -32,7 +33,7 @@ from server.schemas import (
     IDEMPOTENCY_KEY_RE,
     REQUEST_ID_RE,
     CreateTenantBody,
-    EmptyBody,
+    IssueTokenBody,
     SpawnBody,
     UpdateTenantBody,
     decode_body,
@@ -254,13 +255,18 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         no_params()
         body = await read_json(CreateTenantBody)
         quota = body.quota.to_quota()
-        token_id = await registry.create_tenant(body.id, quota, source(who), g.request_id)
+        expires = authority.expiry(body.token_ttl_seconds)
+        expires_at = authority.expires_at(expires)
+        token_id = await registry.create_tenant(
+            body.id, quota, source(who), g.request_id, expires_at
+        )
         return json_response(
             {
                 "id": body.id,
                 "quota": quota.to_json(),
-                "token": authority.issue(body.id, token_id),
+                "token": authority.issue(body.id, token_id, expires),
                 "token_id": token_id,
+                "expires_at": expires_at,
             },
             201,
             {"Location": f"/v1/admin/tenants/{body.id}"},
@@ -298,11 +304,12 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         who = admin_principal()
         no_params()
         registry.actor(tenant_id)
-        await read_json(EmptyBody, optional=True)
-        token_id = await registry.issue_token(tenant_id, source(who), g.request_id)
-        return json_response(
-            {"token": authority.issue(tenant_id, token_id), "token_id": token_id}, 201
-        )
+        body = await read_json(IssueTokenBody, optional=True)
+        expires = authority.expiry(body.ttl_seconds)
+        expires_at = authority.expires_at(expires)
+        token_id = await registry.issue_token(tenant_id, source(who), g.request_id, expires_at)
+        token = authority.issue(tenant_id, token_id, expires)
+        return json_response({"token": token, "token_id": token_id, "expires_at": expires_at}, 201)
 
     @app.delete("/v1/admin/tenants/<tenant_id>/tokens/<token_id>")
     async def revoke_token(tenant_id: str, token_id: str) -> Response:
@@ -340,4 +347,5 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
             raise Problem("not_found", "no checkpoint has been written yet")
         return json_response(checkpoint)
 
+    add_admin_routes(app, registry, authority, admin_principal, read_json)
     return app

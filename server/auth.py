@@ -1,10 +1,13 @@
 """Bearer-token authentication and the signed, opaque list cursors.
 
 Tenant tokens are itsdangerous signatures (fixed salt, SHA-256 HMAC) over
-``[tenant, token_id]``; a token is accepted only while the registry still lists that token
-id for that tenant, so revocation and tenant deletion take effect at once and survive
-restarts (both are audit entries, replayed at start). The operator's token is a random
-secret kept in ``<data-dir>/admin.token``. Every kind of bad token gets the same 401.
+``[tenant, token_id]``, or ``[tenant, token_id, expires]`` for a token with a lifetime
+(``expires``: wall-clock UTC seconds since the epoch, so the expiry is signed and survives
+restarts). A token is accepted only while it has not expired, one of the keyring's active
+keys signed it (:mod:`server.keyring`), and the registry still lists that token id for that
+tenant, so revocation and tenant deletion take effect at once and survive restarts (both
+are audit entries, replayed at start). The operator's token is a random secret kept in
+``<data-dir>/admin.token``. Every kind of bad token gets the same 401.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +24,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from actors.fsutil import create_private
 from actors.registry import TenantRegistry
+from server.keyring import Clock, Keyring, rfc3339
 from server.problems import Problem
 
 TOKEN_SALT = "vm-tenant.token.v1"
@@ -48,26 +53,54 @@ class Principal:
 
 
 class Authority:
-    """Issues and checks tenant tokens and list cursors; checks the admin token."""
+    """Issues and checks tenant tokens and list cursors; checks the admin token.
 
-    def __init__(self, signing_key: str, admin_token: str) -> None:
-        signer = {"digest_method": hashlib.sha256}
-        self._tokens = URLSafeSerializer(signing_key, salt=TOKEN_SALT, signer_kwargs=signer)
-        self._cursors = URLSafeSerializer(signing_key, salt=CURSOR_SALT, signer_kwargs=signer)
+    ``signing_key`` is the data dir's keyring, or a single secret (a keyring kept in memory).
+    ``clock`` gives wall-clock seconds, injectable so that tests can let tokens expire.
+    """
+
+    def __init__(
+        self, signing_key: str | Keyring, admin_token: str, *, clock: Clock = time.time
+    ) -> None:
+        if isinstance(signing_key, str):
+            signing_key = Keyring.in_memory(signing_key, clock)
+        self.keyring = signing_key
+        self._clock = clock
         self._admin = admin_token.encode()
+        self._built = -1
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Serializers over the keyring's current secrets (last signs, all verify)."""
+        if self._built == self.keyring.version:
+            return
+        keys = self.keyring.secrets
+        signer = {"digest_method": hashlib.sha256}
+        self._tokens = URLSafeSerializer(keys, salt=TOKEN_SALT, signer_kwargs=signer)
+        self._cursors = URLSafeSerializer(keys, salt=CURSOR_SALT, signer_kwargs=signer)
+        self._built = self.keyring.version
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path) -> Authority:
-        signing_key = load_or_create_secret(
-            data_dir / "keys" / "token-signing.key", secrets.token_urlsafe(48)
-        )
+    def for_data_dir(cls, data_dir: Path, *, clock: Clock = time.time) -> Authority:
+        keyring = Keyring.open(data_dir / "keys", clock)
         admin = load_or_create_secret(
             admin_token_path(data_dir), "adm-" + secrets.token_urlsafe(32)
         )
-        return cls(signing_key, admin)
+        return cls(keyring, admin, clock=clock)
 
-    def issue(self, tenant: str, token_id: str) -> str:
-        token = self._tokens.dumps([tenant, token_id])
+    def expiry(self, ttl_seconds: int | None) -> int | None:
+        """When a token issued now with this lifetime expires (None: never)."""
+        return None if ttl_seconds is None else int(self._clock()) + ttl_seconds
+
+    @staticmethod
+    def expires_at(expires: int | None) -> str | None:
+        return None if expires is None else rfc3339(expires)
+
+    def issue(self, tenant: str, token_id: str, expires: int | None = None) -> str:
+        self._rebuild()
+        # A token without a lifetime keeps the original two-member payload.
+        payload = [tenant, token_id] if expires is None else [tenant, token_id, expires]
+        token = self._tokens.dumps(payload)
         assert isinstance(token, str)
         return token
 
@@ -76,28 +109,35 @@ class Authority:
         token = _bearer(header)
         if hmac.compare_digest(token.encode(), self._admin):
             return Principal("admin", None, "admin")
+        self._rebuild()
         try:
             payload = self._tokens.loads(token)
         except BadSignature:
             raise Problem("unauthorized", UNAUTHORIZED) from None
         if (
             not isinstance(payload, list)
-            or len(payload) != 2
-            or not all(isinstance(part, str) for part in payload)
+            or len(payload) not in (2, 3)
+            or not all(isinstance(part, str) for part in payload[:2])
         ):
             raise Problem("unauthorized", UNAUTHORIZED)
-        tenant, token_id = payload
+        tenant, token_id = payload[0], payload[1]
+        if len(payload) == 3:
+            expires = payload[2]
+            if type(expires) is not int or self._clock() >= expires:
+                raise Problem("unauthorized", UNAUTHORIZED)
         if not registry.token_valid(tenant, token_id):
             raise Problem("unauthorized", UNAUTHORIZED)
         return Principal("tenant", tenant, token_id)
 
     def cursor(self, tenant: str, after: str) -> str:
+        self._rebuild()
         cursor = self._cursors.dumps([tenant, after])
         assert isinstance(cursor, str)
         return cursor
 
     def read_cursor(self, tenant: str, cursor: str) -> str:
         """The VM id a cursor continues after; 400 for a cursor this server did not issue."""
+        self._rebuild()
         try:
             payload = self._cursors.loads(cursor)
         except BadSignature:

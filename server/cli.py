@@ -11,6 +11,7 @@ import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -22,6 +23,7 @@ from actors.verify import verify_data_dir
 from server import settings
 from server.app import create_app
 from server.auth import Authority, admin_token_path
+from server.keyring import KeyringError
 
 log = logging.getLogger("vm_tenant")
 
@@ -35,8 +37,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 async def serve(config: ServiceConfig, bind: str) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        authority = _authority(config.data_dir)
         async with open_service(config) as service:
-            authority = Authority.for_data_dir(config.data_dir)
             app = create_app(service, authority)
             hconfig = HypercornConfig()
             hconfig.bind = [bind]
@@ -62,6 +64,15 @@ async def serve(config: ServiceConfig, bind: str) -> None:
                 log.info("vm-tenant listening on %s", " ".join(binds))
                 await stop.wait()
             log.info("HTTP drained; stopping actors")
+
+
+def _authority(data_dir: Path) -> Authority:
+    """The data dir's keyring and admin token; an unusable keyring stops the start."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        return Authority.for_data_dir(data_dir)
+    except KeyringError as error:
+        raise StartupError(f"cannot start on {data_dir}: {error}") from None
 
 
 def _settings(args: argparse.Namespace) -> settings.Resolved | None:
@@ -129,17 +140,42 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None)
     return response.json() if response.content else None
 
 
+def _expiry_note(result: dict[str, Any]) -> str:
+    return f", expires {result['expires_at']}" if result.get("expires_at") else ""
+
+
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     quota = {"vcpus": args.vcpus, "memory_mib": args.memory_mib, "vms": args.vms}
-    result = _request(args, "POST", "/v1/admin/tenants", {"id": args.id, "quota": quota})
-    print(f"created tenant {result['id']} (token id {result['token_id']})", file=sys.stderr)
+    body: dict[str, Any] = {"id": args.id, "quota": quota}
+    if args.ttl is not None:
+        body["token_ttl_seconds"] = args.ttl
+    result = _request(args, "POST", "/v1/admin/tenants", body)
+    note = _expiry_note(result)
+    print(f"created tenant {result['id']} (token id {result['token_id']}{note})", file=sys.stderr)
     print(result["token"])
     return 0
 
 
+def cmd_tenant_list(args: argparse.Namespace) -> int:
+    """Every tenant, following ``next`` page by page."""
+    print("ID\tQUOTA vcpus/memory_mib/vms\tALLOCATED vcpus/memory_mib/vms")
+    cursor: str | None = None
+    while True:
+        query = f"?limit={args.limit}" + (f"&cursor={quote(cursor)}" if cursor else "")
+        page = _request(args, "GET", "/v1/admin/tenants" + query)
+        for tenant in page["tenants"]:
+            q, a = tenant["quota"], tenant["allocated"]
+            quota = f"{q['vcpus']}/{q['memory_mib']}/{q['vms']}"
+            print(f"{tenant['id']}\t{quota}\t{a['vcpus']}/{a['memory_mib']}/{a['vms']}")
+        cursor = page["next"]
+        if cursor is None:
+            return 0
+
+
 def cmd_token_issue(args: argparse.Namespace) -> int:
-    result = _request(args, "POST", f"/v1/admin/tenants/{args.id}/tokens")
-    print(f"issued token id {result['token_id']}", file=sys.stderr)
+    body = {"ttl_seconds": args.ttl} if args.ttl is not None else None
+    result = _request(args, "POST", f"/v1/admin/tenants/{args.id}/tokens", body)
+    print(f"issued token id {result['token_id']}{_expiry_note(result)}", file=sys.stderr)
     print(result["token"])
     return 0
 
@@ -147,6 +183,29 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     _request(args, "DELETE", f"/v1/admin/tenants/{args.id}/tokens/{args.token_id}")
     print(f"revoked token {args.token_id} of tenant {args.id}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    print("ID\tCREATED\tSTATE")
+    for key in _request(args, "GET", "/v1/admin/keys")["keys"]:
+        state = "signing" if key["signing"] else key["state"]
+        if key.get("retired_at"):
+            state += f" (retired {key['retired_at']})"
+        print(f"{key['id']}\t{key['created_at']}\t{state}")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    key = _request(args, "POST", "/v1/admin/keys")
+    print(f"signing key {key['id']} added; it signs from now on", file=sys.stderr)
+    print(key["id"])
+    return 0
+
+
+def cmd_keys_retire(args: argparse.Namespace) -> int:
+    _request(args, "DELETE", f"/v1/admin/keys/{quote(args.key_id, safe='')}")
+    print(f"retired signing key {args.key_id}")
     return 0
 
 
@@ -190,6 +249,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 # -- argument parsing ----------------------------------------------------------------------
 
 
+def _ttl(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"expected whole seconds in 1..2^31-1, not {text!r}")
+    return int(text)
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -224,18 +289,34 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--vcpus", type=int, required=True)
     create.add_argument("--memory-mib", type=int, required=True)
     create.add_argument("--vms", type=int, required=True)
+    create.add_argument("--ttl", type=_ttl, default=None, help="first token's lifetime (s)")
     create.set_defaults(func=cmd_tenant_create)
+    listing = tenant.add_parser("list", parents=[client], help="list every tenant")
+    listing.add_argument("--limit", type=int, default=100, help="page size (1..1000)")
+    listing.set_defaults(func=cmd_tenant_list)
 
     token = commands.add_parser("token", help="issue and revoke tokens").add_subparsers(
         dest="action", required=True
     )
     issue = token.add_parser("issue", parents=[client], help="issue a token")
     issue.add_argument("id")
+    issue.add_argument("--ttl", type=_ttl, default=None, help="lifetime in seconds")
     issue.set_defaults(func=cmd_token_issue)
     revoke = token.add_parser("revoke", parents=[client], help="revoke a token")
     revoke.add_argument("id")
     revoke.add_argument("token_id")
     revoke.set_defaults(func=cmd_token_revoke)
+
+    keys = commands.add_parser("keys", help="rotate the token signing keys").add_subparsers(
+        dest="action", required=True
+    )
+    keys.add_parser("list", parents=[client], help="list the keys").set_defaults(func=cmd_keys_list)
+    keys.add_parser("rotate", parents=[client], help="add a signing key").set_defaults(
+        func=cmd_keys_rotate
+    )
+    retire = keys.add_parser("retire", parents=[client], help="retire a key")
+    retire.add_argument("key_id")
+    retire.set_defaults(func=cmd_keys_retire)
 
     audit = commands.add_parser("audit", help="audit log tools").add_subparsers(
         dest="action", required=True

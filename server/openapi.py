@@ -12,7 +12,14 @@ from typing import Any
 import msgspec
 
 from server.problems import CODES
-from server.schemas import CreateTenantBody, QuotaBody, SpawnBody, UpdateTenantBody
+from server.schemas import (
+    CreateTenantBody,
+    EmptyBody,
+    IssueTokenBody,
+    QuotaBody,
+    SpawnBody,
+    UpdateTenantBody,
+)
 
 REF = "#/components/schemas/"
 
@@ -55,8 +62,14 @@ def _op(summary: str, ok: dict[str, Any], *codes: str, **extra: Any) -> dict[str
 @cache
 def openapi_document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [SpawnBody, CreateTenantBody, UpdateTenantBody, QuotaBody], ref_template=REF + "{name}"
+        [SpawnBody, CreateTenantBody, UpdateTenantBody, QuotaBody, IssueTokenBody, EmptyBody],
+        ref_template=REF + "{name}",
     )
+    expires_at = {
+        "type": ["string", "null"],
+        "format": "date-time",
+        "description": "when the token stops working; null: never",
+    }
     components.update(
         {
             "Vm": {
@@ -114,11 +127,38 @@ def openapi_document() -> dict[str, Any]:
                     "quota": _ref("QuotaBody"),
                     "token": {"type": "string"},
                     "token_id": {"type": "string"},
+                    "expires_at": expires_at,
                 },
             },
             "Token": {
                 "type": "object",
-                "properties": {"token": {"type": "string"}, "token_id": {"type": "string"}},
+                "properties": {
+                    "token": {"type": "string"},
+                    "token_id": {"type": "string"},
+                    "expires_at": expires_at,
+                },
+            },
+            "TenantList": {
+                "type": "object",
+                "properties": {
+                    "tenants": {"type": "array", "items": _ref("Tenant")},
+                    "next": {"type": ["string", "null"]},
+                },
+            },
+            "SigningKey": {
+                "type": "object",
+                "required": ["id", "created_at", "state", "signing", "retired_at"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "state": {"enum": ["active", "retired"]},
+                    "signing": {"type": "boolean"},
+                    "retired_at": {"type": ["string", "null"], "format": "date-time"},
+                },
+            },
+            "KeyList": {
+                "type": "object",
+                "properties": {"keys": {"type": "array", "items": _ref("SigningKey")}},
             },
             "AuditPage": {
                 "type": "object",
@@ -163,7 +203,19 @@ def openapi_document() -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": _ref(name)}},
     }
+    optional_body = lambda name: {  # noqa: E731
+        "required": False,
+        "content": {"application/json": {"schema": _ref(name)}},
+    }
     no_content = {"204": {"description": "done"}}
+    page_params = [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+        },
+        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    ]
     paths = {
         "/v1/vms": {
             "post": _op(
@@ -228,7 +280,14 @@ def openapi_document() -> dict[str, Any]:
                 "conflict",
                 "audit_unavailable",
                 requestBody=body("CreateTenantBody"),
-            )
+            ),
+            "get": _op(
+                "List tenants by id",
+                {"200": _json(_ref("TenantList"), "a page of tenants")},
+                "invalid_request",
+                "forbidden",
+                parameters=page_params,
+            ),
         },
         "/v1/admin/tenants/{id}": {
             "get": _op(
@@ -249,21 +308,25 @@ def openapi_document() -> dict[str, Any]:
                 requestBody=body("UpdateTenantBody"),
             ),
             "delete": _op(
-                "Deprovision a tenant without VMs",
+                "Deprovision a tenant without VMs; revokes all its tokens",
                 no_content,
+                "invalid_request",
                 "forbidden",
                 "not_found",
                 "conflict",
+                "audit_unavailable",
                 parameters=[_TENANT_ID],
             ),
         },
         "/v1/admin/tenants/{id}/tokens": {
             "post": _op(
-                "Issue a token",
+                "Issue a token (optionally with a lifetime)",
                 {"201": _json(_ref("Token"), "issued")},
                 "forbidden",
                 "not_found",
+                "audit_unavailable",
                 parameters=[_TENANT_ID],
+                requestBody=optional_body("IssueTokenBody"),
             ),
         },
         "/v1/admin/tenants/{id}/tokens/{token_id}": {
@@ -280,6 +343,35 @@ def openapi_document() -> dict[str, Any]:
                         "required": True,
                         "schema": {"type": "string"},
                     },
+                ],
+            )
+        },
+        "/v1/admin/keys": {
+            "get": _op(
+                "The token signing keys (never a secret)",
+                {"200": _json(_ref("KeyList"), "the keys, oldest first")},
+                "invalid_request",
+                "forbidden",
+            ),
+            "post": _op(
+                "Add a signing key; it signs from now on, older keys keep verifying",
+                {"201": _json(_ref("SigningKey"), "the new key")},
+                "forbidden",
+                "internal_error",
+                requestBody=optional_body("EmptyBody"),
+            ),
+        },
+        "/v1/admin/keys/{key_id}": {
+            "delete": _op(
+                "Retire a key: what only it signed answers 401 (tokens) or 400 (cursors)",
+                no_content,
+                "invalid_request",
+                "forbidden",
+                "not_found",
+                "conflict",
+                "internal_error",
+                parameters=[
+                    {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
                 ],
             )
         },

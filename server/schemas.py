@@ -32,6 +32,9 @@ Name = Annotated[
     str, msgspec.Meta(min_length=1, max_length=63, description="printable, 1..63 characters")
 ]
 TenantId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+Ttl = Annotated[
+    int, msgspec.Meta(ge=1, le=MAX_INT, description="token lifetime in seconds; null: none")
+]
 
 
 def _printable(value: str, field: str) -> None:
@@ -69,6 +72,7 @@ class CreateTenantBody(msgspec.Struct, forbid_unknown_fields=True):
 
     id: TenantId
     quota: QuotaBody
+    token_ttl_seconds: Ttl | None = None
 
     def __post_init__(self) -> None:
         if not TENANT_ID_RE.fullmatch(self.id):
@@ -82,7 +86,13 @@ class UpdateTenantBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class EmptyBody(msgspec.Struct, forbid_unknown_fields=True):
-    """A body that may be absent or ``{}`` (token issue)."""
+    """A body that may be absent or ``{}``."""
+
+
+class IssueTokenBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /v1/admin/tenants/{id}/tokens``: optional; no body is a token without expiry."""
+
+    ttl_seconds: Ttl | None = None
 
 
 T = TypeVar("T")

@@ -586,7 +586,7 @@ async def test_create_tenant_and_duplicate_conflict(api: Api, data_dir: Path) ->
     )
     assert response.status_code == 201
     body = await response.get_json()
-    assert set(body) == {"id", "quota", "token", "token_id"}
+    assert set(body) == {"id", "quota", "token", "token_id", "expires_at"}
     assert (body["id"], body["quota"]) == ("acme", QUOTA)
     assert body["token"] and body["token_id"]
 
@@ -724,7 +724,7 @@ async def test_issue_and_revoke_tokens(api: Api, data_dir: Path) -> None:
     issued = await api.client.post("/v1/admin/tenants/acme/tokens", headers=api.admin)
     assert issued.status_code == 201
     body = await issued.get_json()
-    assert set(body) == {"token", "token_id"}
+    assert set(body) == {"token", "token_id", "expires_at"}
     assert body["token_id"] != acme.token_id
     second = Tenant("acme", body["token"], body["token_id"])
     vm = await spawned(api, second)
@@ -912,7 +912,7 @@ async def test_tokens_are_confined_to_their_kind_of_endpoint(api: Api) -> None:
         ("PATCH", "/v1/vms/vm-1", {"GET", "DELETE"}),
         ("POST", "/v1/usage", {"GET"}),
         ("PUT", "/v1/admin/tenants/acme", {"GET", "PATCH", "DELETE"}),
-        ("GET", "/v1/admin/tenants", {"POST"}),
+        ("PUT", "/v1/admin/tenants", {"GET", "POST"}),
         ("POST", "/healthz", {"GET"}),
     ],
 )
