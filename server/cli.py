@@ -21,6 +21,8 @@ from actors.service import ServiceConfig, StartupError, open_service
 from actors.verify import verify_data_dir
 from server.app import create_app
 from server.auth import Authority, admin_token_path
+from server.logs import LOG_FORMATS, configure_logging
+from server.metrics_http import metrics_app
 
 log = logging.getLogger("vm_tenant")
 
@@ -32,7 +34,12 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # -- serve ---------------------------------------------------------------------------------
 
 
-async def serve(config: ServiceConfig, bind: str) -> None:
+def _announce(line: str) -> None:
+    # Plain text, not a log event: scripts and tests wait for these exact lines.
+    print(line, file=sys.stderr, flush=True)
+
+
+async def serve(config: ServiceConfig, bind: str, metrics_bind: str | None = None) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_service(config) as service:
@@ -56,20 +63,37 @@ async def serve(config: ServiceConfig, bind: str) -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals)
+                if metrics_bind:
+                    # Started first, so that its line is out before the "listening" one.
+                    mconfig = HypercornConfig()
+                    mconfig.bind = [metrics_bind]
+                    mconfig.accesslog = None
+                    mconfig.errorlog = hconfig.errorlog
+                    mconfig.graceful_timeout = 5
+                    mbinds = await nursery.start(
+                        partial(
+                            hypercorn_serve,
+                            metrics_app(service.metrics.registry),
+                            mconfig,
+                            shutdown_trigger=stop.wait,
+                        )
+                    )
+                    _announce(f"vm-tenant metrics on {mbinds[0]}/metrics")
                 binds = await nursery.start(
                     partial(hypercorn_serve, app, hconfig, shutdown_trigger=stop.wait)
                 )
-                log.info("vm-tenant listening on %s", " ".join(binds))
+                _announce(f"vm-tenant listening on {' '.join(binds)}")
                 await stop.wait()
             log.info("HTTP drained; stopping actors")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format)
     config = ServiceConfig(
         data_dir=Path(args.data_dir), fleet=args.fleet, fleet_timeout=args.fleet_timeout
     )
     try:
-        trio.run(serve, config, args.bind)
+        trio.run(serve, config, args.bind, args.metrics_bind)
     except StartupError as error:
         log.error("%s", error)
         return 1
@@ -180,6 +204,24 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+BIND_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+
+
+def _metrics_bind(text: str) -> str | None:
+    if not text:
+        return None  # off
+    match = BIND_RE.fullmatch(text)
+    if not match or int(match.group(2)) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
+    return text
+
+
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_FORMATS)}, not {text!r}")
+    return text
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -203,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=_env("VM_TENANT_FLEET_TIMEOUT", "10"),
         help="deadline of one fleet call, in seconds (default 10)",
+    )
+    serve_p.add_argument(
+        "--metrics-bind",
+        type=_metrics_bind,
+        default=_env("VM_TENANT_METRICS_BIND", ""),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    serve_p.add_argument(
+        "--log-format",
+        type=_log_format,
+        default=_env("VM_TENANT_LOG_FORMAT", "auto"),
+        help="auto (console on a terminal, else json), json or console",
     )
     serve_p.set_defaults(func=cmd_serve)
 
