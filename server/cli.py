@@ -39,6 +39,28 @@ def _announce(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+async def _listen(
+    nursery: trio.Nursery, app: Any, hconfig: HypercornConfig, stop: trio.Event
+) -> list[str]:
+    """Start one Hypercorn server in ``nursery``; a bind that fails is a StartupError."""
+    try:
+        return await nursery.start(
+            partial(hypercorn_serve, app, hconfig, shutdown_trigger=stop.wait)
+        )
+    except (OSError, ExceptionGroup) as error:
+        reason = _only(error, OSError)
+        if reason is None:
+            raise
+        raise StartupError(f"cannot listen on {' '.join(hconfig.bind)}: {reason}") from None
+
+
+def _only(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The one error of ``kind`` behind nested single-error groups, if that is all."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, kind) else None
+
+
 async def serve(config: ServiceConfig, bind: str, metrics_bind: str | None = None) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -70,18 +92,10 @@ async def serve(config: ServiceConfig, bind: str, metrics_bind: str | None = Non
                     mconfig.accesslog = None
                     mconfig.errorlog = hconfig.errorlog
                     mconfig.graceful_timeout = 5
-                    mbinds = await nursery.start(
-                        partial(
-                            hypercorn_serve,
-                            metrics_app(service.metrics.registry),
-                            mconfig,
-                            shutdown_trigger=stop.wait,
-                        )
-                    )
+                    metrics = metrics_app(service.metrics.registry)
+                    mbinds = await _listen(nursery, metrics, mconfig, stop)
                     _announce(f"vm-tenant metrics on {mbinds[0]}/metrics")
-                binds = await nursery.start(
-                    partial(hypercorn_serve, app, hconfig, shutdown_trigger=stop.wait)
-                )
+                binds = await _listen(nursery, app, hconfig, stop)
                 _announce(f"vm-tenant listening on {' '.join(binds)}")
                 await stop.wait()
             log.info("HTTP drained; stopping actors")
@@ -94,8 +108,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         trio.run(serve, config, args.bind, args.metrics_bind)
-    except StartupError as error:
-        log.error("%s", error)
+    except (StartupError, ExceptionGroup) as error:
+        # A StartupError raised while listening comes out of the server's nursery.
+        startup = _only(error, StartupError)
+        if startup is None:
+            raise
+        log.error("%s", startup)
         return 1
     return 0
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +309,30 @@ async def test_failed_fsync_and_batches_are_counted(tmp_path: Path) -> None:
     assert get("vm_tenant_audit_fsync_duration_seconds_count") == 1
     assert get("vm_tenant_audit_io_failures_total", {"op": "fsync"}) == 1
     assert get("vm_tenant_audit_io_failures_total", {"op": "write"}) == 0
+
+
+def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path),
+             "--bind", "127.0.0.1:0", "--metrics-bind", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr
+
+
+async def test_a_429_is_counted_as_rate_limited(api: Api) -> None:
+    token = await api.create_tenant("acme")
+    api.service.registry.close()  # the tenant's actor was never started: it now answers busy
+    response = await api.client.get("/v1/usage", headers={"Authorization": token})
+    assert response.status_code == 429
+    get = api.service.metrics.registry.get_sample_value
+    assert get("vm_tenant_rate_limited_total", {"reason": "busy"}) == 1
