@@ -30,22 +30,27 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 UNMATCHED = "unmatched"
 
 
-class AuditSeqs:
-    """The audit seqs written on behalf of each request in flight, keyed by request id.
+#: (seq, token id of the entry's source) of one durable audit entry
+Written = list[tuple[int, str | None]]
 
-    Callers may send the same ``X-Request-Id`` twice at once; each request gets a list of
-    its own and both see the entries that carry that id.
+
+class AuditSeqs:
+    """The audit entries written on behalf of each request in flight, by request id.
+
+    Callers choose their ``X-Request-Id``, so two requests may carry the same one at once,
+    even from different callers: each request gets a list of its own, and
+    :func:`seqs_of` keeps only the entries made with the request's own token.
     """
 
     def __init__(self) -> None:
-        self._open: dict[str, list[list[int]]] = {}
+        self._open: dict[str, list[Written]] = {}
 
-    def open(self, request_id: str) -> list[int]:
-        seqs: list[int] = []
+    def open(self, request_id: str) -> Written:
+        seqs: Written = []
         self._open.setdefault(request_id, []).append(seqs)
         return seqs
 
-    def close(self, request_id: str, seqs: list[int]) -> None:
+    def close(self, request_id: str, seqs: Written) -> None:
         lists = self._open.get(request_id)
         if lists is None:
             return
@@ -63,8 +68,16 @@ class AuditSeqs:
         for entry in entries:
             lists = self._open.get(entry.get("request_id") or "")
             if lists:
+                source = entry.get("source") or {}
                 for seqs in lists:
-                    seqs.append(entry["seq"])
+                    seqs.append((entry["seq"], source.get("token_id")))
+
+
+def seqs_of(written: Written, token_id: str | None) -> list[int]:
+    """The seqs of the entries made with ``token_id`` (none without a token)."""
+    if token_id is None:
+        return []
+    return [seq for seq, by in written if by == token_id]
 
 
 def count_domain_error(metrics: Metrics, error: DomainError) -> None:
@@ -121,9 +134,9 @@ def instrument(
         method = request.method if request.method in KNOWN_METHODS else "other"
         status = response.status_code
         measure.observe(method, route, status, seconds)
-        written: list[int] = g.audit_seqs
-        seqs.close(g.request_id, written)
+        seqs.close(g.request_id, g.audit_seqs)
         who = g.get("principal")
+        written = seqs_of(g.audit_seqs, None if who is None else who.token_id)
         fields: dict[str, Any] = {
             "request_id": g.request_id,
             "tenant": None if who is None else (who.tenant if who.kind == "tenant" else "admin"),
@@ -134,7 +147,7 @@ def instrument(
             "audit_seq": written[-1] if written else None,
         }
         if len(written) > 1:
-            fields["audit_seqs"] = list(written)
+            fields["audit_seqs"] = written
         log.info("request", **fields)
         return response
 

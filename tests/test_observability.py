@@ -9,6 +9,7 @@ line the server wrote. The in-process tests check what is awkward to provoke fro
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable
 from actors.metrics import Metrics
 from conftest import Api, LiveServer, bearer
+from server.logs import formatter, request_logger
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 SMALL = {"vcpus": 2, "memory_mib": 1024, "vms": 1}
@@ -336,3 +338,53 @@ async def test_a_429_is_counted_as_rate_limited(api: Api) -> None:
     assert response.status_code == 429
     get = api.service.metrics.registry.get_sample_value
     assert get("vm_tenant_rate_limited_total", {"reason": "busy"}) == 1
+
+
+async def test_a_shared_request_id_does_not_mix_callers_seqs(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vm_tenant.request")
+    tokens = {tenant: await api.create_tenant(tenant) for tenant in ("acme", "umbrella")}
+
+    async def spawn(tenant: str) -> None:
+        headers = {"Authorization": tokens[tenant], "X-Request-Id": "same-id"}
+        response = await api.client.post("/v1/vms", json=SPEC, headers=headers)
+        assert response.status_code == 201
+
+    async with trio.open_nursery() as nursery:
+        for tenant in tokens:
+            nursery.start_soon(spawn, tenant)
+    owner = {e["seq"]: e["tenant"] for e in await api.audit() if e["request_id"] == "same-id"}
+    assert len(owner) == 4
+    lines = [r.msg for r in caplog.records if r.name == "vm_tenant.request"]
+    spawns = [line for line in lines if line["request_id"] == "same-id"]
+    assert sorted(line["tenant"] for line in spawns) == ["acme", "umbrella"]
+    for line in spawns:
+        assert len(line["audit_seqs"]) == 2
+        assert {owner[seq] for seq in line["audit_seqs"]} == {line["tenant"]}
+
+
+def test_json_lines_mask_secret_keys_and_render_stdlib_records() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter("json", stream))
+    plain = logging.getLogger("vm_tenant.test.plain")
+    structured = logging.getLogger("vm_tenant.test.request")
+    for logger in (plain, structured):
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    try:
+        request_logger("vm_tenant.test.request").info("request", token="s3cret", status=200)
+        plain.warning("disk %s is slow", "sda")
+    finally:
+        for logger in (plain, structured):
+            logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["token"] == "[redacted]" and first["status"] == 200
+    assert "s3cret" not in stream.getvalue()
+    assert (second["event"], second["level"], second["logger"]) == (
+        "disk sda is slow",
+        "warning",
+        "vm_tenant.test.plain",
+    )
