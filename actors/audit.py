@@ -21,16 +21,23 @@ import datetime as dt
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import inf
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from actors.chain import GENESIS, seal, segment_name
 from actors.errors import AuditUnavailable
+
+if TYPE_CHECKING:
+    from actors.metrics import Metrics
+
+#: called with the entries of each batch once they are durable, before any waiter runs
+DurableObserver = Callable[[list[dict[str, Any]]], None]
 
 log = logging.getLogger("vm_tenant.audit")
 
@@ -103,7 +110,8 @@ class AuditWriter:
     for an empty log). ``fsync`` is the function used to make a file durable; tests pass
     one that counts calls or raises a real ``OSError``. ``inline_io`` does the file work
     on the event loop's thread instead of a worker thread: only for tests under Trio's
-    virtual clock, which would otherwise jump ahead while a thread fsyncs.
+    virtual clock, which would otherwise jump ahead while a thread fsyncs. ``metrics``,
+    when given, receives batch sizes, fsync durations and I/O failures.
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class AuditWriter:
         max_batch: int = 4096,
         segment_bytes: int = 16 * 1024 * 1024,
         inline_io: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.audit_dir = audit_dir
         self.seq = head_seq
@@ -131,6 +140,8 @@ class AuditWriter:
         self._damaged: str | None = None
         self._send, self._receive = trio.open_memory_channel[_Pending](max_queue)
         self._durable = trio.Condition()
+        self._metrics = metrics
+        self._observers: list[DurableObserver] = []
 
     # -- the caller's side ---------------------------------------------------------------
 
@@ -186,6 +197,19 @@ class AuditWriter:
         async with self._durable:
             while self.seq < seq:
                 await self._durable.wait()
+
+    @property
+    def queue_depth(self) -> int:
+        """Entries submitted and not yet taken into a batch."""
+        return self._send.statistics().current_buffer_used
+
+    def observe_durable(self, observer: DurableObserver) -> None:
+        """Call ``observer`` with every batch of entries once it is durable.
+
+        It runs on the writer's task before the batch's waiters wake up, so it must be
+        quick and must not raise.
+        """
+        self._observers.append(observer)
 
     def close(self) -> None:
         """Stop taking entries; :meth:`run` writes what is queued and then returns."""
@@ -289,6 +313,14 @@ class AuditWriter:
         self.stats.entries += len(batch)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        if self._metrics is not None:
+            self._metrics.audit_batch_size.observe(len(batch))
+        for observer in self._observers:
+            try:
+                observer(entries)
+            except Exception:
+                # The batch is durable: an observer's bug must not turn it into a failure.
+                log.exception("an audit observer failed")
         for pending, entry in zip(batch, entries, strict=True):
             pending.ticket._resolve(entry)
         async with self._durable:
@@ -300,11 +332,17 @@ class AuditWriter:
         if self._needs_repair:
             self._repair()
         segment = self._segment_for(first_seq)
+        fsyncing = False
         try:
             written = 0
             while written < len(data):
                 written += os.write(segment.fd, data[written:])
+            fsyncing = True
+            started = time.perf_counter()
             self._fsync(segment.fd)
+            if self._metrics is not None:
+                self._metrics.audit_fsync.observe(time.perf_counter() - started)
+            fsyncing = False
             self.stats.fsyncs += 1
             if os.fstat(segment.fd).st_nlink == 0:
                 # Lines written to an unlinked file are lost with it: the journal has a
@@ -312,6 +350,9 @@ class AuditWriter:
                 self.mark_damaged(f"the audit segment {segment.path.name} was removed")
                 raise OSError(errno.ENOENT, "the audit segment was removed")
         except OSError:
+            if self._metrics is not None:
+                metrics = self._metrics
+                (metrics.audit_fsync_failed if fsyncing else metrics.audit_write_failed).inc()
             self._needs_repair = True
             # Cut our lines off at once (a reader must never see them); if the disk
             # refuses even that, the writer retries until it succeeds.

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from math import inf
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import outcome
 import trio
 
 from actors.errors import FleetError, FleetUnavailable
+
+if TYPE_CHECKING:
+    from actors.metrics import Metrics
 
 log = logging.getLogger("vm_tenant.fleet")
 
@@ -106,8 +110,10 @@ class FleetClient:
         timeout: float = 10.0,
         queue: int = 1024,
         breaker: CircuitBreaker | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.driver = driver
+        self._metrics = metrics
         self.timeout = timeout
         self.breaker = breaker or CircuitBreaker()
         self._workers = workers
@@ -134,9 +140,14 @@ class FleetClient:
                 result: outcome.Outcome[Any] = outcome.Error(
                     FleetInDoubt("the fleet did not answer in time")
                 )
-                with trio.move_on_after(self.timeout):
+                started = time.perf_counter()
+                with trio.move_on_after(self.timeout) as deadline:
                     result = await self._invoke(call)
                 self.breaker.record(result)
+                if self._metrics is not None:
+                    kind = "timeout" if deadline.cancelled_caught else _result_kind(result)
+                    seconds = time.perf_counter() - started
+                    self._metrics.fleet_call(call.fn.__name__, kind, seconds)
                 # A caller that gave up is gone; its reconciler will ask again.
                 with contextlib.suppress(trio.BrokenResourceError):
                     call.reply.send_nowait(result)
@@ -154,11 +165,13 @@ class FleetClient:
 
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if not self.breaker.allows():
+            self._count_refused(fn)
             raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
         reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
         try:
             self._send.send_nowait(_Call(fn, args, reply_send))
         except (trio.WouldBlock, trio.ClosedResourceError):
+            self._count_refused(fn)
             raise FleetBusy("the fleet client is overloaded") from None
         with reply_receive:
             # The worker answers within its own deadline; this one only guards against a
@@ -168,6 +181,10 @@ class FleetClient:
             if scope.cancelled_caught:
                 raise FleetInDoubt("the fleet did not answer in time")
         return result.unwrap()
+
+    def _count_refused(self, fn: Callable[..., Any]) -> None:
+        if self._metrics is not None:
+            self._metrics.fleet_call(fn.__name__, "refused", None)
 
     def accepting(self) -> bool:
         """False while the circuit is open: calls would fail fast, so reserve nothing."""
@@ -181,3 +198,15 @@ class FleetClient:
 
     async def status(self, vm_id: str) -> str | None:
         return await self._call(self.driver.status, vm_id)
+
+
+def _result_kind(result: outcome.Outcome[Any]) -> str:
+    """The ``result`` label of a fleet call's outcome (see ``actors/metrics.py``)."""
+    if isinstance(result, outcome.Value):
+        return "ok"
+    error = result.error
+    if isinstance(error, FleetInDoubt):
+        return "in_doubt"
+    if isinstance(error, FleetUnavailable):
+        return "unavailable"
+    return "error"

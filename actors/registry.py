@@ -118,6 +118,14 @@ class TenantRegistry:
             )
         return page, (ids[limit - 1] if more else None)
 
+    def live_actors(self) -> list[TenantActor]:
+        """The actors running now (read by the metrics at scrape time)."""
+        return list(self._actors.values())
+
+    def tenant_states(self) -> list[TenantState]:
+        """Every provisioned tenant's state, running or not (read-only use)."""
+        return list(self._tenants.values())
+
     def actor(self, tenant_id: str) -> TenantActor:
         """The tenant's actor, started on first use. Never awaits."""
         tenant = self._tenants.get(tenant_id)

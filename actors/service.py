@@ -26,6 +26,7 @@ from actors.checkpoint import CheckpointSigner
 from actors.fleet import FleetClient, FleetDriver
 from actors.fleet_embedded import EmbeddedFleet
 from actors.fleet_http import HttpFleet
+from actors.metrics import Metrics
 from actors.registry import TenantRegistry
 
 log = logging.getLogger("vm_tenant.service")
@@ -61,6 +62,7 @@ class Service:
     fleet: FleetClient
     registry: TenantRegistry
     checkpoints: CheckpointSigner
+    metrics: Metrics = field(default_factory=Metrics)
     recovered: bool = False
     snapshot_anchor: snapshot.Anchor = field(default_factory=snapshot.Anchor)
 
@@ -111,8 +113,13 @@ async def open_service(
     if replayed.torn_cut:
         log.warning("cut an incomplete last audit line (it was never acknowledged)")
     head = replayed.head
-    writer = AuditWriter(data_dir / "audit", head.seq, head.hash, inline_io=config.inline_io)
-    fleet = FleetClient(driver or make_driver(config), timeout=config.fleet_timeout)
+    metrics = Metrics()
+    writer = AuditWriter(
+        data_dir / "audit", head.seq, head.hash, inline_io=config.inline_io, metrics=metrics
+    )
+    fleet = FleetClient(
+        driver or make_driver(config), timeout=config.fleet_timeout, metrics=metrics
+    )
     registry = TenantRegistry(
         replayed.state.tenants,
         writer,
@@ -121,7 +128,10 @@ async def open_service(
         call_timeout=config.fleet_timeout * 2 + 5,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
-    service = Service(config, writer, fleet, registry, signer, snapshot_anchor=replayed.anchor)
+    metrics.watch(registry, writer)
+    service = Service(
+        config, writer, fleet, registry, signer, metrics, snapshot_anchor=replayed.anchor
+    )
     async with trio.open_nursery() as audit_nursery:
         await audit_nursery.start(writer.run)
         async with trio.open_nursery() as fleet_nursery:

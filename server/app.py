@@ -27,6 +27,7 @@ from actors.messages import Destroy, GetUsage, GetVm, ListVms, Replay, Source, S
 from actors.service import Service
 from server.admin_routes import add_admin_routes
 from server.auth import Authority, Principal
+from server.observe import count_domain_error, instrument
 from server.openapi import openapi_document
 from server.problems import Problem, domain_problem, problem_response
 from server.schemas import (
@@ -87,6 +88,7 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
 
     @app.errorhandler(DomainError)
     async def on_domain_error(error: DomainError) -> Response:
+        count_domain_error(service.metrics, error)
         problem = domain_problem(error)
         return problem_response(problem.code, problem.detail)
 
@@ -118,10 +120,13 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
         return problem_response("internal_error", "the request could not be completed")
 
+    instrument(app, service)
+
     # -- helpers -----------------------------------------------------------------------------
 
     def principal() -> Principal:
-        return authority.authenticate(request.headers.get("Authorization"), registry)
+        g.principal = authority.authenticate(request.headers.get("Authorization"), registry)
+        return g.principal
 
     def tenant_principal() -> Principal:
         who = principal()

@@ -24,6 +24,8 @@ from server import settings
 from server.app import create_app
 from server.auth import Authority, admin_token_path
 from server.keyring import KeyringError
+from server.logs import configure_logging
+from server.metrics_http import metrics_app
 
 log = logging.getLogger("vm_tenant")
 
@@ -34,7 +36,34 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # -- serve ---------------------------------------------------------------------------------
 
 
-async def serve(config: ServiceConfig, bind: str) -> None:
+def _announce(line: str) -> None:
+    # Plain text, not a log event: scripts and tests wait for these exact lines.
+    print(line, file=sys.stderr, flush=True)
+
+
+async def _listen(
+    nursery: trio.Nursery, app: Any, hconfig: HypercornConfig, stop: trio.Event
+) -> list[str]:
+    """Start one Hypercorn server in ``nursery``; a bind that fails is a StartupError."""
+    try:
+        return await nursery.start(
+            partial(hypercorn_serve, app, hconfig, shutdown_trigger=stop.wait)
+        )
+    except (OSError, ExceptionGroup) as error:
+        reason = _only(error, OSError)
+        if reason is None:
+            raise
+        raise StartupError(f"cannot listen on {' '.join(hconfig.bind)}: {reason}") from None
+
+
+def _only(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The one error of ``kind`` behind nested single-error groups, if that is all."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, kind) else None
+
+
+async def serve(config: ServiceConfig, bind: str, metrics_bind: str | None = None) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         authority = _authority(config.data_dir)
@@ -58,10 +87,18 @@ async def serve(config: ServiceConfig, bind: str) -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals)
-                binds = await nursery.start(
-                    partial(hypercorn_serve, app, hconfig, shutdown_trigger=stop.wait)
-                )
-                log.info("vm-tenant listening on %s", " ".join(binds))
+                if metrics_bind:
+                    # Started first, so that its line is out before the "listening" one.
+                    mconfig = HypercornConfig()
+                    mconfig.bind = [metrics_bind]
+                    mconfig.accesslog = None
+                    mconfig.errorlog = hconfig.errorlog
+                    mconfig.graceful_timeout = 5
+                    metrics = metrics_app(service.metrics.registry)
+                    mbinds = await _listen(nursery, metrics, mconfig, stop)
+                    _announce(f"vm-tenant metrics on {mbinds[0]}/metrics")
+                binds = await _listen(nursery, app, hconfig, stop)
+                _announce(f"vm-tenant listening on {' '.join(binds)}")
                 await stop.wait()
             log.info("HTTP drained; stopping actors")
 
@@ -90,11 +127,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     resolved = _settings(args)
     if resolved is None:
         return 2
+    configure_logging(resolved.settings.log_format)
     config = resolved.settings.service_config()
     try:
-        trio.run(serve, config, resolved.settings.bind)
-    except StartupError as error:
-        log.error("%s", error)
+        trio.run(serve, config, resolved.settings.bind, resolved.settings.metrics_bind)
+    except (StartupError, ExceptionGroup) as error:
+        # A StartupError raised while listening comes out of the server's nursery.
+        startup = _only(error, StartupError)
+        if startup is None:
+            raise
+        log.error("%s", startup)
         return 1
     return 0
 

@@ -1,0 +1,213 @@
+"""The service's Prometheus metrics: one registry, owned by the running service.
+
+:class:`Metrics` holds a :class:`~prometheus_client.CollectorRegistry` of its own (never
+the module-level default registry) and every metric family the core and the edge update.
+Hot paths keep the labelled children they use, so an update is one dictionary lookup and
+an increment; families whose label values are open-ended (``status``, ``reason``) build
+their children on first use and keep them too.
+
+Values that already live in the actors' state (live actors, mailbox depths, VMs in
+doubt, the audit head) are not mirrored into gauges on every change: the
+:class:`StateCollector` reads them at scrape time, on the event loop's thread, so it sees
+each actor's state between two of its turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from actors.state import IN_DOUBT_STATES
+
+if TYPE_CHECKING:
+    from actors.audit import AuditWriter
+    from actors.registry import TenantRegistry
+
+PREFIX = "vm_tenant"
+FLEET_OPERATIONS = ("spawn", "destroy", "status")
+#: ``ok``: an answer; ``error``: a definite refusal; ``in_doubt``: sent, no answer;
+#: ``unavailable``: the fleet said it did not act; ``timeout``: the call's deadline
+#: expired; ``refused``: never sent (circuit open, client overloaded)
+FLEET_RESULTS = ("ok", "error", "in_doubt", "unavailable", "timeout", "refused")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    """Every metric family of one running service, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by route template (never the raw path) and status.",
+            ("method", "route", "status"),
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time from routing a request to its response, by route template.",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            f"{PREFIX}_quota_rejections",
+            "Spawns refused because they would exceed the tenant's quota, by dimension.",
+            ("dimension",),
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            f"{PREFIX}_rate_limited",
+            "Requests answered 429 rate_limited, by reason; incremented wherever a 429 is made.",
+            ("reason",),
+            registry=r,
+        )
+        self.audit_batch_size = Histogram(
+            f"{PREFIX}_audit_batch_size",
+            "Entries made durable by one group commit (one write, one fsync).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.audit_fsync = Histogram(
+            f"{PREFIX}_audit_fsync_duration_seconds",
+            "Duration of the fsync that makes one audit batch durable.",
+            buckets=FSYNC_BUCKETS,
+            registry=r,
+        )
+        self.audit_io_failures = Counter(
+            f"{PREFIX}_audit_io_failures",
+            "Audit batches not made durable, by the step that failed (write or fsync).",
+            ("op",),
+            registry=r,
+        )
+        self.fleet_calls = Counter(
+            f"{PREFIX}_fleet_calls",
+            "Calls to the fleet controller, by operation and result.",
+            ("operation", "result"),
+            registry=r,
+        )
+        self.fleet_duration = Histogram(
+            f"{PREFIX}_fleet_call_duration_seconds",
+            "Duration of fleet calls that were sent, by operation (any result).",
+            ("operation",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.audit_write_failed = self.audit_io_failures.labels("write")
+        self.audit_fsync_failed = self.audit_io_failures.labels("fsync")
+        self._fleet_calls = {
+            (op, result): self.fleet_calls.labels(op, result)
+            for op in FLEET_OPERATIONS
+            for result in FLEET_RESULTS
+        }
+        self._fleet_duration = {op: self.fleet_duration.labels(op) for op in FLEET_OPERATIONS}
+        self._rate_limited: dict[str, Counter] = {}
+        self._quota: dict[str, Counter] = {}
+
+    # -- updates used by the actors and the edge -----------------------------------------
+
+    def fleet_call(self, operation: str, result: str, seconds: float | None) -> None:
+        """Count one fleet call; ``seconds`` is None for a call that was never sent."""
+        child = self._fleet_calls.get((operation, result))
+        if child is None:
+            child = self._fleet_calls[operation, result] = self.fleet_calls.labels(
+                operation, result
+            )
+        child.inc()
+        if seconds is not None:
+            duration = self._fleet_duration.get(operation)
+            if duration is None:
+                duration = self._fleet_duration[operation] = self.fleet_duration.labels(operation)
+            duration.observe(seconds)
+
+    def count_rate_limited(self, reason: str) -> None:
+        """Count one 429 answer; call it wherever a 429 ``rate_limited`` is produced."""
+        child = self._rate_limited.get(reason)
+        if child is None:
+            child = self._rate_limited[reason] = self.rate_limited.labels(reason)
+        child.inc()
+
+    def count_quota_rejection(self, dimension: str) -> None:
+        child = self._quota.get(dimension)
+        if child is None:
+            child = self._quota[dimension] = self.quota_rejections.labels(dimension)
+        child.inc()
+
+    def watch(self, tenants: TenantRegistry, audit: AuditWriter) -> None:
+        """Export the actors' state at scrape time (called once the actors exist)."""
+        self.registry.register(StateCollector(tenants, audit))
+
+
+class StateCollector(Collector):
+    """Reads the actors' state when scraped; nothing is mirrored on the hot path."""
+
+    def __init__(self, tenants: TenantRegistry, audit: AuditWriter) -> None:
+        self._tenants = tenants
+        self._audit = audit
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        actors = self._tenants.live_actors()
+        states = self._tenants.tenant_states()
+        active = len(actors)
+        passivated = max(0, len(states) - active)
+        family = GaugeMetricFamily(
+            f"{PREFIX}_tenant_actors",
+            "Tenant actors: active = running now; passivated = provisioned but not running.",
+            labels=("state",),
+        )
+        family.add_metric(("active",), active)
+        family.add_metric(("passivated",), passivated)
+        yield family
+
+        depth = GaugeMetricFamily(
+            f"{PREFIX}_tenant_mailbox_depth",
+            "Messages waiting in a running tenant actor's mailbox.",
+            labels=("tenant",),
+        )
+        for actor in actors:
+            depth.add_metric((actor.tenant_id,), actor.inbox.statistics().current_buffer_used)
+        yield depth
+
+        by_state: dict[str, int] = {}
+        for tenant in states:
+            for vm in tenant.vms.values():
+                by_state[vm.state] = by_state.get(vm.state, 0) + 1
+        vms = GaugeMetricFamily(
+            f"{PREFIX}_vms",
+            "VMs the proxy counts toward allocations, by state.",
+            labels=("state",),
+        )
+        for state, count in sorted(by_state.items()):
+            vms.add_metric((state,), count)
+        yield vms
+        yield GaugeMetricFamily(
+            f"{PREFIX}_vms_in_doubt",
+            "VMs whose last fleet operation has no durable outcome yet (being reconciled).",
+            value=sum(count for state, count in by_state.items() if state in IN_DOUBT_STATES),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_audit_head_seq",
+            "Sequence number of the last durable audit entry.",
+            value=self._audit.seq,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_audit_queue_depth",
+            "Audit entries submitted and not yet committed.",
+            value=self._audit.queue_depth,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_audit_healthy",
+            "1 while the audit log accepts writes, 0 while it needs repair or is damaged.",
+            value=1 if self._audit.healthy else 0,
+        )

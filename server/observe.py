@@ -1,0 +1,159 @@
+"""Per-request observability at the edge: request metrics and one log line per request.
+
+:func:`instrument` hooks an app so that every request the app answers is counted by
+method, route *template* (``/v1/vms/<vm_id>``, never the raw path) and status, timed in a
+histogram, and logged as one structured line: request id, tenant (``"admin"`` for the
+operator, null when unauthenticated), method, route, status, latency and the audit seq
+of the entry the request wrote. Seqs come from :class:`AuditSeqs`, which watches the
+audit writer's durable batches for the ids of the requests in flight.
+
+Nothing from the request's headers or body is logged: no token, no Authorization.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Histogram
+from quart import Response, g, request
+from quart_trio import QuartTrio
+
+from actors.errors import Busy, DomainError, QuotaExceeded
+from actors.metrics import Metrics
+from actors.service import Service
+from server.logs import request_logger
+
+#: methods counted under their own name; anything else is ``other`` (bounded labels)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+
+
+#: (seq, token id of the entry's source) of one durable audit entry
+Written = list[tuple[int, str | None]]
+
+
+class AuditSeqs:
+    """The audit entries written on behalf of each request in flight, by request id.
+
+    Callers choose their ``X-Request-Id``, so two requests may carry the same one at once,
+    even from different callers: each request gets a list of its own, and
+    :func:`seqs_of` keeps only the entries made with the request's own token.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, list[Written]] = {}
+
+    def open(self, request_id: str) -> Written:
+        seqs: Written = []
+        self._open.setdefault(request_id, []).append(seqs)
+        return seqs
+
+    def close(self, request_id: str, seqs: Written) -> None:
+        lists = self._open.get(request_id)
+        if lists is None:
+            return
+        for i, candidate in enumerate(lists):
+            if candidate is seqs:
+                del lists[i]
+                break
+        if not lists:
+            del self._open[request_id]
+
+    def record(self, entries: list[dict[str, Any]]) -> None:
+        """Audit observer: note each durable entry under its request id."""
+        if not self._open:
+            return
+        for entry in entries:
+            lists = self._open.get(entry.get("request_id") or "")
+            if lists:
+                source = entry.get("source") or {}
+                for seqs in lists:
+                    seqs.append((entry["seq"], source.get("token_id")))
+
+
+def seqs_of(written: Written, token_id: str | None) -> list[int]:
+    """The seqs of the entries made with ``token_id`` (none without a token)."""
+    if token_id is None:
+        return []
+    return [seq for seq, by in written if by == token_id]
+
+
+def count_domain_error(metrics: Metrics, error: DomainError) -> None:
+    """Count the errors that have a metric of their own (quota refusals, 429s)."""
+    if isinstance(error, QuotaExceeded):
+        metrics.count_quota_rejection(error.dimension)
+    elif isinstance(error, Busy):
+        metrics.count_rate_limited("busy")
+
+
+class _RequestMetrics:
+    """Cached children of the request families, so a request costs two dict lookups."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._counts: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        count = self._counts.get((method, route, status))
+        if count is None:
+            count = self._counts[method, route, status] = self._metrics.http_requests.labels(
+                method, route, str(status)
+            )
+        count.inc()
+        duration = self._durations.get(route)
+        if duration is None:
+            duration = self._durations[route] = self._metrics.http_duration.labels(route)
+        duration.observe(seconds)
+
+
+def instrument(
+    app: QuartTrio, service: Service, log: structlog.stdlib.BoundLogger | None = None
+) -> None:
+    """Count, time and log every request ``app`` answers."""
+    seqs = AuditSeqs()
+    service.audit.observe_durable(seqs.record)
+    measure = _RequestMetrics(service.metrics)
+    log = log or request_logger()
+
+    @app.before_request
+    async def start_observing() -> None:
+        g.observed_at = time.perf_counter()
+        g.audit_seqs = seqs.open(g.request_id)
+
+    @app.after_request
+    async def observe(response: Response) -> Response:
+        started = g.get("observed_at")
+        if started is None:
+            return response
+        seconds = time.perf_counter() - started
+        rule = request.url_rule
+        route = rule.rule if rule is not None else UNMATCHED
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        status = response.status_code
+        measure.observe(method, route, status, seconds)
+        seqs.close(g.request_id, g.audit_seqs)
+        who = g.get("principal")
+        written = seqs_of(g.audit_seqs, None if who is None else who.token_id)
+        fields: dict[str, Any] = {
+            "request_id": g.request_id,
+            "tenant": None if who is None else (who.tenant if who.kind == "tenant" else "admin"),
+            "method": method,
+            "route": route,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 3),
+            "audit_seq": written[-1] if written else None,
+        }
+        if len(written) > 1:
+            fields["audit_seqs"] = written
+        log.info("request", **fields)
+        return response
+
+    @app.teardown_request
+    async def stop_observing(_: BaseException | None) -> None:
+        # after_request does not run for a request cut short (client gone): forget it.
+        written = g.get("audit_seqs")
+        if written is not None:
+            seqs.close(g.request_id, written)
