@@ -25,6 +25,7 @@ import trio
 from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
 from actors.fleet import FleetClient
+from actors.limits import LimitSettings, TenantLimits
 from actors.messages import Reopen, Reply, Retire, Source
 from actors.state import IN_DOUBT_STATES, Quota, TenantState
 from actors.tenant import TenantActor
@@ -47,6 +48,7 @@ class TenantRegistry:
         *,
         mailbox_size: int = 256,
         call_timeout: float = 30.0,
+        limits: LimitSettings | None = None,
     ) -> None:
         self._tenants = tenants
         self._audit = audit
@@ -57,6 +59,8 @@ class TenantRegistry:
         self._creating: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
+        #: per-tenant rate and spawn limits, consulted by the edge without any actor
+        self.limits = TenantLimits(limits or LimitSettings())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -160,6 +164,7 @@ class TenantRegistry:
                 raise
         del self._tenants[tenant_id]
         self._actors.pop(tenant_id, None)
+        self.limits.forget(tenant_id)
         actor.stop(NotFound("no such tenant"))
 
     async def issue_token(self, tenant_id: str, source: Source, request_id: str) -> str:

@@ -26,6 +26,7 @@ from actors.checkpoint import CheckpointSigner
 from actors.fleet import FleetClient, FleetDriver
 from actors.fleet_embedded import EmbeddedFleet
 from actors.fleet_http import HttpFleet
+from actors.limits import LimitSettings
 from actors.registry import TenantRegistry
 
 log = logging.getLogger("vm_tenant.service")
@@ -48,6 +49,10 @@ class ServiceConfig:
     shutdown_grace: float = 10.0
     mailbox_size: int = 256
     embedded_boot_seconds: float = 1.0
+    #: per-tenant requests/s (0 = off), bucket size, spawns in flight (0 = off)
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    max_inflight_spawns: int = 32
     #: audit file work on the event loop thread (tests under Trio's virtual clock only)
     inline_io: bool = False
 
@@ -96,6 +101,13 @@ def make_driver(config: ServiceConfig) -> FleetDriver:
     raise StartupError(f"--fleet must be 'embedded' or an http(s):// URL, not {config.fleet!r}")
 
 
+def limit_settings(config: ServiceConfig) -> LimitSettings:
+    try:
+        return LimitSettings(config.rate_limit, config.rate_burst, config.max_inflight_spawns)
+    except ValueError as error:
+        raise StartupError(f"bad limits: {error}") from None
+
+
 @asynccontextmanager
 async def open_service(
     config: ServiceConfig, *, driver: FleetDriver | None = None
@@ -119,6 +131,7 @@ async def open_service(
         fleet,
         mailbox_size=config.mailbox_size,
         call_timeout=config.fleet_timeout * 2 + 5,
+        limits=limit_settings(config),
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
     service = Service(config, writer, fleet, registry, signer, snapshot_anchor=replayed.anchor)

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,12 @@ async def serve(config: ServiceConfig, bind: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(
-        data_dir=Path(args.data_dir), fleet=args.fleet, fleet_timeout=args.fleet_timeout
+        data_dir=Path(args.data_dir),
+        fleet=args.fleet,
+        fleet_timeout=args.fleet_timeout,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        max_inflight_spawns=args.max_inflight_spawns,
     )
     try:
         trio.run(serve, config, args.bind)
@@ -180,6 +186,29 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1e6:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected requests/s in [0, 1e6], not {text!r}")
+    return value
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not minimum <= value <= 2**31 - 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, not {text!r}")
+        return value
+
+    return parse
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -203,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=_env("VM_TENANT_FLEET_TIMEOUT", "10"),
         help="deadline of one fleet call, in seconds (default 10)",
+    )
+    serve_p.add_argument(
+        "--rate-limit",
+        type=_rate,
+        default=_env("VM_TENANT_RATE_LIMIT", "50"),
+        metavar="RPS",
+        help="requests/s per tenant, 0 = no limit (default 50)",
+    )
+    serve_p.add_argument(
+        "--rate-burst",
+        type=_count(1),
+        default=_env("VM_TENANT_RATE_BURST", "100"),
+        metavar="N",
+        help="requests a tenant may send at once above the rate (default 100)",
+    )
+    serve_p.add_argument(
+        "--max-inflight-spawns",
+        type=_count(0),
+        default=_env("VM_TENANT_MAX_INFLIGHT_SPAWNS", "32"),
+        metavar="N",
+        help="spawns per tenant waiting for an answer, 0 = no limit (default 32)",
     )
     serve_p.set_defaults(func=cmd_serve)
 
