@@ -113,6 +113,7 @@ async def open_service(
     config: ServiceConfig, *, driver: FleetDriver | None = None
 ) -> AsyncIterator[Service]:
     """Recover the data dir and run the core until the context exits."""
+    limits = limit_settings(config)
     data_dir = config.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (data_dir / "audit").mkdir(mode=0o700, exist_ok=True)
@@ -131,7 +132,7 @@ async def open_service(
         fleet,
         mailbox_size=config.mailbox_size,
         call_timeout=config.fleet_timeout * 2 + 5,
-        limits=limit_settings(config),
+        limits=limits,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
     service = Service(config, writer, fleet, registry, signer, snapshot_anchor=replayed.anchor)
