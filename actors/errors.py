@@ -47,7 +47,14 @@ class IdempotencyConflict(DomainError):
 
 
 class Busy(DomainError):
-    """A bounded mailbox is full; the caller should retry after a short pause."""
+    """A per-tenant limit was hit (request rate, spawns in flight, a full mailbox).
+
+    ``retry_after`` is the whole seconds the caller should wait before trying again.
+    """
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class FleetError(DomainError):

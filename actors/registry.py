@@ -27,6 +27,7 @@ from sortedcontainers import SortedDict
 from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
 from actors.fleet import FleetClient
+from actors.limits import LimitSettings, TenantLimits
 from actors.messages import Reopen, Reply, Retire, Source
 from actors.state import IN_DOUBT_STATES, Quota, TenantState
 from actors.tenant import TenantActor
@@ -49,6 +50,7 @@ class TenantRegistry:
         *,
         mailbox_size: int = 256,
         call_timeout: float = 30.0,
+        limits: LimitSettings | None = None,
     ) -> None:
         # Sorted by id, so that listing pages start after a cursor without a scan.
         self._tenants = tenants if isinstance(tenants, SortedDict) else SortedDict(tenants)
@@ -62,6 +64,8 @@ class TenantRegistry:
         self._issuing: dict[str, set[str]] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
+        #: per-tenant rate and spawn limits, consulted by the edge without any actor
+        self.limits = TenantLimits(limits or LimitSettings())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -208,6 +212,7 @@ class TenantRegistry:
                 raise
         del self._tenants[tenant_id]
         self._actors.pop(tenant_id, None)
+        self.limits.forget(tenant_id)
         actor.stop(NotFound("no such tenant"))
 
     async def issue_token(

@@ -26,6 +26,7 @@ from actors.checkpoint import CheckpointSigner
 from actors.fleet import FleetClient, FleetDriver
 from actors.fleet_embedded import EmbeddedFleet
 from actors.fleet_http import HttpFleet
+from actors.limits import LimitSettings
 from actors.metrics import Metrics
 from actors.registry import TenantRegistry
 
@@ -49,6 +50,10 @@ class ServiceConfig:
     shutdown_grace: float = 10.0
     mailbox_size: int = 256
     embedded_boot_seconds: float = 1.0
+    #: per-tenant requests/s (0 = off), bucket size, spawns in flight (0 = off)
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    max_inflight_spawns: int = 32
     #: audit file work on the event loop thread (tests under Trio's virtual clock only)
     inline_io: bool = False
 
@@ -98,11 +103,19 @@ def make_driver(config: ServiceConfig) -> FleetDriver:
     raise StartupError(f"--fleet must be 'embedded' or an http(s):// URL, not {config.fleet!r}")
 
 
+def limit_settings(config: ServiceConfig) -> LimitSettings:
+    try:
+        return LimitSettings(config.rate_limit, config.rate_burst, config.max_inflight_spawns)
+    except ValueError as error:
+        raise StartupError(f"bad limits: {error}") from None
+
+
 @asynccontextmanager
 async def open_service(
     config: ServiceConfig, *, driver: FleetDriver | None = None
 ) -> AsyncIterator[Service]:
     """Recover the data dir and run the core until the context exits."""
+    limits = limit_settings(config)
     data_dir = config.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (data_dir / "audit").mkdir(mode=0o700, exist_ok=True)
@@ -126,6 +139,7 @@ async def open_service(
         fleet,
         mailbox_size=config.mailbox_size,
         call_timeout=config.fleet_timeout * 2 + 5,
+        limits=limits,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
     metrics.watch(registry, writer)

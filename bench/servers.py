@@ -2,7 +2,8 @@
 
 * the floor: ``hypercorn --worker-class trio --workers 0 bench.floor_app:app`` (Hypercorn's
   Trio worker in the process itself, as ``vm-tenant serve`` runs it);
-* the proxy: ``vm-tenant serve --data-dir <fresh temp dir> --fleet embedded``.
+* the proxy: ``vm-tenant serve --data-dir <fresh temp dir> --fleet embedded`` with the
+  per-tenant limits off (``--rate-limit 0 --max-inflight-spawns 0``).
 
 Pinning (:func:`detect_pinning`): with ``taskset`` and at least two usable cores, both
 servers run on the first core and wrk on the second, so the load generator never takes
@@ -197,5 +198,9 @@ def start_proxy(workdir: Path, pinning: Pinning, *, trace: bool) -> tuple[Server
     data_dir = workdir / "proxy-data"
     argv = [str(VENV_BIN / "vm-tenant"), "serve", "--data-dir", str(data_dir)]
     argv += ["--bind", f"127.0.0.1:{port}", "--fleet", "embedded"]
+    # The bench drives one or a few tenants at up to 64 connections at full speed to
+    # measure throughput; the per-tenant limits (50 req/s, 32 spawns in flight by
+    # default) would turn most of that into 429s, so they are switched off here.
+    argv += ["--rate-limit", "0", "--max-inflight-spawns", "0"]
     server = start_server("proxy", argv, port, "/readyz", workdir, pinning, trace=trace)
     return server, data_dir

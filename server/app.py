@@ -90,7 +90,7 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
     async def on_domain_error(error: DomainError) -> Response:
         count_domain_error(service.metrics, error)
         problem = domain_problem(error)
-        return problem_response(problem.code, problem.detail)
+        return problem_response(problem.code, problem.detail, problem.headers)
 
     @app.errorhandler(trio.TooSlowError)
     async def on_too_slow(_: trio.TooSlowError) -> Response:
@@ -132,6 +132,9 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         who = principal()
         if who.kind != "tenant":
             raise Problem("forbidden", "this endpoint takes a tenant token")
+        assert who.tenant is not None
+        # Right after authentication, before any body is read or any actor is asked.
+        registry.limits.of(who.tenant).admit()
         return who
 
     def admin_principal() -> Principal:
@@ -184,16 +187,17 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
             raise Problem("invalid_request", "Idempotency-Key must be 1..255 printable ASCII")
-        body = await read_json(SpawnBody)
-        spec = VmSpec(body.vcpus, body.memory_mib, body.image, body.name)
-        digest = None
-        if key is not None:
-            digest = hashlib.sha256(canonical(msgspec.structs.asdict(body))).hexdigest()
         assert who.tenant is not None
-        result = await registry.call(
-            who.tenant,
-            lambda reply: Spawn(spec, key, digest, source(who), g.request_id, reply),
-        )
+        with registry.limits.of(who.tenant).spawn_slot():
+            body = await read_json(SpawnBody)
+            spec = VmSpec(body.vcpus, body.memory_mib, body.image, body.name)
+            digest = None
+            if key is not None:
+                digest = hashlib.sha256(canonical(msgspec.structs.asdict(body))).hexdigest()
+            result = await registry.call(
+                who.tenant,
+                lambda reply: Spawn(spec, key, digest, source(who), g.request_id, reply),
+            )
         if isinstance(result, Replay):
             replayed = {"Idempotent-Replayed": "true"}
             if result.status != 201:

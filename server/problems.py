@@ -97,5 +97,7 @@ def domain_problem(error: DomainError) -> Problem:
     for cls, code in _DOMAIN_CODES:
         if isinstance(error, cls):
             detail = NOT_FOUND_DETAIL if code == "not_found" else str(error)
+            if isinstance(error, Busy):
+                return Problem(code, detail, {"Retry-After": str(error.retry_after)})
             return Problem(code, detail)
     return Problem("internal_error", "the request could not be completed")

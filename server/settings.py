@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             fleet_timeout=self.fleet_timeout,
             snapshot_interval=self.snapshot_interval,
             checkpoint_interval=self.checkpoint_interval,
+            rate_limit=self.limits.rate,
+            rate_burst=self.limits.burst,
+            max_inflight_spawns=self.limits.max_inflight_spawns,
         )
 
 

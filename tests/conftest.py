@@ -191,12 +191,18 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path / "live-data").start()
+def live_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """The server with the default settings, or with the env of an indirect parameter."""
+    env: dict[str, str] = getattr(request, "param", {})
+    server = LiveServer(tmp_path / "live-data", env=env).start()
     try:
         yield server
     finally:
         server.kill()
+
+
+#: for tests that storm one tenant on purpose (quota atomicity, durability), not the limits
+UNLIMITED = {"VM_TENANT_RATE_LIMIT": "0", "VM_TENANT_MAX_INFLIGHT_SPAWNS": "0"}
 
 
 def audit_lines(data_dir: Path) -> list[bytes]:

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import LiveServer, bearer
+from conftest import UNLIMITED, LiveServer, bearer
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 BIG_QUOTA = {"vcpus": 1000, "memory_mib": 1_000_000, "vms": 1000}
@@ -192,6 +192,7 @@ STORMS = [
 ]
 
 
+@pytest.mark.parametrize("live_server", [UNLIMITED], indirect=True, ids=["unlimited"])
 @pytest.mark.parametrize(("dimension", "quota", "spec"), STORMS)
 async def test_spawn_storm_admits_exactly_the_quota(
     live_server: LiveServer, dimension: str, quota: dict[str, int], spec: dict[str, Any]
@@ -437,6 +438,7 @@ async def test_restart_keeps_state_and_the_audit_chain(live_server: LiveServer) 
 # -- kill -9 in the middle of a burst -----------------------------------------------------
 
 
+@pytest.mark.parametrize("live_server", [UNLIMITED], indirect=True, ids=["unlimited"])
 async def test_kill_during_a_burst_loses_no_acknowledged_write(live_server: LiveServer) -> None:
     spawns, kill_after = 40, 20
     async with live_server.client() as client:
