@@ -10,7 +10,6 @@ a fleet that keeps failing into fast refusals for a cool-down. Callers get a def
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import outcome
 import trio
 
 from actors.errors import FleetError, FleetUnavailable
+from actors.reply import Reply
 
 log = logging.getLogger("vm_tenant.fleet")
 
@@ -92,7 +92,7 @@ class FleetDriver(Protocol):
 class _Call:
     fn: Callable[..., Awaitable[Any]]
     args: tuple[Any, ...]
-    reply: trio.MemorySendChannel[outcome.Outcome[Any]]
+    reply: Reply
 
 
 class FleetClient:
@@ -106,11 +106,15 @@ class FleetClient:
         timeout: float = 10.0,
         queue: int = 1024,
         breaker: CircuitBreaker | None = None,
+        status_timeout: float = 2.0,
     ) -> None:
         self.driver = driver
         self.timeout = timeout
+        #: a status read is an answer to a GET: it gives up sooner than a write would
+        self.status_timeout = min(status_timeout, timeout)
         self.breaker = breaker or CircuitBreaker()
         self._workers = workers
+        self._reads = 0
         self._send, self._receive = trio.open_memory_channel[_Call](queue)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -135,15 +139,14 @@ class FleetClient:
                     FleetInDoubt("the fleet did not answer in time")
                 )
                 with trio.move_on_after(self.timeout):
-                    result = await self._invoke(call)
+                    result = await self._invoke(call.fn, *call.args)
                 self.breaker.record(result)
                 # A caller that gave up is gone; its reconciler will ask again.
-                with contextlib.suppress(trio.BrokenResourceError):
-                    call.reply.send_nowait(result)
+                call.reply.send_nowait(result)
 
-    async def _invoke(self, call: _Call) -> outcome.Outcome[Any]:
+    async def _invoke(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> outcome.Outcome[Any]:
         try:
-            return outcome.Value(await call.fn(*call.args))
+            return outcome.Value(await fn(*args))
         except (FleetError, FleetUnavailable) as error:
             return outcome.Error(error)
         except Exception:
@@ -155,18 +158,17 @@ class FleetClient:
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if not self.breaker.allows():
             raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
-        reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        reply = Reply()
         try:
-            self._send.send_nowait(_Call(fn, args, reply_send))
+            self._send.send_nowait(_Call(fn, args, reply))
         except (trio.WouldBlock, trio.ClosedResourceError):
             raise FleetBusy("the fleet client is overloaded") from None
-        with reply_receive:
-            # The worker answers within its own deadline; this one only guards against a
-            # worker pool that stopped while the call was queued.
-            with trio.move_on_after(self.timeout * 2 + 1) as scope:
-                result = await reply_receive.receive()
-            if scope.cancelled_caught:
-                raise FleetInDoubt("the fleet did not answer in time")
+        # The worker answers within its own deadline; this one only guards against a
+        # worker pool that stopped while the call was queued.
+        with trio.move_on_after(self.timeout * 2 + 1) as scope:
+            result = await reply.receive()
+        if scope.cancelled_caught:
+            raise FleetInDoubt("the fleet did not answer in time")
         return result.unwrap()
 
     def accepting(self) -> bool:
@@ -180,4 +182,24 @@ class FleetClient:
         await self._call(self.driver.destroy, vm_id)
 
     async def status(self, vm_id: str) -> str | None:
-        return await self._call(self.driver.status, vm_id)
+        """The fleet's view of one VM, asked in the caller's own task.
+
+        A read changes nothing and needs no ordering, so it skips the workers' mailbox
+        (a hand-off that costs more than the embedded fleet's whole answer); reads in
+        flight have their own bound, and their failures count toward the breaker alike.
+        """
+        if not self.breaker.allows():
+            raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
+        if self._reads >= self._workers:
+            raise FleetBusy("too many status reads in flight")
+        result: outcome.Outcome[Any] = outcome.Error(
+            FleetInDoubt("the fleet did not answer in time")
+        )
+        self._reads += 1
+        try:
+            with trio.move_on_after(self.status_timeout):
+                result = await self._invoke(self.driver.status, vm_id)
+        finally:
+            self._reads -= 1
+        self.breaker.record(result)
+        return result.unwrap()

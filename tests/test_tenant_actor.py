@@ -11,13 +11,14 @@ import pytest
 import trio
 import trio.testing
 
+from actors import tenant as tenant_module
 from actors.errors import AuditUnavailable, FleetError, FleetUnavailable, QuotaExceeded
 from actors.fleet import VmSpec
 from actors.fleet_embedded import EmbeddedFleet
 from actors.messages import Destroy, GetUsage, GetVm, ListVms, Source, Spawn
 from actors.service import Service, open_service
-from actors.state import Quota
-from actors.tenant import InternalError, TenantActor
+from actors.state import Quota, TenantState
+from actors.tenant import InternalError
 from conftest import audit_lines, service_config
 
 ADMIN = Source("127.0.0.1", "admin")
@@ -213,16 +214,16 @@ async def test_supervisor_restarts_a_crashed_actor(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     vm = await spawn(svc, "acme")
-    real_usage = TenantActor._usage
+    real_usage = tenant_module.usage_view
     crashes = {"left": 1}
 
-    def crashing_usage(self: TenantActor) -> dict[str, Any]:
+    def crashing_usage(tenant: TenantState) -> dict[str, Any]:
         if crashes["left"]:
             crashes["left"] -= 1
             raise RuntimeError("bug")
-        return real_usage(self)
+        return real_usage(tenant)
 
-    monkeypatch.setattr(TenantActor, "_usage", crashing_usage)
+    monkeypatch.setattr(tenant_module, "usage_view", crashing_usage)
     with pytest.raises(InternalError):
         await usage(svc, "acme")
     actor = svc.registry.actor("acme")
@@ -237,13 +238,13 @@ async def test_restart_budget_exhausted_gives_a_fresh_actor(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     first = svc.registry.actor("acme")
-    real_usage = TenantActor._usage
-    monkeypatch.setattr(TenantActor, "_usage", lambda self: 1 / 0)
+    real_usage = tenant_module.usage_view
+    monkeypatch.setattr(tenant_module, "usage_view", lambda tenant: 1 / 0)
     for _ in range(6):
         with pytest.raises(InternalError):
             await usage(svc, "acme")
     assert first.failed
-    monkeypatch.setattr(TenantActor, "_usage", real_usage)
+    monkeypatch.setattr(tenant_module, "usage_view", real_usage)
     assert (await usage(svc, "acme"))["vms"] == 0
     assert svc.registry.actor("acme") is not first
 
