@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
+import secrets
 from typing import Any, TypeVar
 
 import msgspec
@@ -67,11 +67,11 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
     @app.before_request
     async def assign_request_id() -> None:
         given = request.headers.get("X-Request-Id", "")
-        g.request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        g.request_id = given if REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(16)
 
     @app.after_request
     async def echo_request_id(response: Response) -> Response:
-        response.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        response.headers["X-Request-Id"] = g.get("request_id") or secrets.token_hex(16)
         if response.status_code >= 400 and (
             request.content_length or "Transfer-Encoding" in request.headers
         ):
@@ -151,7 +151,8 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         return decode_body(data, schema)
 
     def no_params() -> None:
-        reject_unknown_params(request.args, set())
+        if request.query_string:  # parsing an empty query string still costs a MultiDict
+            reject_unknown_params(request.args, set())
 
     # -- operations ----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import re
@@ -38,6 +39,11 @@ async def serve(config: ServiceConfig, bind: str) -> None:
         async with open_service(config) as service:
             authority = Authority.for_data_dir(config.data_dir)
             app = create_app(service, authority)
+            # What is alive now (modules, the recovered state) lives as long as the
+            # process: keep it out of every later full collection, which would scan it
+            # all while the event loop stands still.
+            gc.collect()
+            gc.freeze()
             hconfig = HypercornConfig()
             hconfig.bind = [bind]
             hconfig.accesslog = None

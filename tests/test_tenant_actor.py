@@ -263,3 +263,30 @@ async def test_audit_failure_means_nothing_is_forwarded(
 
 def _json(line: bytes) -> dict[str, Any]:
     return json.loads(line)
+
+
+async def test_a_lone_spawn_pays_one_fsync_per_entry_and_no_linger(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
+    await svc.registry.create_tenant("acme", Quota(64, 64 * 256, 64), ADMIN, "req")
+    before, start = svc.audit.stats.fsyncs, trio.current_time()
+    for _ in range(3):
+        await spawn(svc, "acme")
+    # requested + succeeded per spawn, each made durable on its own ...
+    assert svc.audit.stats.fsyncs - before == 6
+    # ... at once: with no other operation in flight the writer never waits for company.
+    assert trio.current_time() == start
+
+
+async def test_concurrent_spawns_share_their_fsyncs(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
+    await svc.registry.create_tenant("acme", Quota(64, 64 * 256, 64), ADMIN, "req")
+    before = svc.audit.stats.fsyncs
+    async with trio.open_nursery() as nursery:
+        for _ in range(64):
+            nursery.start_soon(spawn, svc, "acme")
+    assert await usage(svc, "acme") == {"vcpus": 64, "memory_mib": 64 * 256, "vms": 64}
+    fsyncs = svc.audit.stats.fsyncs - before
+    # 128 entries; the outcomes due after the first batch are gathered into one commit.
+    assert fsyncs / 64 < 0.2, fsyncs
