@@ -10,7 +10,6 @@ a fleet that keeps failing into fast refusals for a cool-down. Callers get a def
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ import outcome
 import trio
 
 from actors.errors import FleetError, FleetUnavailable
+from actors.reply import Reply
 
 if TYPE_CHECKING:
     from actors.metrics import Metrics
@@ -96,7 +96,7 @@ class FleetDriver(Protocol):
 class _Call:
     fn: Callable[..., Awaitable[Any]]
     args: tuple[Any, ...]
-    reply: trio.MemorySendChannel[outcome.Outcome[Any]]
+    reply: Reply
 
 
 class FleetClient:
@@ -111,12 +111,16 @@ class FleetClient:
         queue: int = 1024,
         breaker: CircuitBreaker | None = None,
         metrics: Metrics | None = None,
+        status_timeout: float = 2.0,
     ) -> None:
         self.driver = driver
         self._metrics = metrics
         self.timeout = timeout
+        #: a status read is an answer to a GET: it gives up sooner than a write would
+        self.status_timeout = min(status_timeout, timeout)
         self.breaker = breaker or CircuitBreaker()
         self._workers = workers
+        self._reads = 0
         self._send, self._receive = trio.open_memory_channel[_Call](queue)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -142,19 +146,14 @@ class FleetClient:
                 )
                 started = time.perf_counter()
                 with trio.move_on_after(self.timeout) as deadline:
-                    result = await self._invoke(call)
-                self.breaker.record(result)
-                if self._metrics is not None:
-                    kind = "timeout" if deadline.cancelled_caught else _result_kind(result)
-                    seconds = time.perf_counter() - started
-                    self._metrics.fleet_call(call.fn.__name__, kind, seconds)
+                    result = await self._invoke(call.fn, *call.args)
+                self._settled(call.fn, result, started, deadline.cancelled_caught)
                 # A caller that gave up is gone; its reconciler will ask again.
-                with contextlib.suppress(trio.BrokenResourceError):
-                    call.reply.send_nowait(result)
+                call.reply.send_nowait(result)
 
-    async def _invoke(self, call: _Call) -> outcome.Outcome[Any]:
+    async def _invoke(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> outcome.Outcome[Any]:
         try:
-            return outcome.Value(await call.fn(*call.args))
+            return outcome.Value(await fn(*args))
         except (FleetError, FleetUnavailable) as error:
             return outcome.Error(error)
         except Exception:
@@ -167,20 +166,27 @@ class FleetClient:
         if not self.breaker.allows():
             self._count_refused(fn)
             raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
-        reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        reply = Reply()
         try:
-            self._send.send_nowait(_Call(fn, args, reply_send))
+            self._send.send_nowait(_Call(fn, args, reply))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._count_refused(fn)
             raise FleetBusy("the fleet client is overloaded") from None
-        with reply_receive:
-            # The worker answers within its own deadline; this one only guards against a
-            # worker pool that stopped while the call was queued.
-            with trio.move_on_after(self.timeout * 2 + 1) as scope:
-                result = await reply_receive.receive()
-            if scope.cancelled_caught:
-                raise FleetInDoubt("the fleet did not answer in time")
+        # The worker answers within its own deadline; this one only guards against a
+        # worker pool that stopped while the call was queued.
+        with trio.move_on_after(self.timeout * 2 + 1) as scope:
+            result = await reply.receive()
+        if scope.cancelled_caught:
+            raise FleetInDoubt("the fleet did not answer in time")
         return result.unwrap()
+
+    def _settled(
+        self, fn: Callable[..., Any], result: outcome.Outcome[Any], started: float, late: bool
+    ) -> None:
+        self.breaker.record(result)
+        if self._metrics is not None:
+            kind = "timeout" if late else _result_kind(result)
+            self._metrics.fleet_call(fn.__name__, kind, time.perf_counter() - started)
 
     def _count_refused(self, fn: Callable[..., Any]) -> None:
         if self._metrics is not None:
@@ -197,7 +203,30 @@ class FleetClient:
         await self._call(self.driver.destroy, vm_id)
 
     async def status(self, vm_id: str) -> str | None:
-        return await self._call(self.driver.status, vm_id)
+        """The fleet's view of one VM, asked in the caller's own task.
+
+        A read changes nothing and needs no ordering, so it skips the workers' mailbox
+        (a hand-off that costs more than the embedded fleet's whole answer); reads in
+        flight have their own bound, and their failures count toward the breaker alike.
+        """
+        if not self.breaker.allows():
+            self._count_refused(self.driver.status)
+            raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
+        if self._reads >= self._workers:
+            self._count_refused(self.driver.status)
+            raise FleetBusy("too many status reads in flight")
+        result: outcome.Outcome[Any] = outcome.Error(
+            FleetInDoubt("the fleet did not answer in time")
+        )
+        self._reads += 1
+        started = time.perf_counter()
+        try:
+            with trio.move_on_after(self.status_timeout) as deadline:
+                result = await self._invoke(self.driver.status, vm_id)
+        finally:
+            self._reads -= 1
+        self._settled(self.driver.status, result, started, deadline.cancelled_caught)
+        return result.unwrap()
 
 
 def _result_kind(result: outcome.Outcome[Any]) -> str:

@@ -1,8 +1,8 @@
 """The tenant actor's protocol: every message it accepts, in one place.
 
-Each message is a small frozen dataclass. Calls carry a one-shot ``reply`` channel of
-buffer 1 on which the actor sends exactly one :class:`outcome.Outcome`; the actor never
-waits on it, and a reply to a caller that already gave up is dropped.
+Each message is a small frozen dataclass. Calls carry a one-shot :class:`Reply` on which
+the actor puts exactly one :class:`outcome.Outcome`; the actor never waits on it, and a
+reply to a caller that already gave up is dropped.
 
 Messages from the edge are the commands (``Spawn`` ... ``Reopen``); the rest come from
 the actor's own jobs, which do the waiting (for the audit fsync, for the fleet) outside
@@ -12,25 +12,12 @@ recorded, and only once it is durable is the state changed and the caller answer
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-import outcome
-import trio
-
 from actors.fleet import VmSpec
+from actors.reply import Reply
 from actors.state import Quota
-
-Reply = trio.MemorySendChannel[outcome.Outcome[Any]]
-
-
-def send_reply(reply: Reply | None, result: outcome.Outcome[Any]) -> None:
-    """Answer a call without ever blocking; a caller that gave up loses the answer."""
-    if reply is None:
-        return
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-        reply.send_nowait(result)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,6 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import outcome
 import trio
 from sortedcontainers import SortedDict
 
@@ -28,7 +27,8 @@ from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
 from actors.fleet import FleetClient
 from actors.limits import LimitSettings, TenantLimits
-from actors.messages import Reopen, Reply, Retire, Source
+from actors.messages import Reopen, Retire, Source
+from actors.reply import Reply
 from actors.state import IN_DOUBT_STATES, Quota, TenantState
 from actors.tenant import TenantActor
 
@@ -130,6 +130,13 @@ class TenantRegistry:
         """Every provisioned tenant's state, running or not (read-only use)."""
         return list(self._tenants.values())
 
+    def state(self, tenant_id: str) -> TenantState:
+        """The tenant's state, for reads only (see ``actors/tenant_views.py``)."""
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None:
+            raise NotFound("no such tenant")
+        return tenant
+
     def actor(self, tenant_id: str) -> TenantActor:
         """The tenant's actor, started on first use. Never awaits."""
         tenant = self._tenants.get(tenant_id)
@@ -150,16 +157,15 @@ class TenantRegistry:
         A full mailbox answers ``Busy`` at once rather than queueing without limit.
         """
         actor = self.actor(tenant_id)
-        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        reply = Reply()
         try:
-            actor.inbox.send_nowait(make(send))
+            actor.inbox.send_nowait(make(reply))
         except trio.WouldBlock:
             raise Busy("too many requests in flight for this tenant") from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise Busy("the tenant is not taking requests right now") from None
-        with receive:
-            with trio.fail_after(self.call_timeout):
-                result = await receive.receive()
+        with trio.fail_after(self.call_timeout):
+            result = await reply.receive()
         return result.unwrap()
 
     # -- tenant and token operations -------------------------------------------------------

@@ -22,7 +22,12 @@ IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 IN_DOUBT_STATES = frozenset({"spawning", "destroying", "unknown"})
 
 
-class Quota(msgspec.Struct, frozen=True):
+# The records below hold only strings, numbers and plain JSON data, so they can never be
+# part of a reference cycle: ``gc=False`` keeps them out of the collector's scans, which
+# otherwise grow with every VM and stall the event loop on each full collection.
+
+
+class Quota(msgspec.Struct, frozen=True, gc=False):
     """A capacity triple: a ceiling or an allocation."""
 
     vcpus: int = 0
@@ -33,7 +38,7 @@ class Quota(msgspec.Struct, frozen=True):
         return {"vcpus": self.vcpus, "memory_mib": self.memory_mib, "vms": self.vms}
 
 
-class VmRecord(msgspec.Struct):
+class VmRecord(msgspec.Struct, gc=False):
     """One VM as the proxy knows it; it counts toward its tenant's allocation while it exists."""
 
     id: str
@@ -64,7 +69,7 @@ class VmRecord(msgspec.Struct):
         }
 
 
-class IdempotencyRecord(msgspec.Struct, frozen=True):
+class IdempotencyRecord(msgspec.Struct, frozen=True, gc=False):
     """The first answer given to a spawn with an ``Idempotency-Key``."""
 
     request_hash: str

@@ -60,10 +60,11 @@ from actors.messages import (
     Spawn,
     TenantMessage,
     UpdateQuota,
-    send_reply,
 )
+from actors.reply import send_reply
 from actors.state import IN_DOUBT_STATES, IdempotencyRecord, TenantState, VmRecord
 from actors.tenant_jobs import TenantJobs
+from actors.tenant_views import usage_view, vm_page, vm_view
 
 log = logging.getLogger("vm_tenant.tenant")
 
@@ -198,19 +199,17 @@ class TenantActor:
             case Destroy():
                 self._destroy(message)
             case GetVm(vm_id, reply):
-                vm = self.state.vms.get(vm_id)
-                result = NotFound("no such VM") if vm is None else vm.to_json()
-                send_reply(reply, _wrap(result))
+                send_reply(reply, outcome.capture(vm_view, self.state, vm_id))
             case ListVms(after, limit, reply):
-                send_reply(reply, outcome.Value(self._list(after, limit)))
+                send_reply(reply, outcome.Value(vm_page(self.state, after, limit)))
             case GetUsage(reply):
-                send_reply(reply, outcome.Value(self._usage()))
+                send_reply(reply, outcome.Value(usage_view(self.state)))
             case UpdateQuota():
                 self._update_quota(message)
             case QuotaApplied(quota, seq, reply):
                 if seq > self._quota_seq:
                     self.state.quota, self._quota_seq = quota, seq
-                send_reply(reply, outcome.Value(self._usage()))
+                send_reply(reply, outcome.Value(usage_view(self.state)))
             case Retire(reply):
                 if self.closing:
                     send_reply(reply, outcome.Error(Conflict("the tenant is being deleted")))
@@ -240,22 +239,6 @@ class TenantActor:
         if not self.fleet.accepting():
             return FleetBusy("the fleet is unreachable right now; try again shortly")
         return None
-
-    def _usage(self) -> dict[str, Any]:
-        return {
-            "tenant": self.state.id,
-            "quota": self.state.quota.to_json(),
-            "allocated": self.state.allocated.to_json(),
-        }
-
-    def _list(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        ids = self.state.vms.irange(minimum=after, inclusive=(False, False))
-        page: list[dict[str, Any]] = []
-        for vm_id in ids:
-            if len(page) == limit:
-                return page, page[-1]["id"]
-            page.append(self.state.vms[vm_id].to_json())
-        return page, None
 
     def _submit(
         self, op: str, outcome_: str, vm: str | None, source: Source, request_id: str | None,
@@ -493,7 +476,3 @@ class TenantActor:
             send_reply(msg.reply, outcome.Error(exc))
             return
         self._start(self._jobs.quota, ticket, msg.quota, msg.reply)
-
-
-def _wrap(result: Any) -> outcome.Outcome[Any]:
-    return outcome.Error(result) if isinstance(result, BaseException) else outcome.Value(result)

@@ -32,12 +32,11 @@ from actors.messages import (
     MarkInDoubt,
     QuotaApplied,
     RecordOutcome,
-    Reply,
     Rollback,
     Settle,
     Source,
-    send_reply,
 )
+from actors.reply import Reply, send_reply
 from actors.state import Quota
 
 log = logging.getLogger("vm_tenant.tenant")
@@ -154,15 +153,13 @@ class TenantJobs:
 
     async def _settle(self, inbox: Inbox, settle: Settle) -> Any:
         """Record the outcome, wait until it is durable, then have it applied."""
-        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
-        await inbox.send(RecordOutcome(settle, send))
-        with receive:
-            ticket: AuditTicket = (await receive.receive()).unwrap()
+        recorded = Reply()
+        await inbox.send(RecordOutcome(settle, recorded))
+        ticket: AuditTicket = (await recorded.receive()).unwrap()
         await ticket.wait()
-        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
-        await inbox.send(ApplyOutcome(settle, send))
-        with receive:
-            return (await receive.receive()).unwrap()
+        applied = Reply()
+        await inbox.send(ApplyOutcome(settle, applied))
+        return (await applied.receive()).unwrap()
 
     async def quota(self, inbox: Inbox, ticket: AuditTicket, quota: Quota, reply: Reply) -> None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
+import secrets
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,8 +23,9 @@ from actors.audit_reader import AuditReader
 from actors.chain import canonical
 from actors.errors import DomainError, FleetUnavailable
 from actors.fleet import VmSpec
-from actors.messages import Destroy, GetUsage, GetVm, ListVms, Replay, Source, Spawn, UpdateQuota
+from actors.messages import Destroy, Replay, Source, Spawn, UpdateQuota
 from actors.service import Service
+from actors.tenant_views import usage_view, vm_page, vm_view
 from server.admin_routes import add_admin_routes
 from server.auth import Authority, Principal
 from server.observe import count_domain_error, instrument
@@ -47,7 +48,6 @@ log = logging.getLogger("vm_tenant.http")
 
 MAX_BODY = 64 * 1024
 LIVE_STATES = frozenset({"pending", "running", "error"})
-LIVE_STATUS_TIMEOUT = 2.0
 T = TypeVar("T")
 
 
@@ -69,11 +69,11 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
     @app.before_request
     async def assign_request_id() -> None:
         given = request.headers.get("X-Request-Id", "")
-        g.request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        g.request_id = given if REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(16)
 
     @app.after_request
     async def echo_request_id(response: Response) -> Response:
-        response.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        response.headers["X-Request-Id"] = g.get("request_id") or secrets.token_hex(16)
         if response.status_code >= 400 and (
             request.content_length or "Transfer-Encoding" in request.headers
         ):
@@ -160,7 +160,8 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         return decode_body(data, schema)
 
     def no_params() -> None:
-        reject_unknown_params(request.args, set())
+        if request.query_string:  # parsing an empty query string still costs a MultiDict
+            reject_unknown_params(request.args, set())
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -215,7 +216,7 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         limit = parse_int(request.args, "limit", 100, 1, 1000)
         cursor = single(request.args, "cursor")
         after = authority.read_cursor(who.tenant, cursor) if cursor is not None else None
-        page, last = await registry.call(who.tenant, lambda reply: ListVms(after, limit, reply))
+        page, last = vm_page(registry.state(who.tenant), after, limit)
         next_cursor = authority.cursor(who.tenant, last) if last is not None else None
         return json_response({"vms": page, "next": next_cursor})
 
@@ -224,15 +225,14 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         who = tenant_principal()
         assert who.tenant is not None
         no_params()
-        vm = await registry.call(who.tenant, lambda reply: GetVm(vm_id, reply))
+        vm = vm_view(registry.state(who.tenant), vm_id)
         if vm["state"] in LIVE_STATES:
-            with trio.move_on_after(LIVE_STATUS_TIMEOUT):
-                try:
-                    live = await service.fleet.status(vm_id)
-                except DomainError:
-                    live = None
-                if live is not None:
-                    vm["state"] = live
+            try:
+                live = await service.fleet.status(vm_id)
+            except DomainError:
+                live = None
+            if live is not None:
+                vm["state"] = live
         return json_response(vm)
 
     @app.delete("/v1/vms/<vm_id>")
@@ -250,12 +250,12 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         who = tenant_principal()
         assert who.tenant is not None
         no_params()
-        return json_response(await registry.call(who.tenant, GetUsage))
+        return json_response(usage_view(registry.state(who.tenant)))
 
     # -- admin endpoints ------------------------------------------------------------------------
 
-    async def tenant_view(tenant_id: str) -> dict[str, Any]:
-        usage = await registry.call(tenant_id, GetUsage)
+    def tenant_view(tenant_id: str) -> dict[str, Any]:
+        usage = usage_view(registry.state(tenant_id))
         return {"id": tenant_id, "quota": usage["quota"], "allocated": usage["allocated"]}
 
     @app.post("/v1/admin/tenants")
@@ -285,7 +285,7 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
     async def get_tenant(tenant_id: str) -> Response:
         admin_principal()
         no_params()
-        return json_response(await tenant_view(tenant_id))
+        return json_response(tenant_view(tenant_id))
 
     @app.patch("/v1/admin/tenants/<tenant_id>")
     async def update_tenant(tenant_id: str) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import re
@@ -69,6 +70,11 @@ async def serve(config: ServiceConfig, bind: str, metrics_bind: str | None = Non
         authority = _authority(config.data_dir)
         async with open_service(config) as service:
             app = create_app(service, authority)
+            # What is alive now (modules, the recovered state) lives as long as the
+            # process: keep it out of every later full collection, which would scan it
+            # all while the event loop stands still.
+            gc.collect()
+            gc.freeze()
             hconfig = HypercornConfig()
             hconfig.bind = [bind]
             hconfig.accesslog = None

@@ -11,13 +11,14 @@ import pytest
 import trio
 import trio.testing
 
+from actors import tenant as tenant_module
 from actors.errors import AuditUnavailable, FleetError, FleetUnavailable, QuotaExceeded
 from actors.fleet import VmSpec
 from actors.fleet_embedded import EmbeddedFleet
 from actors.messages import Destroy, GetUsage, GetVm, ListVms, Source, Spawn
 from actors.service import Service, open_service
-from actors.state import Quota
-from actors.tenant import InternalError, TenantActor
+from actors.state import Quota, TenantState
+from actors.tenant import InternalError
 from conftest import audit_lines, service_config
 
 ADMIN = Source("127.0.0.1", "admin")
@@ -213,16 +214,16 @@ async def test_supervisor_restarts_a_crashed_actor(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     vm = await spawn(svc, "acme")
-    real_usage = TenantActor._usage
+    real_usage = tenant_module.usage_view
     crashes = {"left": 1}
 
-    def crashing_usage(self: TenantActor) -> dict[str, Any]:
+    def crashing_usage(tenant: TenantState) -> dict[str, Any]:
         if crashes["left"]:
             crashes["left"] -= 1
             raise RuntimeError("bug")
-        return real_usage(self)
+        return real_usage(tenant)
 
-    monkeypatch.setattr(TenantActor, "_usage", crashing_usage)
+    monkeypatch.setattr(tenant_module, "usage_view", crashing_usage)
     with pytest.raises(InternalError):
         await usage(svc, "acme")
     actor = svc.registry.actor("acme")
@@ -237,13 +238,13 @@ async def test_restart_budget_exhausted_gives_a_fresh_actor(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     first = svc.registry.actor("acme")
-    real_usage = TenantActor._usage
-    monkeypatch.setattr(TenantActor, "_usage", lambda self: 1 / 0)
+    real_usage = tenant_module.usage_view
+    monkeypatch.setattr(tenant_module, "usage_view", lambda tenant: 1 / 0)
     for _ in range(6):
         with pytest.raises(InternalError):
             await usage(svc, "acme")
     assert first.failed
-    monkeypatch.setattr(TenantActor, "_usage", real_usage)
+    monkeypatch.setattr(tenant_module, "usage_view", real_usage)
     assert (await usage(svc, "acme"))["vms"] == 0
     assert svc.registry.actor("acme") is not first
 
@@ -262,3 +263,30 @@ async def test_audit_failure_means_nothing_is_forwarded(
 
 def _json(line: bytes) -> dict[str, Any]:
     return json.loads(line)
+
+
+async def test_a_lone_spawn_pays_one_fsync_per_entry_and_no_linger(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
+    await svc.registry.create_tenant("acme", Quota(64, 64 * 256, 64), ADMIN, "req")
+    before, start = svc.audit.stats.fsyncs, trio.current_time()
+    for _ in range(3):
+        await spawn(svc, "acme")
+    # requested + succeeded per spawn, each made durable on its own ...
+    assert svc.audit.stats.fsyncs - before == 6
+    # ... at once: with no other operation in flight the writer never waits for company.
+    assert trio.current_time() == start
+
+
+async def test_concurrent_spawns_share_their_fsyncs(
+    autojump_clock: trio.testing.MockClock, svc: Service
+) -> None:
+    await svc.registry.create_tenant("acme", Quota(64, 64 * 256, 64), ADMIN, "req")
+    before = svc.audit.stats.fsyncs
+    async with trio.open_nursery() as nursery:
+        for _ in range(64):
+            nursery.start_soon(spawn, svc, "acme")
+    assert await usage(svc, "acme") == {"vcpus": 64, "memory_mib": 64 * 256, "vms": 64}
+    fsyncs = svc.audit.stats.fsyncs - before
+    # 128 entries; the outcomes due after the first batch are gathered into one commit.
+    assert fsyncs / 64 < 0.2, fsyncs
