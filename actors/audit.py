@@ -8,10 +8,11 @@ it takes everything that piled up in the mailbox, gives each entry its ``seq``, 
 ticket. Under load one fsync covers many entries; alone, an entry costs exactly one.
 
 The writer knows one thing about the protocol above it: a VM operation's ``requested``
-entry is followed by its outcome entry as soon as the fleet answers. While such outcomes
-are due, it lingers (at most ``linger`` seconds) before it commits, so that they share the
-fsync instead of each paying for one; with nothing due, as for a lone caller, it commits at
-once and adds no delay.
+entry is followed by its outcome entry as soon as the fleet answers. While such an outcome
+is due soon (its request became durable less than ``DUE_WINDOW`` ago), the writer lingers,
+at most ``linger`` seconds, before it commits, so that outcomes share the fsync instead of
+each paying for one. With nothing due, as for a lone caller, or only operations waiting on
+a slow fleet, it commits at once and adds no delay.
 
 When a write or an fsync fails, the batch is not durable: its tickets fail with
 :class:`~actors.errors.AuditUnavailable`, the head goes back to the last durable entry,
@@ -51,6 +52,8 @@ SYSTEM_SOURCE: dict[str, Any] = {"ip": None, "token_id": "system"}
 #: operations whose ``requested`` entry announces an outcome entry to follow
 _ANNOUNCING_OPS = frozenset({"vm.spawn", "vm.destroy"})
 _OUTCOMES = frozenset({"succeeded", "failed"})
+#: how long after its request an outcome is expected "soon" (a fleet's quick answer)
+DUE_WINDOW = 0.05
 #: how often a writer whose file needs repair retries on its own (seconds)
 REPAIR_INTERVAL = 1.0
 
@@ -145,8 +148,9 @@ class AuditWriter:
         self._inline_io = inline_io
         self._max_batch = max_batch
         self._linger = linger
-        #: durable ``requested`` entries whose outcome entry has not been submitted yet
-        self._outcomes_due = 0
+        #: VM id -> when its ``requested`` entry became durable, until its outcome is
+        #: submitted; in insertion order, so the last one is the most recent
+        self._outcomes_due: dict[str, float] = {}
         self._segment_bytes = segment_bytes
         self._segment: _Segment | None = None
         self._needs_repair = False
@@ -186,8 +190,8 @@ class AuditWriter:
         """
         if self._damaged is not None:
             raise AuditUnavailable("the audit log is damaged; writes are refused")
-        if outcome in _OUTCOMES and op in _ANNOUNCING_OPS and self._outcomes_due:
-            self._outcomes_due -= 1
+        if outcome in _OUTCOMES and op in _ANNOUNCING_OPS and vm is not None:
+            self._outcomes_due.pop(vm, None)
         pending = _Pending(
             {
                 "op": op,
@@ -278,7 +282,7 @@ class AuditWriter:
                 break
             except trio.WouldBlock:
                 pass
-            if not self._outcomes_due:
+            if not self._outcome_due_soon():
                 break
             with trio.move_on_at(deadline) as lingering:
                 try:
@@ -288,6 +292,12 @@ class AuditWriter:
             if lingering.cancelled_caught:
                 break
         return batch
+
+    def _outcome_due_soon(self) -> bool:
+        if not self._outcomes_due:
+            return False
+        latest = next(reversed(self._outcomes_due.values()))
+        return trio.current_time() - latest < DUE_WINDOW
 
     async def _try_repair(self) -> None:
         try:
@@ -342,11 +352,11 @@ class AuditWriter:
                 pending.ticket._resolve(None, f"the audit entry could not be made durable: {error}")
             return
         self.seq, self.head = seq, head
-        self._outcomes_due += sum(
-            1
-            for entry in entries
-            if entry["outcome"] == "requested" and entry["op"] in _ANNOUNCING_OPS
-        )
+        now = trio.current_time()
+        for entry in entries:
+            if entry["outcome"] == "requested" and entry["op"] in _ANNOUNCING_OPS:
+                self._outcomes_due.pop(entry["vm"], None)  # re-inserted as the latest
+                self._outcomes_due[entry["vm"]] = now
         self.stats.entries += len(batch)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
