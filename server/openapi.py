@@ -290,7 +290,21 @@ def openapi_document() -> dict[str, Any]:
         "/v1/admin/tenants/{id}/tokens": {
             "post": _op(
                 "Issue a token",
-                {"201": _json(_ref("Token"), "issued")},
+                {
+                    "201": {
+                        **_json(_ref("Token"), "issued"),
+                        "links": {
+                            "RevokeToken": {
+                                "operationRef": "#/paths/~1v1~1admin~1tenants~1{id}~1tokens"
+                                "~1{token_id}/delete",
+                                "parameters": {
+                                    "id": "$request.path.id",
+                                    "token_id": "$response.body#/token_id",
+                                },
+                            }
+                        },
+                    }
+                },
                 "forbidden",
                 "not_found",
                 "audit_unavailable",
