@@ -74,11 +74,11 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
     @app.after_request
     async def echo_request_id(response: Response) -> Response:
         response.headers["X-Request-Id"] = g.get("request_id") or secrets.token_hex(16)
-        if response.status_code >= 400 and (
-            request.content_length or "Transfer-Encoding" in request.headers
-        ):
-            # An error may be answered before the body was read; Hypercorn cannot then
-            # reuse the connection cleanly, so tell the client not to.
+        has_body = request.content_length or "Transfer-Encoding" in request.headers
+        if has_body and (response.status_code >= 400 or not g.get("body_read")):
+            # An answer sent before the body was read (an error, an automatic OPTIONS, a
+            # route that takes no body): Hypercorn cannot then reuse the connection
+            # cleanly, and a next request on it can hang, so tell the client not to.
             response.headers["Connection"] = "close"
         return response
 
@@ -152,6 +152,7 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
             raise Problem("payload_too_large", f"the body exceeds {MAX_BODY} bytes")
         data = await request.get_data(cache=False)
         assert isinstance(data, bytes)
+        g.body_read = True
         if optional and not data:
             return decode_body(b"{}", schema)
         charset = request.mimetype_params.get("charset", "utf-8").lower()

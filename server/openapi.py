@@ -13,6 +13,10 @@ import msgspec
 
 from server.problems import CODES
 from server.schemas import (
+    IDEMPOTENCY_KEY_RE,
+    MAX_INT,
+    REQUEST_ID_RE,
+    TENANT_ID_RE,
     CreateTenantBody,
     EmptyBody,
     IssueTokenBody,
@@ -28,8 +32,31 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": REF + name}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _header(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"required": True, "schema": schema, "description": description}
+
+
+#: on every response; the caller's own when it sent a sane one
+_REQUEST_ID = _header(
+    {"type": "string", "pattern": f"^{REQUEST_ID_RE.pattern}$"}, "the caller's, or a fresh one"
+)
+#: headers that a problem code always carries (see server/problems.py and server/app.py)
+_PROBLEM_HEADERS: dict[str, dict[str, Any]] = {
+    "unauthorized": {"WWW-Authenticate": _header({"const": "Bearer"}, "the scheme to use")},
+    "rate_limited": {
+        "Retry-After": _header({"type": "string", "pattern": "^[0-9]+$"}, "seconds to wait")
+    },
+}
+
+
+def _json(
+    schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"X-Request-Id": _REQUEST_ID, **(headers or {})},
+        "content": {"application/json": {"schema": schema}},
+    }
 
 
 def _problems(*codes: str) -> dict[str, Any]:
@@ -40,20 +67,42 @@ def _problems(*codes: str) -> dict[str, Any]:
             status,
             {
                 "description": "",
+                "headers": {"X-Request-Id": _REQUEST_ID},
                 "content": {"application/problem+json": {"schema": _ref("Problem")}},
             },
         )
         entry["description"] = ", ".join(filter(None, [entry["description"], code]))
+        entry["headers"].update(_PROBLEM_HEADERS.get(code, {}))
     return responses
 
 
 _VM_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_TENANT_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_TENANT_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": f"^{TENANT_ID_RE.pattern}$"},
+}
+_INT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+_SIZE = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
+_LOCATION = {"Location": _header({"type": "string"}, "the new resource")}
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    """A response object: every member always present, no others."""
+    return {
+        "type": "object",
+        "required": list(properties),
+        "properties": properties,
+        "additionalProperties": False,
+    }
 
 
 def _op(summary: str, ok: dict[str, Any], *codes: str, **extra: Any) -> dict[str, Any]:
+    # Every authenticated route refuses unknown query parameters with a 400.
+    codes = ("invalid_request", *codes)
     if "requestBody" in extra:
-        codes = (*codes, "invalid_request", "payload_too_large", "unsupported_media_type")
+        codes = (*codes, "payload_too_large", "unsupported_media_type")
     operation = {"summary": summary, "responses": {**ok, **_problems(*dict.fromkeys(codes))}}
     operation.update(extra)
     return operation
@@ -65,138 +114,104 @@ def openapi_document() -> dict[str, Any]:
         [SpawnBody, CreateTenantBody, UpdateTenantBody, QuotaBody, IssueTokenBody, EmptyBody],
         ref_template=REF + "{name}",
     )
+    quota = _ref("QuotaBody")
     expires_at = {
         "type": ["string", "null"],
         "format": "date-time",
         "description": "when the token stops working; null: never",
     }
+    page = {"type": ["string", "null"]}
     components.update(
         {
-            "Vm": {
-                "type": "object",
-                "required": [
-                    "id",
-                    "tenant",
-                    "state",
-                    "vcpus",
-                    "memory_mib",
-                    "image",
-                    "name",
-                    "created_at",
-                ],
-                "properties": {
+            "Vm": _object(
+                {
                     "id": {"type": "string"},
                     "tenant": {"type": "string"},
                     "state": {
                         "enum": ["spawning", "pending", "running", "destroying", "unknown", "error"]
                     },
-                    "vcpus": {"type": "integer"},
-                    "memory_mib": {"type": "integer"},
-                    "image": {"type": "string"},
-                    "name": {"type": ["string", "null"]},
+                    "vcpus": _SIZE,
+                    "memory_mib": _SIZE,
+                    "image": {"type": "string", "minLength": 1, "maxLength": 256},
+                    "name": {"type": ["string", "null"], "minLength": 1, "maxLength": 63},
                     "created_at": {"type": "string", "format": "date-time"},
-                },
-            },
-            "VmList": {
-                "type": "object",
-                "properties": {
+                }
+            ),
+            "VmList": _object(
+                {
                     "vms": {"type": "array", "items": _ref("Vm")},
                     "next": {"type": ["string", "null"]},
-                },
-            },
-            "Usage": {
-                "type": "object",
-                "properties": {
-                    "tenant": {"type": "string"},
-                    "quota": _ref("QuotaBody"),
-                    "allocated": _ref("QuotaBody"),
-                },
-            },
-            "Tenant": {
-                "type": "object",
-                "properties": {
+                }
+            ),
+            "Destroyed": _object({"id": {"type": "string"}, "state": {"const": "destroyed"}}),
+            "Usage": _object({"tenant": {"type": "string"}, "quota": quota, "allocated": quota}),
+            "Tenant": _object({"id": {"type": "string"}, "quota": quota, "allocated": quota}),
+            "CreatedTenant": _object(
+                {
                     "id": {"type": "string"},
-                    "quota": _ref("QuotaBody"),
-                    "allocated": _ref("QuotaBody"),
-                },
-            },
-            "CreatedTenant": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "string"},
-                    "quota": _ref("QuotaBody"),
+                    "quota": quota,
                     "token": {"type": "string"},
                     "token_id": {"type": "string"},
                     "expires_at": expires_at,
-                },
-            },
-            "Token": {
-                "type": "object",
-                "properties": {
+                }
+            ),
+            "Token": _object(
+                {
                     "token": {"type": "string"},
                     "token_id": {"type": "string"},
                     "expires_at": expires_at,
-                },
-            },
-            "TenantList": {
-                "type": "object",
-                "properties": {
-                    "tenants": {"type": "array", "items": _ref("Tenant")},
-                    "next": {"type": ["string", "null"]},
-                },
-            },
-            "SigningKey": {
-                "type": "object",
-                "required": ["id", "created_at", "state", "signing", "retired_at"],
-                "properties": {
+                }
+            ),
+            "TenantList": _object(
+                {"tenants": {"type": "array", "items": _ref("Tenant")}, "next": page}
+            ),
+            "SigningKey": _object(
+                {
                     "id": {"type": "string"},
                     "created_at": {"type": "string", "format": "date-time"},
                     "state": {"enum": ["active", "retired"]},
                     "signing": {"type": "boolean"},
                     "retired_at": {"type": ["string", "null"], "format": "date-time"},
-                },
-            },
-            "KeyList": {
-                "type": "object",
-                "properties": {"keys": {"type": "array", "items": _ref("SigningKey")}},
-            },
-            "AuditPage": {
-                "type": "object",
-                "properties": {
+                }
+            ),
+            "KeyList": _object({"keys": {"type": "array", "items": _ref("SigningKey")}}),
+            "AuditPage": _object(
+                {
+                    # entries exactly as stored: see API.md, "Audit log"
                     "entries": {"type": "array", "items": {"type": "object"}},
-                    "head": {
-                        "type": "object",
-                        "properties": {"seq": {"type": "integer"}, "hash": {"type": "string"}},
-                    },
-                },
-            },
-            "Checkpoint": {
-                "type": "object",
-                "properties": {
-                    "seq": {"type": "integer"},
-                    "hash": {"type": "string"},
+                    "head": _object(
+                        {
+                            "seq": {"type": "integer", "minimum": 0},
+                            "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        }
+                    ),
+                }
+            ),
+            "Checkpoint": _object(
+                {
+                    "seq": {"type": "integer", "minimum": 1},
+                    "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                     "ts": {"type": "string"},
                     "signature": {"type": "string", "description": "base64 Ed25519"},
-                },
-            },
-            "Problem": {
-                "type": "object",
-                "required": ["type", "title", "status", "detail", "code"],
-                "properties": {
-                    "type": {"type": "string"},
+                }
+            ),
+            "Status": _object({"status": {"type": "string"}}),
+            "Problem": _object(
+                {
+                    "type": {"type": "string", "format": "uri"},
                     "title": {"type": "string"},
-                    "status": {"type": "integer"},
+                    "status": {"type": "integer", "minimum": 400, "maximum": 599},
                     "detail": {"type": "string"},
                     "code": {"enum": sorted(CODES)},
-                },
-            },
+                }
+            ),
         }
     )
     idem = {
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "schema": {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY_RE.pattern}$"},
         "description": "replays the first answer for 24 hours; another body answers 409",
     }
     body = lambda name: {  # noqa: E731
@@ -207,7 +222,7 @@ def openapi_document() -> dict[str, Any]:
         "required": False,
         "content": {"application/json": {"schema": _ref(name)}},
     }
-    no_content = {"204": {"description": "done"}}
+    no_content = {"204": {"description": "done", "headers": {"X-Request-Id": _REQUEST_ID}}}
     page_params = [
         {
             "name": "limit",
@@ -220,7 +235,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/vms": {
             "post": _op(
                 "Spawn a VM",
-                {"201": _json(_ref("Vm"), "spawned")},
+                {"201": _json(_ref("Vm"), "spawned", _LOCATION)},
                 "invalid_request",
                 "forbidden",
                 "quota_exceeded",
@@ -230,6 +245,7 @@ def openapi_document() -> dict[str, Any]:
                 "unsupported_media_type",
                 "fleet_error",
                 "fleet_unavailable",
+                "audit_unavailable",
                 parameters=[idem],
                 requestBody=body("SpawnBody"),
             ),
@@ -238,14 +254,7 @@ def openapi_document() -> dict[str, Any]:
                 {"200": _json(_ref("VmList"), "a page of VMs")},
                 "invalid_request",
                 "forbidden",
-                parameters=[
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                    },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                ],
+                parameters=page_params,
             ),
         },
         "/v1/vms/{id}": {
@@ -258,7 +267,7 @@ def openapi_document() -> dict[str, Any]:
             ),
             "delete": _op(
                 "Destroy a VM",
-                {"200": _json({"type": "object"}, "destroyed")},
+                {"200": _json(_ref("Destroyed"), "destroyed")},
                 "forbidden",
                 "not_found",
                 "conflict",
@@ -274,7 +283,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/admin/tenants": {
             "post": _op(
                 "Provision a tenant",
-                {"201": _json(_ref("CreatedTenant"), "created, with its first token")},
+                {"201": _json(_ref("CreatedTenant"), "created, with its first token", _LOCATION)},
                 "invalid_request",
                 "forbidden",
                 "conflict",
@@ -310,7 +319,6 @@ def openapi_document() -> dict[str, Any]:
             "delete": _op(
                 "Deprovision a tenant without VMs; revokes all its tokens",
                 no_content,
-                "invalid_request",
                 "forbidden",
                 "not_found",
                 "conflict",
@@ -321,7 +329,21 @@ def openapi_document() -> dict[str, Any]:
         "/v1/admin/tenants/{id}/tokens": {
             "post": _op(
                 "Issue a token (optionally with a lifetime)",
-                {"201": _json(_ref("Token"), "issued")},
+                {
+                    "201": {
+                        **_json(_ref("Token"), "issued"),
+                        "links": {
+                            "RevokeToken": {
+                                "operationRef": "#/paths/~1v1~1admin~1tenants~1{id}~1tokens"
+                                "~1{token_id}/delete",
+                                "parameters": {
+                                    "id": "$request.path.id",
+                                    "token_id": "$response.body#/token_id",
+                                },
+                            }
+                        },
+                    }
+                },
                 "forbidden",
                 "not_found",
                 "audit_unavailable",
@@ -335,6 +357,7 @@ def openapi_document() -> dict[str, Any]:
                 no_content,
                 "forbidden",
                 "not_found",
+                "audit_unavailable",
                 parameters=[
                     _TENANT_ID,
                     {
@@ -350,7 +373,6 @@ def openapi_document() -> dict[str, Any]:
             "get": _op(
                 "The token signing keys (never a secret)",
                 {"200": _json(_ref("KeyList"), "the keys, oldest first")},
-                "invalid_request",
                 "forbidden",
             ),
             "post": _op(
@@ -365,7 +387,6 @@ def openapi_document() -> dict[str, Any]:
             "delete": _op(
                 "Retire a key: what only it signed answers 401 (tokens) or 400 (cursors)",
                 no_content,
-                "invalid_request",
                 "forbidden",
                 "not_found",
                 "conflict",
@@ -382,7 +403,11 @@ def openapi_document() -> dict[str, Any]:
                 "invalid_request",
                 "forbidden",
                 parameters=[
-                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    },
                     {
                         "name": "limit",
                         "in": "query",
@@ -403,14 +428,17 @@ def openapi_document() -> dict[str, Any]:
             "get": {
                 "summary": "Process up",
                 "security": [],
-                "responses": {"200": {"description": "up"}},
+                "responses": {"200": _json(_ref("Status"), "up")},
             }
         },
         "/readyz": {
             "get": {
                 "summary": "State recovered and audit writable",
                 "security": [],
-                "responses": {"200": {"description": "ready"}, **_problems("audit_unavailable")},
+                "responses": {
+                    "200": _json(_ref("Status"), "ready"),
+                    "503": _problems("audit_unavailable")["503"],
+                },
             }
         },
     }

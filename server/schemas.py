@@ -25,11 +25,26 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 Size = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]
+#: the same rule as ``_TEXT_RE``, for the schema (``__post_init__`` still checks it, since
+#: msgspec's ``$`` would let a trailing newline through)
+_TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 Image = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=256, description="printable, 1..256 characters")
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=256,
+        pattern=_TEXT_PATTERN,
+        description="printable, 1..256 characters",
+    ),
 ]
 Name = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=63, description="printable, 1..63 characters")
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=63,
+        pattern=_TEXT_PATTERN,
+        description="printable, 1..63 characters",
+    ),
 ]
 TenantId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Ttl = Annotated[

@@ -266,6 +266,27 @@ async def test_openapi_document_describes_every_path_and_its_errors(api: Api) ->
     assert not undocumented, f"error responses missing from the document: {undocumented}"
 
 
+async def test_openapi_document_states_the_limits_the_server_enforces(api: Api) -> None:
+    """Constraints Schemathesis found missing: the document must refuse what the server does."""
+    doc = await (await api.client.get("/openapi.json")).get_json()
+    body = _resolve(doc, {"$ref": "#/components/schemas/SpawnBody"})
+    image = re.compile(body["properties"]["image"]["pattern"])
+    assert image.search("debian-12") and not image.search("deb\x1bian")
+    acme = await provision(api, "acme")
+    refused = await spawn(api, acme, image="deb\x1bian")
+    assert refused.status_code == 400
+    audit = doc["paths"]["/v1/admin/audit"]["get"]["parameters"]
+    after = next(p for p in audit if p["name"] == "after")["schema"]
+    too_far = await api.client.get(
+        f"/v1/admin/audit?after={after['maximum'] + 1}", headers=api.admin
+    )
+    assert too_far.status_code == 400
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                assert "X-Request-Id" in response.get("headers", {}), (path, method, status)
+
+
 # -- tenant endpoints ----------------------------------------------------------------------------
 
 

@@ -628,15 +628,22 @@ async def test_sigterm_finishes_requests_in_flight(live_server: LiveServer) -> N
 
 @pytest.mark.parametrize(
     ("method", "target", "status"),
-    [("PUT", "/healthz", 405), ("POST", "/v1/vms", 401)],
-    ids=["405", "401"],
+    [
+        ("PUT", "/healthz", 405),
+        ("POST", "/v1/vms", 401),
+        # found by Schemathesis: answers that are not errors, sent without reading a body
+        ("OPTIONS", "/v1/admin/tenants", 200),
+        ("GET", "/healthz", 200),
+    ],
+    ids=["405", "401", "options-200", "bodyless-route-200"],
 )
 async def test_early_error_response_leaves_the_connection_usable(
     live_server: LiveServer, method: str, target: str, status: int
 ) -> None:
-    """An error answered before the request body arrived must not wedge the connection.
+    """An answer sent before the request body arrived must not wedge the connection.
 
-    A 405 or a 401 can go out as soon as the headers are parsed. When the body then
+    A 405, a 401, an automatic OPTIONS answer or the answer of a route that takes no body
+    can go out as soon as the headers are parsed. When the body then
     arrives, the server must either go on serving that keep-alive connection or close it
     (or have said ``Connection: close``): a client's next request must not hang.
     """
