@@ -21,6 +21,7 @@ from actors.errors import Busy
 from actors.limits import LimitSettings, TenantLimiter, TenantLimits, TokenBucket, retry_after
 from actors.service import StartupError, open_service
 from conftest import QUOTA, Api, service_config
+from server import settings
 from server.app import create_app
 from server.auth import Authority
 from server.cli import build_parser
@@ -157,22 +158,24 @@ async def test_bad_settings_stop_the_start(tmp_path: Path, settings: dict[str, A
 # -- settings of `vm-tenant serve` ---------------------------------------------------------------
 
 
-def test_serve_defaults_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RATE_LIMIT", "RATE_BURST", "MAX_INFLIGHT_SPAWNS"):
-        monkeypatch.delenv(f"VM_TENANT_{name}", raising=False)
-    args = build_parser().parse_args(["serve"])
-    assert (args.rate_limit, args.rate_burst, args.max_inflight_spawns) == (50.0, 100, 32)
-    args = build_parser().parse_args(
-        ["serve", "--rate-limit", "0", "--rate-burst", "7", "--max-inflight-spawns", "0"]
-    )
-    assert (args.rate_limit, args.rate_burst, args.max_inflight_spawns) == (0.0, 7, 0)
-    monkeypatch.setenv("VM_TENANT_RATE_LIMIT", "2.5")
-    monkeypatch.setenv("VM_TENANT_RATE_BURST", "3")
-    monkeypatch.setenv("VM_TENANT_MAX_INFLIGHT_SPAWNS", "4")
-    args = build_parser().parse_args(["serve"])
-    assert (args.rate_limit, args.rate_burst, args.max_inflight_spawns) == (2.5, 3, 4)
-    args = build_parser().parse_args(["serve", "--rate-limit", "9"])
-    assert args.rate_limit == 9.0  # the flag wins over the environment
+def serve_limits(argv: list[str], environ: dict[str, str]) -> tuple[float, int, int]:
+    """The limits ``vm-tenant serve`` would run with, through the real settings layer."""
+    args = build_parser().parse_args(["serve", *argv])
+    config = settings.from_args(args, environ).settings.service_config()
+    return config.rate_limit, config.rate_burst, config.max_inflight_spawns
+
+
+def test_serve_defaults_and_flags() -> None:
+    assert serve_limits([], {}) == (50.0, 100, 32)
+    flags = ["--rate-limit", "0", "--rate-burst", "7", "--max-inflight-spawns", "0"]
+    assert serve_limits(flags, {}) == (0.0, 7, 0)
+    env = {
+        "VM_TENANT_RATE_LIMIT": "2.5",
+        "VM_TENANT_RATE_BURST": "3",
+        "VM_TENANT_MAX_INFLIGHT_SPAWNS": "4",
+    }
+    assert serve_limits([], env) == (2.5, 3, 4)
+    assert serve_limits(["--rate-limit", "9"], env) == (9.0, 3, 4)  # the flag wins
 
 
 @pytest.mark.parametrize(
@@ -186,11 +189,11 @@ def test_serve_defaults_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         ["--max-inflight-spawns", "-1"],
     ],
 )
-def test_serve_refuses_bad_limits(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as caught:
-        build_parser().parse_args(["serve", *argv])
-    assert caught.value.code == 2
-    assert argv[0] in capsys.readouterr().err
+def test_serve_refuses_bad_limits(argv: list[str]) -> None:
+    with pytest.raises(settings.SettingsError) as caught:
+        serve_limits(argv, {})
+    assert len(caught.value.problems) == 1
+    assert argv[0] in caught.value.problems[0]
 
 
 # -- over HTTP ------------------------------------------------------------------------------------
