@@ -28,6 +28,8 @@ from server.keyring import Clock, Keyring, rfc3339
 from server.problems import Problem
 
 TOKEN_SALT = "vm-tenant.token.v1"
+#: verified signatures remembered (a bound, not a tuning knob: far above active tokens)
+VERIFIED_CACHE_SIZE = 65536
 CURSOR_SALT = "vm-tenant.cursor.v1"
 UNAUTHORIZED = "a valid bearer token is required"
 
@@ -67,6 +69,11 @@ class Authority:
         self.keyring = signing_key
         self._clock = clock
         self._admin = admin_token.encode()
+        # token -> (tenant, token_id, expires): what a good signature said. Verifying
+        # costs an HMAC key derivation, a MAC and a JSON decode per request; a token
+        # string always verifies the same way under the same keys, so the answer is kept
+        # until the keyring changes. Expiry and the registry are still checked every time.
+        self._verified: dict[str, tuple[str, str, int | None]] = {}
         self._built = -1
         self._rebuild()
 
@@ -78,6 +85,7 @@ class Authority:
         signer = {"digest_method": hashlib.sha256}
         self._tokens = URLSafeSerializer(keys, salt=TOKEN_SALT, signer_kwargs=signer)
         self._cursors = URLSafeSerializer(keys, salt=CURSOR_SALT, signer_kwargs=signer)
+        self._verified.clear()
         self._built = self.keyring.version
 
     @classmethod
@@ -110,6 +118,21 @@ class Authority:
         if hmac.compare_digest(token.encode(), self._admin):
             return Principal("admin", None, "admin")
         self._rebuild()
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._verify(token)
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[token] = claims
+        tenant, token_id, expires = claims
+        if expires is not None and self._clock() >= expires:
+            raise Problem("unauthorized", UNAUTHORIZED)
+        if not registry.token_valid(tenant, token_id):
+            raise Problem("unauthorized", UNAUTHORIZED)
+        return Principal("tenant", tenant, token_id)
+
+    def _verify(self, token: str) -> tuple[str, str, int | None]:
+        """The claims of a token signed by an active key, or a 401 problem."""
         try:
             payload = self._tokens.loads(token)
         except BadSignature:
@@ -118,16 +141,10 @@ class Authority:
             not isinstance(payload, list)
             or len(payload) not in (2, 3)
             or not all(isinstance(part, str) for part in payload[:2])
+            or (len(payload) == 3 and type(payload[2]) is not int)
         ):
             raise Problem("unauthorized", UNAUTHORIZED)
-        tenant, token_id = payload[0], payload[1]
-        if len(payload) == 3:
-            expires = payload[2]
-            if type(expires) is not int or self._clock() >= expires:
-                raise Problem("unauthorized", UNAUTHORIZED)
-        if not registry.token_valid(tenant, token_id):
-            raise Problem("unauthorized", UNAUTHORIZED)
-        return Principal("tenant", tenant, token_id)
+        return payload[0], payload[1], payload[2] if len(payload) == 3 else None
 
     def cursor(self, tenant: str, after: str) -> str:
         self._rebuild()
