@@ -57,8 +57,12 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
-def create_app(service: Service, authority: Authority) -> QuartTrio:
-    """Build the app over a running core (the caller owns the core's lifetime)."""
+def create_app(service: Service, authority: Authority, request_log: Any = None) -> QuartTrio:
+    """Build the app over a running core (the caller owns the core's lifetime).
+
+    ``request_log`` is the structlog logger of the one-line-per-request log (default: one
+    that goes through stdlib ``logging``, which tests capture).
+    """
     app = QuartTrio("vm_tenant")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     registry = service.registry
@@ -120,7 +124,7 @@ def create_app(service: Service, authority: Authority) -> QuartTrio:
         log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
         return problem_response("internal_error", "the request could not be completed")
 
-    instrument(app, service)
+    instrument(app, service, request_log)
 
     # -- helpers -----------------------------------------------------------------------------
 

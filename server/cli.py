@@ -25,7 +25,7 @@ from server import settings
 from server.app import create_app
 from server.auth import Authority, admin_token_path
 from server.keyring import KeyringError
-from server.logs import configure_logging
+from server.logs import configure_logging, direct_request_logger
 from server.metrics_http import metrics_app
 
 log = logging.getLogger("vm_tenant")
@@ -64,12 +64,14 @@ def _only(error: BaseException, kind: type[BaseException]) -> BaseException | No
     return error if isinstance(error, kind) else None
 
 
-async def serve(config: ServiceConfig, bind: str, metrics_bind: str | None = None) -> None:
+async def serve(
+    config: ServiceConfig, bind: str, metrics_bind: str | None = None, log_format: str = "auto"
+) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         authority = _authority(config.data_dir)
         async with open_service(config) as service:
-            app = create_app(service, authority)
+            app = create_app(service, authority, direct_request_logger(log_format))
             # What is alive now (modules, the recovered state) lives as long as the
             # process: keep it out of every later full collection, which would scan it
             # all while the event loop stands still.
@@ -133,10 +135,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     resolved = _settings(args)
     if resolved is None:
         return 2
-    configure_logging(resolved.settings.log_format)
-    config = resolved.settings.service_config()
+    chosen = resolved.settings
+    configure_logging(chosen.log_format)
+    config = chosen.service_config()
     try:
-        trio.run(serve, config, resolved.settings.bind, resolved.settings.metrics_bind)
+        trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format)
     except (StartupError, ExceptionGroup) as error:
         # A StartupError raised while listening comes out of the server's nursery.
         startup = _only(error, StartupError)

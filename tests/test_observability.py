@@ -29,7 +29,7 @@ from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable
 from actors.metrics import Metrics
 from conftest import Api, LiveServer, bearer
-from server.logs import formatter, request_logger
+from server.logs import direct_request_logger, formatter, request_logger
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 SMALL = {"vcpus": 2, "memory_mib": 1024, "vms": 1}
@@ -389,3 +389,27 @@ def test_json_lines_mask_secret_keys_and_render_stdlib_records() -> None:
         "warning",
         "vm_tenant.test.plain",
     )
+
+
+def test_the_direct_request_log_writes_the_same_json_lines_as_the_stdlib_pipeline() -> None:
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8")
+    direct_request_logger("json", stream).info("request", token="s3cret", status=200)
+    via_stdlib = io.StringIO()
+    handler = logging.StreamHandler(via_stdlib)
+    handler.setFormatter(formatter("json", via_stdlib))
+    logger = logging.getLogger("vm_tenant.test.same")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        request_logger("vm_tenant.test.same").info("request", token="s3cret", status=200)
+    finally:
+        logger.removeHandler(handler)
+    direct = json.loads(raw.getvalue().decode().replace("vm_tenant.request", "vm_tenant.test.same"))
+    stdlib = json.loads(via_stdlib.getvalue())
+    assert direct.keys() == stdlib.keys()
+    assert {k: v for k, v in direct.items() if k != "timestamp"} == {
+        k: v for k, v in stdlib.items() if k != "timestamp"
+    }
+    assert direct["token"] == "[redacted]" and b"s3cret" not in raw.getvalue()
