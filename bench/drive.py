@@ -3,7 +3,9 @@
 :class:`Bench` holds what every run needs. :meth:`Bench.matrix` runs every scenario x
 concurrency x round, floor then proxy, against servers that are *not* traced, so the
 throughput and latency figures carry no measuring cost; the audit log of that proxy
-still yields its audit batches per run (``bench/fsyncs.py``), at no cost.
+still yields its audit batches per run (``bench/fsyncs.py``), at no cost, and the
+proxy's own counters are scraped from its ``/metrics`` listener before and after every
+run (``bench/metrics.py``: audit fsyncs, batches, entries, failures, acknowledged writes).
 :meth:`Bench.fsync_probe` then starts a second proxy under strace (seccomp filter, only
 the sync calls stop) and runs the spawn scenario at each concurrency against it alone,
 to count *every* sync of the process per acknowledged write. Tracing is kept out of the
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import fsyncs
+from bench import fsyncs, metrics
 from bench.profile import start_recording, summarise
 from bench.provision import provision, write_data_file
 from bench.servers import Pinning, Server, start_proxy
@@ -118,11 +120,14 @@ class Bench:
             index = label.split("/")[0]
             raw = self.workdir / f"profile-{server.name}-{scenario}-c{conc}-r{index}.txt"
             recorder = start_recording(self.py_spy, server.pid, seconds, raw, pin=self.pinning.load)
+        # Scraped outside the CPU and time windows, so the scrapes cost the run nothing.
+        before = metrics.scrape(server.metrics_url) if server.metrics_url else None
         cpu_before = server.cpu_seconds()
         start = time.time()
         result = run_wrk(command, data, seconds)
         end = time.time()
         cpu_after = server.cpu_seconds()
+        after = metrics.scrape(server.metrics_url) if server.metrics_url else None
         if recorder is not None:
             try:
                 recorder.wait(timeout=30)
@@ -133,6 +138,8 @@ class Bench:
         run.update(round=label, start=start, end=end, **result.to_json())
         run["cpu_user_s"] = round(cpu_after[0] - cpu_before[0], 3)
         run["cpu_sys_s"] = round(cpu_after[1] - cpu_before[1], 3)
+        if before is not None and after is not None:
+            run.update(metrics.delta(before, after))
         if raw is not None:
             run["profile"] = raw.name
         lat = result.latency_us

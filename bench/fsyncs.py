@@ -1,7 +1,8 @@
 """Counting the proxy's fsyncs per acknowledged write, from outside the process.
 
-The proxy exports no counters over HTTP (``AuditWriter.stats`` lives in the process), so
-two external sources are used, each read per measured window ``[start, end]``:
+The main figure now comes from the proxy's own counters (``bench/metrics.py``, its
+``/metrics`` listener); two external sources stay as cross-checks, each read per
+measured window ``[start, end]``:
 
 * **strace** (:func:`sync_times`): the server runs under
   ``strace -f --seccomp-bpf -ttt -T -e trace=fsync,fdatasync,syncfs,sync``; every line

@@ -7,6 +7,8 @@ percentiles (wrk reports percentiles, not a histogram that could be merged); non
 answers and socket errors are summed and shown next to the throughput. CPU time per
 answer (user + system of the server process, from ``/proc/PID/stat``) says what each
 server's work costs per request; with the core saturated, throughput follows from it.
+The proxy's own counters (``metrics_*``, scraped from its ``/metrics`` around each run,
+``bench/metrics.py``) give audit fsyncs and entries per group commit, summed like the rest.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class Aggregate:
     audit_entries: int | None
     cpu_user_s: float
     cpu_sys_s: float
+    metrics_audit_fsyncs: int | None = None
+    metrics_audit_batches: int | None = None
+    metrics_audit_entries: int | None = None
+    metrics_audit_failures: int | None = None
+    metrics_writes_acked: int | None = None
 
     @property
     def rps(self) -> float:
@@ -63,6 +70,19 @@ class Aggregate:
             return None
         return self.syncs / self.writes_acked
 
+    @property
+    def metrics_fsyncs_per_write(self) -> float | None:
+        """Audit fsyncs (the proxy's counter) per write wrk saw acknowledged."""
+        if self.metrics_audit_fsyncs is None or not self.writes_acked:
+            return None
+        return self.metrics_audit_fsyncs / self.writes_acked
+
+    @property
+    def metrics_entries_per_batch(self) -> float | None:
+        if not self.metrics_audit_batches or self.metrics_audit_entries is None:
+            return None
+        return self.metrics_audit_entries / self.metrics_audit_batches
+
     def to_json(self) -> dict[str, Any]:
         return {
             "rounds": self.rounds,
@@ -82,6 +102,13 @@ class Aggregate:
             "cpu_sys_s": round(self.cpu_sys_s, 3),
             "cpu_ms_per_request": round(self.cpu_ms_per_request, 3),
             "busy": round(self.busy, 3),
+            "metrics_audit_fsyncs": self.metrics_audit_fsyncs,
+            "metrics_audit_batches": self.metrics_audit_batches,
+            "metrics_audit_entries": self.metrics_audit_entries,
+            "metrics_audit_failures": self.metrics_audit_failures,
+            "metrics_writes_acked": self.metrics_writes_acked,
+            "metrics_fsyncs_per_write": _round(self.metrics_fsyncs_per_write, 4),
+            "metrics_entries_per_batch": _round(self.metrics_entries_per_batch, 2),
         }
 
 
@@ -108,6 +135,11 @@ def aggregate(runs: list[dict[str, Any]]) -> Aggregate:
         audit_entries=_sum_or_none([r.get("audit_entries") for r in runs]),
         cpu_user_s=sum(r.get("cpu_user_s", 0.0) for r in runs),
         cpu_sys_s=sum(r.get("cpu_sys_s", 0.0) for r in runs),
+        metrics_audit_fsyncs=_sum_or_none([r.get("metrics_audit_fsyncs") for r in runs]),
+        metrics_audit_batches=_sum_or_none([r.get("metrics_audit_batches") for r in runs]),
+        metrics_audit_entries=_sum_or_none([r.get("metrics_audit_entries") for r in runs]),
+        metrics_audit_failures=_sum_or_none([r.get("metrics_audit_failures") for r in runs]),
+        metrics_writes_acked=_sum_or_none([r.get("metrics_writes_acked") for r in runs]),
     )
 
 
@@ -189,43 +221,83 @@ def probe_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _num(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def sync_table(table: list[dict[str, Any]], probe: list[dict[str, Any]]) -> str:
     """Syncs per acknowledged write: the traced probe first, then the measured runs.
 
     The probe counts every sync call of the process (strace); the measured runs, whose
-    proxy is not traced, count audit batches (one fsync each) from the audit log.
+    proxy is not traced, count audit batches (one fsync each) from the audit log. Both
+    also carry the proxy's own counters (``/metrics``): audit fsyncs over the writes wrk
+    saw acknowledged, and entries per group commit; "acked (metrics)" is the proxy's
+    count of the same writes, a cross-check of wrk's.
     """
     lines = [
-        "| run | c | acked writes | fsyncs (strace) | fsyncs / write | mean fsync ms "
-        "| audit batches | audit batches / write | entries / batch |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | c | acked writes | acked (metrics) | fsyncs (strace) | fsyncs / write "
+        "| mean fsync ms | audit batches | audit batches / write | entries / batch "
+        "| fsyncs / acked write (metrics) | entries / batch (metrics) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     labelled = [("probe: " + r["scenario"], r) for r in probe]
     labelled += [(r["scenario"], r) for r in table]
+    failures: list[str] = []
     for label, row in labelled:
         p = row["proxy"]
         if not p["writes_acked"]:
             continue
-        per_write = p["syncs_per_write"]
         batches, entries, writes = p["audit_batches"], p["audit_entries"], p["writes_acked"]
-        sync_ms = p.get("sync_mean_ms")
         lines.append(
-            f"| {label} | {row['concurrency']} | {p['writes_acked']} "
-            f"| {'-' if p['syncs'] is None else p['syncs']} "
-            f"| {'-' if per_write is None else f'{per_write:.3f}'} "
-            f"| {'-' if sync_ms is None else f'{sync_ms:.2f}'} "
-            f"| {'-' if batches is None else batches} "
+            f"| {label} | {row['concurrency']} | {writes} "
+            f"| {_num(p.get('metrics_writes_acked'), 'd')} "
+            f"| {_num(p['syncs'], 'd')} | {_num(p['syncs_per_write'], '.3f')} "
+            f"| {_num(p.get('sync_mean_ms'), '.2f')} "
+            f"| {_num(batches, 'd')} "
             f"| {'-' if batches is None else f'{batches / writes:.3f}'} "
-            f"| {f'{entries / batches:.1f}' if batches else '-'} |"
+            f"| {f'{entries / batches:.1f}' if batches else '-'} "
+            f"| {_num(p.get('metrics_fsyncs_per_write'), '.3f')} "
+            f"| {_num(p.get('metrics_entries_per_batch'), '.1f')} |"
         )
+        if p.get("metrics_audit_failures"):
+            failures.append(f"{label} c={row['concurrency']}: {p['metrics_audit_failures']}")
+    if failures:
+        lines.append("")
+        lines.append("audit batches not made durable (metrics): " + ", ".join(failures))
     return "\n".join(lines)
+
+
+def _fsync_check(
+    table: list[dict[str, Any]], probe: list[dict[str, Any]]
+) -> tuple[str, list[tuple[dict[str, Any], float | None]]]:
+    """The fsync target's name and (row, value) pairs, from the best source measured.
+
+    First the proxy's own counters on the measured (untraced) spawn runs, then on the
+    probe's; without counters, the probe's strace count (every sync of the process),
+    then the measured runs' audit batches from the log.
+    """
+    spawn = [r for r in table if r["scenario"] == "spawn" and r["concurrency"] == SYNCS_AT]
+    probed = [r for r in probe if r["concurrency"] == SYNCS_AT]
+    for candidates in (spawn, probed):
+        values = [(r, r["proxy"].get("metrics_fsyncs_per_write")) for r in candidates]
+        if values and all(v is not None for _, v in values):
+            return "audit fsyncs / acked write < 0.2 (metrics)", values
+    if probed:
+        return "fsyncs / acked write < 0.2", [(r, r["proxy"]["syncs_per_write"]) for r in probed]
+    values = []
+    for row in spawn:
+        p = row["proxy"]
+        batches = p["audit_batches"]
+        value = batches / p["writes_acked"] if batches is not None and p["writes_acked"] else None
+        values.append((row, value))
+    return "audit fsyncs / acked write < 0.2", values
 
 
 def targets(table: list[dict[str, Any]], probe: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, checked against whatever this run measured.
 
-    Syncs per write come from the traced probe (every sync of the process); without a
-    probe, from the measured spawn runs' audit batches (audit fsyncs only).
+    Fsyncs per write come from the proxy's own counters when it exported them (see
+    :func:`_fsync_check` for the fallbacks).
     """
     checks: list[dict[str, Any]] = []
 
@@ -245,18 +317,8 @@ def targets(table: list[dict[str, Any]], probe: list[dict[str, Any]]) -> list[di
             limit = round(P99_FACTOR * f["p99_ms"] + P99_SLACK_MS, 3)
             check("p99 <= 1.5 x floor p99 + 2 ms", row, p["p99_ms"], limit,
                   p["p99_ms"] <= limit)  # fmt: skip
-    for row in probe or [r for r in table if r["scenario"] == "spawn"]:
-        if row["concurrency"] != SYNCS_AT:
-            continue
-        p = row["proxy"]
-        if probe:
-            name, value = "fsyncs / acked write < 0.2", p["syncs_per_write"]
-        else:
-            batches = p["audit_batches"]
-            name = "audit fsyncs / acked write < 0.2"
-            value = (
-                batches / p["writes_acked"] if batches is not None and p["writes_acked"] else None
-            )
+    name, values = _fsync_check(table, probe)
+    for row, value in values:
         check(name, row, value, SYNCS_PER_WRITE, value is not None and value < SYNCS_PER_WRITE)
     return checks
 
@@ -267,7 +329,7 @@ def targets_text(checks: list[dict[str, Any]]) -> str:
         value = "n/a" if c["value"] is None else f"{c['value']:.3g}"
         verdict = "ok  " if c["ok"] else "MISS"
         lines.append(
-            f"{verdict} {c['target']:<32} {c['scenario']:>7} c={c['concurrency']:<3} "
+            f"{verdict} {c['target']:<44} {c['scenario']:>7} c={c['concurrency']:<3} "
             f"{value} (limit {c['limit']:.3g})"
         )
     return "\n".join(lines)

@@ -17,12 +17,13 @@ both alike (``bench/drive.py``). Scenarios (``bench/<name>.lua``):
 * ``pairs``: spawn, then destroy what was spawned;
 * ``mix``: round-robin over the tenants: 70% status, 15% spawn, 15% destroy.
 
-Then, with strace on PATH, the fsync probe: a second proxy under strace, spawn at each
-concurrency, every sync call counted (``bench/fsyncs.py``). It prints the throughput
-table, CPU per request, syncs per acknowledged write and the issue's targets, writes
-``<results-dir>/<UTC timestamp>.json`` and plots ``<results-dir>/latest.png``
-(``bench/report.py``). Every load goes to 127.0.0.1 only, and every run is bounded in
-time; the servers are stopped (SIGTERM, then SIGKILL) whatever happens.
+The proxy's own counters are scraped from its ``/metrics`` around every run
+(``bench/metrics.py``). Then, with strace on PATH, the fsync probe: a second proxy under
+strace, spawn at each concurrency, every sync call counted (``bench/fsyncs.py``). It
+prints the throughput table, CPU per request, syncs per acknowledged write and the
+issue's targets, writes ``<results-dir>/<UTC timestamp>.json`` and plots
+``<results-dir>/latest.png`` (``bench/report.py``). Every load goes to 127.0.0.1 only,
+and every run is bounded in time; the servers are stopped (SIGTERM, then SIGKILL) whatever happens.
 """
 
 from __future__ import annotations

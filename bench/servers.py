@@ -3,7 +3,9 @@
 * the floor: ``hypercorn --worker-class trio --workers 0 bench.floor_app:app`` (Hypercorn's
   Trio worker in the process itself, as ``vm-tenant serve`` runs it);
 * the proxy: ``vm-tenant serve --data-dir <fresh temp dir> --fleet embedded`` with the
-  per-tenant limits off (``--rate-limit 0 --max-inflight-spawns 0``).
+  per-tenant limits off (``--rate-limit 0 --max-inflight-spawns 0``) and its Prometheus
+  listener on a free port (``--metrics-bind 127.0.0.1:PORT``; ``Server.metrics_url``),
+  which the driver scrapes around each run (``bench/metrics.py``).
 
 Pinning (:func:`detect_pinning`): with ``taskset`` and at least two usable cores, both
 servers run on the first core and wrk on the second, so the load generator never takes
@@ -79,6 +81,8 @@ class Server:
     pid: int
     log_path: Path
     trace_path: Path | None
+    #: ``http://127.0.0.1:PORT/metrics`` for the proxy; None for the floor
+    metrics_url: str | None = None
 
     def rss_kib(self) -> int | None:
         """Resident set size now (``VmRSS`` from ``/proc/PID/status``)."""
@@ -202,5 +206,8 @@ def start_proxy(workdir: Path, pinning: Pinning, *, trace: bool) -> tuple[Server
     # measure throughput; the per-tenant limits (50 req/s, 32 spawns in flight by
     # default) would turn most of that into 429s, so they are switched off here.
     argv += ["--rate-limit", "0", "--max-inflight-spawns", "0"]
+    metrics_port = free_port()
+    argv += ["--metrics-bind", f"127.0.0.1:{metrics_port}"]
     server = start_server("proxy", argv, port, "/readyz", workdir, pinning, trace=trace)
+    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     return server, data_dir

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client.exposition import generate_latest
+
+from actors.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 # bench/ is not an installed package; `python -m pytest` from the root finds it anyway,
@@ -21,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import fsyncs, report  # noqa: E402
+from bench import fsyncs, metrics, report  # noqa: E402
 from bench.run import SCENARIOS, parse_args  # noqa: E402
 from bench.wrk import REPORT_PREFIX, find_wrk, parse_wrk_output  # noqa: E402
 
@@ -84,6 +87,34 @@ def test_sync_lines_and_audit_batches(tmp_path: Path) -> None:
     assert fsyncs.batches_in(batches, start, start + 1) == (2, 4)
 
 
+def test_metrics_scrape_parse_and_delta() -> None:
+    """The proxy's real registry, rendered as /metrics renders it, read back by the bench."""
+    registry = Metrics()
+    registry.audit_batch_size.observe(1)
+    registry.audit_fsync.observe(0.001)
+    registry.http_requests.labels("POST", "/v1/vms", "201").inc()
+    before = metrics.parse(generate_latest(registry.registry).decode())
+    for size in (3, 5):
+        registry.audit_batch_size.observe(size)
+        registry.audit_fsync.observe(0.002)
+    registry.audit_batch_size.observe(2)
+    registry.audit_fsync_failed.inc()
+    registry.http_requests.labels("POST", "/v1/vms", "201").inc(4)
+    registry.http_requests.labels("DELETE", "/v1/vms/<vm_id>", "200").inc(2)
+    registry.http_requests.labels("POST", "/v1/vms", "409").inc()  # not an acked write
+    registry.http_requests.labels("GET", "/v1/vms/<vm_id>", "200").inc(9)
+    registry.fleet_call("spawn", "ok", 0.01)
+    after = metrics.parse(generate_latest(registry.registry).decode())
+    figures = metrics.delta(before, after)
+    assert figures["metrics_audit_fsyncs"] == 2
+    assert figures["metrics_audit_batches"] == 3
+    assert figures["metrics_audit_entries"] == 10
+    assert figures["metrics_audit_failures"] == 1
+    assert figures["metrics_writes_acked"] == 6
+    assert figures["metrics_fsync_mean_ms"] == 2.0
+    assert figures["metrics_fleet_calls"] == {"spawn/ok": 1}
+
+
 def _run(server: str, rps_requests: int, non_2xx: int = 0) -> dict[str, object]:
     return {
         "scenario": "spawn",
@@ -106,6 +137,30 @@ def test_report_rows_and_targets() -> None:
     assert "| spawn | 16 | 1000 | 800 | 0.80 |" in report.throughput_table(table)
     names = {check["target"] for check in report.targets(table, [])}
     assert names == {"spawn rps >= 0.75 x floor", "p99 <= 1.5 x floor p99 + 2 ms"}
+
+
+def test_fsync_target_prefers_the_proxys_counters() -> None:
+    proxy = _run("proxy", 800) | {"concurrency": 64, "audit_batches": 400, "audit_entries": 1600}
+    proxy |= {"metrics_audit_fsyncs": 120, "metrics_audit_batches": 120}
+    proxy |= {"metrics_audit_entries": 1600, "metrics_audit_failures": 0}
+    proxy |= {"metrics_writes_acked": 801}
+    floor = _run("floor", 1000) | {"concurrency": 64}
+    table = report.rows([floor, proxy])
+    side = table[0]["proxy"]
+    assert side["metrics_fsyncs_per_write"] == 0.15
+    assert side["metrics_entries_per_batch"] == 13.33
+    (check,) = [c for c in report.targets(table, []) if "fsyncs" in c["target"]]
+    assert check["target"].endswith("(metrics)")
+    assert check["value"] == 0.15 and check["ok"]
+    text = report.sync_table(table, [])
+    assert "fsyncs / acked write (metrics) | entries / batch (metrics) |" in text
+    assert text.splitlines()[-1].endswith(
+        "| 800 | 801 | 10 | 0.013 | - | 400 | 0.500 | 4.0 | 0.150 | 13.3 |"
+    )
+    # Without the counters the audit log's batches decide, as before.
+    plain = report.rows([floor, _run("proxy", 800) | {"concurrency": 64, "audit_batches": 400}])
+    (check,) = [c for c in report.targets(plain, []) if "fsyncs" in c["target"]]
+    assert check["target"] == "audit fsyncs / acked write < 0.2" and check["value"] == 0.5
 
 
 def test_cli_defaults() -> None:
@@ -133,6 +188,15 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     pairs = document["rows"][1]["proxy"]
     assert pairs["writes_acked"] > 0
     assert pairs["audit_batches"] > 0
+    # The proxy's own counters, scraped from its /metrics around each run.
+    assert pairs["metrics_writes_acked"] > 0
+    assert pairs["metrics_audit_fsyncs"] > 0
+    assert pairs["metrics_audit_failures"] == 0
+    assert isinstance(pairs["metrics_fsyncs_per_write"], float)
+    assert isinstance(pairs["metrics_entries_per_batch"], float)
+    assert document["rows"][0]["proxy"]["metrics_audit_fsyncs"] == 0  # status writes nothing
+    assert "fsyncs / acked write (metrics) | entries / batch (metrics) |" in done.stdout
     if shutil.which("strace") is not None:
         (probe,) = document["fsync_probe"]
         assert probe["proxy"]["syncs"] > 0
+        assert isinstance(probe["proxy"]["metrics_fsyncs_per_write"], float)
