@@ -5,7 +5,9 @@ synchronously, whether a verified token is still valid), and it starts one
 :class:`~actors.tenant.TenantActor` per tenant lazily, on first use, inside its own
 nursery. :meth:`TenantRegistry.actor` does no ``await`` between lookup and insert, so a
 tenant's actor can never be started twice; an actor that exhausted its restart budget is
-replaced by a fresh one over the same state on the next request.
+replaced by a fresh one over the same state on the next request. An actor idle for
+``passivate_after`` seconds with no job in flight ends itself and is forgotten here (the
+state stays), so memory follows the active tenants, not the provisioned ones.
 
 Tenant and token operations are rare and involve no fleet call: they are applied only
 once their audit entry is durable, and a pending creation reserves its id meanwhile.
@@ -17,6 +19,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable
+from math import inf
 from typing import Any
 
 import outcome
@@ -47,12 +50,14 @@ class TenantRegistry:
         *,
         mailbox_size: int = 256,
         call_timeout: float = 30.0,
+        passivate_after: float = inf,
     ) -> None:
         self._tenants = tenants
         self._audit = audit
         self._fleet = fleet
         self._mailbox_size = mailbox_size
         self.call_timeout = call_timeout
+        self._passivate_after = passivate_after
         self._actors: dict[str, TenantActor] = {}
         self._creating: set[str] = set()
         self._nursery: trio.Nursery | None = None
@@ -96,10 +101,27 @@ class TenantRegistry:
         if actor is None or actor.failed:
             if self._nursery is None or self._closed.is_set():
                 raise Busy("the service is shutting down")
-            actor = TenantActor(tenant, self._audit, self._fleet, mailbox_size=self._mailbox_size)
+            actor = TenantActor(
+                tenant,
+                self._audit,
+                self._fleet,
+                mailbox_size=self._mailbox_size,
+                passivate_after=self._passivate_after,
+                on_idle=self._passivated,
+            )
             self._actors[tenant_id] = actor
             self._nursery.start_soon(actor.run)
         return actor
+
+    def _passivated(self, actor: TenantActor) -> None:
+        # Called synchronously by the idle actor itself: the next message for the tenant
+        # starts a fresh actor over the same TenantState.
+        if self._actors.get(actor.tenant_id) is actor:
+            del self._actors[actor.tenant_id]
+
+    def is_active(self, tenant_id: str) -> bool:
+        """Whether the tenant has a running actor now (not passivated, never started)."""
+        return tenant_id in self._actors
 
     async def call(self, tenant_id: str, make: Callable[[Reply], Any]) -> Any:
         """Send ``make(reply)`` to the tenant's actor and wait for its answer.

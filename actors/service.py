@@ -48,6 +48,8 @@ class ServiceConfig:
     shutdown_grace: float = 10.0
     mailbox_size: int = 256
     embedded_boot_seconds: float = 1.0
+    #: an idle tenant actor ends after this many seconds; its state stays in memory
+    passivate_after: float = 300.0
     #: audit file work on the event loop thread (tests under Trio's virtual clock only)
     inline_io: bool = False
 
@@ -119,6 +121,7 @@ async def open_service(
         fleet,
         mailbox_size=config.mailbox_size,
         call_timeout=config.fleet_timeout * 2 + 5,
+        passivate_after=config.passivate_after,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
     service = Service(config, writer, fleet, registry, signer, snapshot_anchor=replayed.anchor)

@@ -25,6 +25,8 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
+from math import inf
 from typing import Any
 
 import outcome
@@ -33,6 +35,7 @@ import trio
 from actors.audit import SYSTEM_SOURCE, AuditTicket, AuditWriter, utc_now
 from actors.errors import (
     AuditUnavailable,
+    Busy,
     Conflict,
     DomainError,
     IdempotencyConflict,
@@ -104,6 +107,8 @@ class TenantActor:
         *,
         mailbox_size: int = 256,
         reconcile_backoff: tuple[float, float] = (0.5, 30.0),
+        passivate_after: float = inf,
+        on_idle: Callable[[TenantActor], None] | None = None,
     ) -> None:
         self.state = state
         self.audit = audit
@@ -120,6 +125,8 @@ class TenantActor:
         self._jobs = TenantJobs(state.id, fleet, SYSTEM, reconcile_backoff)
         self._nursery: trio.Nursery | None = None
         self._current: TenantMessage | None = None
+        self._passivate_after = passivate_after
+        self._on_idle = on_idle
 
     @property
     def tenant_id(self) -> str:
@@ -183,13 +190,44 @@ class TenantActor:
         return True
 
     async def _loop(self) -> None:
-        async for message in self._receive:
+        while (message := await self._next()) is not None:
             self._current = message
             if self._stopping is not None and isinstance(message, WRITE_COMMANDS):
                 send_reply(message.reply, outcome.Error(self._stopping))
             else:
                 self._handle(message)
             self._current = None
+
+    async def _next(self) -> TenantMessage | None:
+        """The next message; None once the mailbox is closed or the actor passivated."""
+        while True:
+            with trio.move_on_after(self._passivate_after):
+                try:
+                    return await self._receive.receive()
+                except trio.EndOfChannel:
+                    return None
+            # Idle for ``passivate_after``. Everything from here on is synchronous, so no
+            # message can slip in between the last look at the mailbox and the registry
+            # forgetting this actor: a later one starts a fresh actor over the same state.
+            try:
+                return self._receive.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            except trio.EndOfChannel:
+                return None
+            if self._passivate():
+                return None
+
+    def _passivate(self) -> bool:
+        """End an idle actor with no pending work; its state stays with the registry."""
+        busy = self._nursery is not None and bool(self._nursery.child_tasks)
+        if busy or self.closing or self._stopping is not None or self._on_idle is None:
+            return False
+        self._on_idle(self)
+        self._stopping = Busy("the tenant actor was passivated")
+        self.inbox.close()
+        self._internal.close()
+        return True
 
     def _handle(self, message: TenantMessage) -> None:
         match message:

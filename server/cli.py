@@ -68,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         data_dir=Path(args.data_dir), fleet=args.fleet, fleet_timeout=args.fleet_timeout
     )
+    config.passivate_after = args.passivate_after
     try:
         trio.run(serve, config, args.bind)
     except StartupError as error:
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=_env("VM_TENANT_FLEET_TIMEOUT", "10"),
         help="deadline of one fleet call, in seconds (default 10)",
+    )
+    serve_p.add_argument(
+        "--passivate-after",
+        type=_positive_seconds,
+        default=_env("VM_TENANT_PASSIVATE_AFTER", "300"),
+        help="end a tenant's idle actor after this many seconds (default 300)",
     )
     serve_p.set_defaults(func=cmd_serve)
 
