@@ -152,7 +152,7 @@ def test_scale_script_quick_mode_runs(tmp_path: Path) -> None:
     full = figures["memory_full"]
     assert (full["tenants"], full["vms"]) == (50, 600)
     assert full["active_actors"] == 50 and full["active_after_idle"] == 0
-    assert full["listing"]["tenant_vms"] == 200
+    assert full["listing"]["tenant_vms"] == 300
     for key in ("restart_full", "restart_history_1000", "restart_history_4000"):
         assert figures[key]["startup_s"] > 0
     assert figures["summary"]["bytes_per_vm"] != 0
