@@ -99,10 +99,7 @@ def load(data_dir: Path) -> tuple[ProxyState, Anchor]:
             vm.image = intern(vm.image)
             vm.state = intern(vm.state)
             vm.settled_state = intern(vm.settled_state)
-        # One bulk build (the ids come sorted) instead of a sorted insert per VM.
-        tenant.vms.update({vm.id: vm for vm in vms})
-        tenant.allocated_vcpus = sum(vm.vcpus for vm in vms)
-        tenant.allocated_memory = sum(vm.memory_mib for vm in vms)
+        tenant.load_vms(vms)
         tenant.idempotency = t.idempotency
         state.tenants[t.id] = tenant
     return state, snap.anchor

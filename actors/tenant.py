@@ -287,13 +287,9 @@ class TenantActor:
         }
 
     def _list(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        ids = self.state.vms.irange(minimum=after, inclusive=(False, False))
-        page: list[dict[str, Any]] = []
-        for vm_id in ids:
-            if len(page) == limit:
-                return page, page[-1]["id"]
-            page.append(self.state.vms[vm_id].to_json())
-        return page, None
+        vms = self.state.vms_after(after, limit + 1)
+        page = [vm.to_json() for vm in vms[:limit]]
+        return page, (page[-1]["id"] if len(vms) > limit else None)
 
     def _submit(
         self, op: str, outcome_: str, vm: str | None, source: Source, request_id: str | None,
