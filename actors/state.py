@@ -239,7 +239,8 @@ def _apply_spawn(tenant: TenantState, entry: dict[str, Any]) -> None:
         vm = tenant.vms.get(vm_id)
         if vm is not None:
             vm.state = vm.settled_state = sys.intern(detail["state"])
-            _settle_key(tenant, detail, 201, spawn_response(vm, detail["state"]))
+            if "idempotency_key" in detail:
+                _settle_key(tenant, detail, 201, spawn_response(vm, detail["state"]))
     elif outcome == "failed":
         tenant.remove_vm(vm_id)
         key = detail.get("idempotency_key")
