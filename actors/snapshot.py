@@ -14,8 +14,11 @@ the fold of a durable prefix, whatever the actors are doing meanwhile.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +80,30 @@ def snapshot_path(data_dir: Path) -> Path:
     return data_dir / "snapshot" / "state.json"
 
 
+@contextmanager
+def _bulk_build() -> Iterator[None]:
+    """No cyclic GC while millions of long-lived objects are created at once.
+
+    Each collection would walk everything built so far, for nothing: the state has no
+    garbage cycles. (Process-wide; whoever disabled it first enables it again, so
+    concurrent loads can only shorten the pause, never leave it disabled.)
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load(data_dir: Path) -> tuple[ProxyState, Anchor]:
     """The newest snapshot, or an empty state anchored at the genesis."""
+    with _bulk_build():
+        return _load(data_dir)
+
+
+def _load(data_dir: Path) -> tuple[ProxyState, Anchor]:
     path = snapshot_path(data_dir)
     state = ProxyState()
     if not path.exists():
@@ -143,6 +168,11 @@ def replay(data_dir: Path, *, upto: int | None = None, cut_torn: bool = False) -
     :class:`~actors.chain.ChainBroken`; a snapshot whose anchor is not in the log raises
     :class:`SnapshotError`.
     """
+    with _bulk_build():
+        return _replay(data_dir, upto, cut_torn)
+
+
+def _replay(data_dir: Path, upto: int | None, cut_torn: bool) -> Replayed:
     audit_dir = data_dir / "audit"
     state, anchor = load(data_dir)
     start, offset = _after_anchor(audit_dir, anchor)
