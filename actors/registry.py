@@ -74,6 +74,8 @@ class TenantRegistry:
                 # tenant's next request.
                 if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values()):
                     self.actor(tenant.id)
+            if self._passivate_after < inf:
+                nursery.start_soon(self._sweep)
             task_status.started()
             await self._closed.wait()
             for actor in self._actors.values():
@@ -106,18 +108,34 @@ class TenantRegistry:
                 self._audit,
                 self._fleet,
                 mailbox_size=self._mailbox_size,
-                passivate_after=self._passivate_after,
-                on_idle=self._passivated,
             )
             self._actors[tenant_id] = actor
             self._nursery.start_soon(actor.run)
         return actor
 
-    def _passivated(self, actor: TenantActor) -> None:
-        # Called synchronously by the idle actor itself: the next message for the tenant
-        # starts a fresh actor over the same TenantState.
-        if self._actors.get(actor.tenant_id) is actor:
-            del self._actors[actor.tenant_id]
+    def passivate_idle(self) -> int:
+        """End every actor idle for ``passivate_after`` with nothing pending; returns how many.
+
+        The next message for such a tenant starts a fresh actor over the same state.
+        """
+        idle_since = trio.current_time() - self._passivate_after
+        idle = [
+            tenant_id
+            for tenant_id, actor in self._actors.items()
+            if actor.passivate_if_idle(idle_since)
+        ]
+        for tenant_id in idle:
+            del self._actors[tenant_id]
+        return len(idle)
+
+    async def _sweep(self) -> None:
+        # One timer for all actors rather than a deadline per message: an actor ends
+        # between passivate_after and 1.25 x passivate_after after its last message.
+        while not self._closed.is_set():
+            with trio.move_on_after(self._passivate_after / 4):
+                await self._closed.wait()
+            if not self._closed.is_set():
+                self.passivate_idle()
 
     def is_active(self, tenant_id: str) -> bool:
         """Whether the tenant has a running actor now (not passivated, never started)."""

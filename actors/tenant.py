@@ -25,8 +25,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
-from math import inf
 from typing import Any
 
 import outcome
@@ -107,8 +105,6 @@ class TenantActor:
         *,
         mailbox_size: int = 256,
         reconcile_backoff: tuple[float, float] = (0.5, 30.0),
-        passivate_after: float = inf,
-        on_idle: Callable[[TenantActor], None] | None = None,
     ) -> None:
         self.state = state
         self.audit = audit
@@ -125,8 +121,8 @@ class TenantActor:
         self._jobs = TenantJobs(state.id, fleet, SYSTEM, reconcile_backoff)
         self._nursery: trio.Nursery | None = None
         self._current: TenantMessage | None = None
-        self._passivate_after = passivate_after
-        self._on_idle = on_idle
+        #: when the last message was taken (trio clock), for passivation
+        self.last_active = 0.0
 
     @property
     def tenant_id(self) -> str:
@@ -149,6 +145,7 @@ class TenantActor:
         recent: deque[float] = deque()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.last_active = trio.current_time()
             for vm in list(self.state.vms.values()):
                 if vm.state in IN_DOUBT_STATES:
                     self._start_reconcile(vm)
@@ -190,7 +187,8 @@ class TenantActor:
         return True
 
     async def _loop(self) -> None:
-        while (message := await self._next()) is not None:
+        async for message in self._receive:
+            self.last_active = trio.current_time()
             self._current = message
             if self._stopping is not None and isinstance(message, WRITE_COMMANDS):
                 send_reply(message.reply, outcome.Error(self._stopping))
@@ -198,32 +196,25 @@ class TenantActor:
                 self._handle(message)
             self._current = None
 
-    async def _next(self) -> TenantMessage | None:
-        """The next message; None once the mailbox is closed or the actor passivated."""
-        while True:
-            with trio.move_on_after(self._passivate_after):
-                try:
-                    return await self._receive.receive()
-                except trio.EndOfChannel:
-                    return None
-            # Idle for ``passivate_after``. Everything from here on is synchronous, so no
-            # message can slip in between the last look at the mailbox and the registry
-            # forgetting this actor: a later one starts a fresh actor over the same state.
-            try:
-                return self._receive.receive_nowait()
-            except trio.WouldBlock:
-                pass
-            except trio.EndOfChannel:
-                return None
-            if self._passivate():
-                return None
+    def passivate_if_idle(self, idle_since: float) -> bool:
+        """End the actor if it took no message since ``idle_since`` and has nothing pending.
 
-    def _passivate(self) -> bool:
-        """End an idle actor with no pending work; its state stays with the registry."""
-        busy = self._nursery is not None and bool(self._nursery.child_tasks)
-        if busy or self.closing or self._stopping is not None or self._on_idle is None:
+        Synchronous, so nothing can reach the mailbox between the checks and the close.
+        The loop must be parked in ``receive`` with an empty buffer: a message handed
+        straight to a waiting receiver has left the buffer but not been handled yet.
+        The caller forgets the actor when this returns True; its state is not touched.
+        """
+        stats = self._receive.statistics()
+        if (
+            self.last_active > idle_since
+            or self.closing
+            or self._stopping is not None
+            or self._nursery is None
+            or self._nursery.child_tasks
+            or stats.current_buffer_used
+            or stats.tasks_waiting_receive != 1
+        ):
             return False
-        self._on_idle(self)
         self._stopping = Busy("the tenant actor was passivated")
         self.inbox.close()
         self._internal.close()
