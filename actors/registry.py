@@ -5,7 +5,9 @@ synchronously, whether a verified token is still valid), and it starts one
 :class:`~actors.tenant.TenantActor` per tenant lazily, on first use, inside its own
 nursery. :meth:`TenantRegistry.actor` does no ``await`` between lookup and insert, so a
 tenant's actor can never be started twice; an actor that exhausted its restart budget is
-replaced by a fresh one over the same state on the next request.
+replaced by a fresh one over the same state on the next request. An actor idle for
+``passivate_after`` seconds with no job in flight ends itself and is forgotten here (the
+state stays), so memory follows the active tenants, not the provisioned ones.
 
 Tenant and token operations are rare and involve no fleet call: they are applied only
 once their audit entry is durable, and a pending creation reserves its id meanwhile.
@@ -18,6 +20,7 @@ import itertools
 import logging
 import secrets
 from collections.abc import Callable
+from math import inf
 from typing import Any
 
 import trio
@@ -51,6 +54,7 @@ class TenantRegistry:
         mailbox_size: int = 256,
         call_timeout: float = 30.0,
         limits: LimitSettings | None = None,
+        passivate_after: float = inf,
     ) -> None:
         # Sorted by id, so that listing pages start after a cursor without a scan.
         self._tenants = tenants if isinstance(tenants, SortedDict) else SortedDict(tenants)
@@ -58,6 +62,7 @@ class TenantRegistry:
         self._fleet = fleet
         self._mailbox_size = mailbox_size
         self.call_timeout = call_timeout
+        self._passivate_after = passivate_after
         self._actors: dict[str, TenantActor] = {}
         self._creating: set[str] = set()
         #: token ids whose issue entry is submitted but not yet durable, per tenant
@@ -78,6 +83,8 @@ class TenantRegistry:
                 # tenant's next request.
                 if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values()):
                     self.actor(tenant.id)
+            if self._passivate_after < inf:
+                nursery.start_soon(self._sweep)
             task_status.started()
             await self._closed.wait()
             for actor in self._actors.values():
@@ -146,10 +153,43 @@ class TenantRegistry:
         if actor is None or actor.failed:
             if self._nursery is None or self._closed.is_set():
                 raise Busy("the service is shutting down")
-            actor = TenantActor(tenant, self._audit, self._fleet, mailbox_size=self._mailbox_size)
+            actor = TenantActor(
+                tenant,
+                self._audit,
+                self._fleet,
+                mailbox_size=self._mailbox_size,
+            )
             self._actors[tenant_id] = actor
             self._nursery.start_soon(actor.run)
         return actor
+
+    def passivate_idle(self) -> int:
+        """End every actor idle for ``passivate_after`` with nothing pending; returns how many.
+
+        The next message for such a tenant starts a fresh actor over the same state.
+        """
+        idle_since = trio.current_time() - self._passivate_after
+        idle = [
+            tenant_id
+            for tenant_id, actor in self._actors.items()
+            if actor.passivate_if_idle(idle_since)
+        ]
+        for tenant_id in idle:
+            del self._actors[tenant_id]
+        return len(idle)
+
+    async def _sweep(self) -> None:
+        # One timer for all actors rather than a deadline per message: an actor ends
+        # between passivate_after and 1.25 x passivate_after after its last message.
+        while not self._closed.is_set():
+            with trio.move_on_after(self._passivate_after / 4):
+                await self._closed.wait()
+            if not self._closed.is_set():
+                self.passivate_idle()
+
+    def is_active(self, tenant_id: str) -> bool:
+        """Whether the tenant has a running actor now (not passivated, never started)."""
+        return tenant_id in self._actors
 
     async def call(self, tenant_id: str, make: Callable[[Reply], Any]) -> Any:
         """Send ``make(reply)`` to the tenant's actor and wait for its answer.

@@ -54,6 +54,8 @@ class ServiceConfig:
     rate_limit: float = 50.0
     rate_burst: int = 100
     max_inflight_spawns: int = 32
+    #: an idle tenant actor ends after this many seconds; its state stays in memory
+    passivate_after: float = 300.0
     #: audit file work on the event loop thread (tests under Trio's virtual clock only)
     inline_io: bool = False
 
@@ -140,6 +142,7 @@ async def open_service(
         mailbox_size=config.mailbox_size,
         call_timeout=config.fleet_timeout * 2 + 5,
         limits=limits,
+        passivate_after=config.passivate_after,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
     metrics.watch(registry, writer)

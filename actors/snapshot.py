@@ -14,8 +14,11 @@ the fold of a durable prefix, whatever the actors are doing meanwhile.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,10 @@ from actors.chain import (
     GENESIS,
     ChainBroken,
     ChainVerifier,
+    Chunk,
     RawLine,
     VerifyReport,
+    iter_chunks,
     iter_lines,
 )
 from actors.fsutil import atomic_write
@@ -75,8 +80,30 @@ def snapshot_path(data_dir: Path) -> Path:
     return data_dir / "snapshot" / "state.json"
 
 
+@contextmanager
+def _bulk_build() -> Iterator[None]:
+    """No cyclic GC while millions of long-lived objects are created at once.
+
+    Each collection would walk everything built so far, for nothing: the state has no
+    garbage cycles. (Process-wide; whoever disabled it first enables it again, so
+    concurrent loads can only shorten the pause, never leave it disabled.)
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load(data_dir: Path) -> tuple[ProxyState, Anchor]:
     """The newest snapshot, or an empty state anchored at the genesis."""
+    with _bulk_build():
+        return _load(data_dir)
+
+
+def _load(data_dir: Path) -> tuple[ProxyState, Anchor]:
     path = snapshot_path(data_dir)
     state = ProxyState()
     if not path.exists():
@@ -87,10 +114,18 @@ def load(data_dir: Path) -> tuple[ProxyState, Anchor]:
         raise SnapshotError(f"{path}: unreadable snapshot: {error}") from None
     if snap.version != SNAPSHOT_VERSION:
         raise SnapshotError(f"{path}: unknown snapshot version {snap.version}")
+    intern = sys.intern
     for t in snap.tenants:
         tenant = TenantState(t.id, t.quota, set(t.tokens))
-        for vm in t.vms:
-            tenant.add_vm(vm)
+        vms = t.vms
+        # The decoder gives every record its own copy of strings that repeat across a
+        # million VMs; sharing them is most of a record's size.
+        for vm in vms:
+            vm.tenant = t.id
+            vm.image = intern(vm.image)
+            vm.state = intern(vm.state)
+            vm.settled_state = intern(vm.settled_state)
+        tenant.load_vms(vms)
         tenant.idempotency = t.idempotency
         state.tenants[t.id] = tenant
     return state, snap.anchor
@@ -133,34 +168,46 @@ def replay(data_dir: Path, *, upto: int | None = None, cut_torn: bool = False) -
     :class:`~actors.chain.ChainBroken`; a snapshot whose anchor is not in the log raises
     :class:`SnapshotError`.
     """
+    with _bulk_build():
+        return _replay(data_dir, upto, cut_torn)
+
+
+def _replay(data_dir: Path, upto: int | None, cut_torn: bool) -> Replayed:
     audit_dir = data_dir / "audit"
     state, anchor = load(data_dir)
-    lines = _lines_from_anchor(audit_dir, anchor)
+    start, offset = _after_anchor(audit_dir, anchor)
     verifier = ChainVerifier(anchor.seq, anchor.hash)
+    check = verifier.check
     result = Replayed(state, anchor, anchor)
-    last: tuple[RawLine, dict[str, Any]] | None = None
-    for line in lines:
+    last: tuple[Chunk, int, dict[str, Any]] | None = None
+    chunks = iter_chunks(audit_dir, start, offset)
+    for chunk in chunks:
         if upto is not None and verifier.seq >= upto:
             break
-        if not line.complete:
-            if next(lines, None) is not None:
+        if chunk.torn:
+            if any(more.lines or more.torn for more in chunks):
                 raise ChainBroken(verifier.report("tampered", verifier.seq + 1, "torn line"))
             if cut_torn:
-                _cut(line.segment, line.offset)
+                _cut(chunk.segment, chunk.offset)
                 result.torn_cut = True
             break
-        entry = verifier.check(line.data)
-        apply(state, entry)
-        last = (line, entry)
+        lines = chunk.lines if upto is None else chunk.lines[: upto - verifier.seq]
+        for data in lines:
+            entry = check(data)
+            apply(state, entry)
+        if lines:
+            last = (chunk, len(lines), entry)
     if last is not None:
-        line, entry = last
-        result.head = Anchor(entry["seq"], entry["hash"], line.segment.name, line.offset)
+        chunk, count, entry = last
+        # where the last line applied starts: after the count - 1 lines (and newlines) before it
+        position = chunk.offset + sum(map(len, chunk.lines[: count - 1])) + count - 1
+        result.head = Anchor(entry["seq"], entry["hash"], chunk.segment.name, position)
         result.last_ts = entry["ts"]
     return result
 
 
-def _lines_from_anchor(audit_dir: Path, anchor: Anchor) -> Iterator[RawLine]:
-    """Lines after the anchor, having checked that the anchor line is still what it was.
+def _after_anchor(audit_dir: Path, anchor: Anchor) -> tuple[Path | None, int]:
+    """Where the line after the anchor starts, having checked the anchor is what it was.
 
     The anchor is looked up at its recorded offset first. If an earlier line of its
     segment changed length, the offset no longer fits; then the segment is searched for
@@ -168,20 +215,18 @@ def _lines_from_anchor(audit_dir: Path, anchor: Anchor) -> Iterator[RawLine]:
     (writes refused) instead of as a missing anchor (start refused).
     """
     if anchor.seq == 0:
-        return iter_lines(audit_dir)
+        return None, 0
     segment = audit_dir / (anchor.segment or "")
     if anchor.segment is None or not segment.exists():
         raise SnapshotError(f"snapshot anchor seq {anchor.seq} points into a missing segment")
-    lines = iter_lines(audit_dir, segment, anchor.offset)
-    first = next(lines, None)
+    first = next(iter_lines(audit_dir, segment, anchor.offset), None)
     if first is not None and _is_anchor(first, anchor):
-        return lines
-    lines = iter_lines(audit_dir, segment)
-    for line in lines:
+        return segment, first.offset + len(first.data) + 1
+    for line in iter_lines(audit_dir, segment):
         if line.segment != segment:
             break
         if _is_anchor(line, anchor):
-            return lines
+            return segment, line.offset + len(line.data) + 1
     raise SnapshotError(
         f"the log no longer holds the snapshot's anchor entry seq {anchor.seq} unchanged"
     )
@@ -213,13 +258,15 @@ def _cut(segment: Path, offset: int) -> None:
 def verify_prefix(audit_dir: Path, anchor: Anchor) -> VerifyReport:
     """Verify the chain from the genesis up to and including the anchor entry."""
     verifier = ChainVerifier()
+    check = verifier.check
     try:
-        for line in iter_lines(audit_dir):
+        for chunk in iter_chunks(audit_dir):
             if verifier.seq >= anchor.seq:
                 break
-            if not line.complete:
+            if chunk.torn:
                 return verifier.report("truncated", verifier.seq + 1, "log ends before anchor")
-            verifier.check(line.data)
+            for data in chunk.lines[: anchor.seq - verifier.seq]:
+                check(data)
     except ChainBroken as broken:
         return broken.report
     if verifier.seq < anchor.seq:

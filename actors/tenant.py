@@ -33,6 +33,7 @@ import trio
 from actors.audit import SYSTEM_SOURCE, AuditTicket, AuditWriter, utc_now
 from actors.errors import (
     AuditUnavailable,
+    Busy,
     Conflict,
     DomainError,
     IdempotencyConflict,
@@ -121,6 +122,8 @@ class TenantActor:
         self._jobs = TenantJobs(state.id, fleet, SYSTEM, reconcile_backoff)
         self._nursery: trio.Nursery | None = None
         self._current: TenantMessage | None = None
+        #: when the last message was taken (trio clock), for passivation
+        self.last_active = 0.0
 
     @property
     def tenant_id(self) -> str:
@@ -143,6 +146,7 @@ class TenantActor:
         recent: deque[float] = deque()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.last_active = trio.current_time()
             for vm in list(self.state.vms.values()):
                 if vm.state in IN_DOUBT_STATES:
                     self._start_reconcile(vm)
@@ -185,12 +189,37 @@ class TenantActor:
 
     async def _loop(self) -> None:
         async for message in self._receive:
+            self.last_active = trio.current_time()
             self._current = message
             if self._stopping is not None and isinstance(message, WRITE_COMMANDS):
                 send_reply(message.reply, outcome.Error(self._stopping))
             else:
                 self._handle(message)
             self._current = None
+
+    def passivate_if_idle(self, idle_since: float) -> bool:
+        """End the actor if it took no message since ``idle_since`` and has nothing pending.
+
+        Synchronous, so nothing can reach the mailbox between the checks and the close.
+        The loop must be parked in ``receive`` with an empty buffer: a message handed
+        straight to a waiting receiver has left the buffer but not been handled yet.
+        The caller forgets the actor when this returns True; its state is not touched.
+        """
+        stats = self._receive.statistics()
+        if (
+            self.last_active > idle_since
+            or self.closing
+            or self._stopping is not None
+            or self._nursery is None
+            or self._nursery.child_tasks
+            or stats.current_buffer_used
+            or stats.tasks_waiting_receive != 1
+        ):
+            return False
+        self._stopping = Busy("the tenant actor was passivated")
+        self.inbox.close()
+        self._internal.close()
+        return True
 
     def _handle(self, message: TenantMessage) -> None:
         match message:

@@ -30,12 +30,9 @@ def vm_page(
     Starts at ``after`` in the sorted index, so a page deep into a long list costs what
     the first one does.
     """
-    page: list[dict[str, Any]] = []
-    for vm_id in tenant.vms.irange(minimum=after, inclusive=(False, False)):
-        if len(page) == limit:
-            return page, page[-1]["id"]
-        page.append(tenant.vms[vm_id].to_json())
-    return page, None
+    vms = tenant.vms_after(after, limit + 1)
+    page = [vm.to_json() for vm in vms[:limit]]
+    return page, (page[-1]["id"] if len(vms) > limit else None)
 
 
 def usage_view(tenant: TenantState) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actors.chain import ChainBroken, ChainVerifier, VerifyReport, iter_lines
+from actors.chain import ChainBroken, ChainVerifier, VerifyReport, iter_chunks
 from actors.checkpoint import load_public_key, public_key_path, read_checkpoints, signature_valid
 
 
@@ -46,21 +46,23 @@ def verify_data_dir(
         expected[expect_head[0]] = (expect_head[1], "the expected head")
 
     torn = False
+    check = verifier.check
     try:
-        for line in iter_lines(data_dir / "audit"):
+        for chunk in iter_chunks(data_dir / "audit"):
             if torn:
                 raise ChainBroken(
                     verifier.report("tampered", verifier.seq + 1, "line without newline")
                 )
-            if not line.complete:
+            if chunk.torn:
                 torn = True
                 continue
-            entry = verifier.check(line.data)
-            want = expected.get(entry["seq"])
-            if want is not None and want[0] != entry["hash"]:
-                raise ChainBroken(
-                    verifier.report("tampered", entry["seq"], f"hash differs from {want[1]}")
-                )
+            for data in chunk.lines:
+                entry = check(data)
+                want = expected.get(entry["seq"])
+                if want is not None and want[0] != entry["hash"]:
+                    raise ChainBroken(
+                        verifier.report("tampered", entry["seq"], f"hash differs from {want[1]}")
+                    )
     except ChainBroken as broken:
         return broken.report
     if expected:

@@ -77,6 +77,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             rate_limit=self.limits.rate,
             rate_burst=self.limits.burst,
             max_inflight_spawns=self.limits.max_inflight_spawns,
+            passivate_after=self.passivate_after,
         )
 
 

@@ -200,3 +200,23 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         (probe,) = document["fsync_probe"]
         assert probe["proxy"]["syncs"] > 0
         assert isinstance(probe["proxy"]["metrics_fsyncs_per_write"], float)
+
+
+def test_scale_script_quick_mode_runs(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
+    figures = json.loads(out.read_text())
+    assert figures["replay"]["entries"] > 1000
+    full = figures["memory_full"]
+    assert (full["tenants"], full["vms"]) == (50, 600)
+    assert full["active_actors"] == 50 and full["active_after_idle"] == 0
+    assert full["listing"]["tenant_vms"] == 300
+    for key in ("restart_full", "restart_history_1000", "restart_history_4000"):
+        assert figures[key]["startup_s"] > 0
+    assert figures["summary"]["bytes_per_vm"] != 0
