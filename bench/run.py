@@ -2,7 +2,8 @@
 
 Run it from the project root::
 
-    .venv/bin/python -m bench.run            # full: ~8 minutes on 2 cores
+    .venv/bin/python -m bench.run --scale    # everything: the matrix, then bench.scale
+    .venv/bin/python -m bench.run            # the HTTP matrix only: ~8 minutes on 2 cores
     .venv/bin/python -m bench.run --quick    # a few seconds a scenario, for a smoke check
 
 It starts both servers (``bench/servers.py``: pinned, each a subprocess on 127.0.0.1),
@@ -24,22 +25,28 @@ prints the throughput table, CPU per request, syncs per acknowledged write and t
 issue's targets, writes ``<results-dir>/<UTC timestamp>.json`` and plots
 ``<results-dir>/latest.png`` (``bench/report.py``). Every load goes to 127.0.0.1 only,
 and every run is bounded in time; the servers are stopped (SIGTERM, then SIGKILL) whatever happens.
+
+``--scale`` then runs ``bench.scale`` (memory per tenant and VM, passivation, listing
+depth, start-up, replay and verify rates; about 15 minutes at full size) in a subprocess
+and puts its figures and targets in the same document.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import report, scale_report
 from bench.drive import Bench, Plan, attach_audit_batches, keep_profiles, prepare_data
 from bench.profile import find_py_spy
 from bench.servers import STRACE_HINT, Pinning, Server, detect_pinning, start_floor, start_proxy
@@ -82,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy every measured run (skews the figures)"
+    )
+    parser.add_argument(
+        "--scale", action="store_true", help="then bench.scale (tiny sizes with --quick)"
     )
     args = parser.parse_args(argv)
     for name in ("duration", "rounds", "tenants"):
@@ -183,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     table = report.rows(runs)
     probe_table = report.probe_rows(probe_runs)
     checks = report.targets(table, probe_table)
+    scale = run_scale(args.quick) if args.scale else None
+    if scale is not None:
+        checks += scale_report.targets(scale)
     document = {
         "started": stamp,
         "machine": info,
@@ -193,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         "targets": checks,
         "runs": runs,
         "probe_runs": probe_runs,
+        "scale": scale,
     }
     out = report.write_json(args.results_dir / f"{stamp}.json", document)
     for text in (
         report.throughput_table(table),
         report.cpu_table(table),
         report.sync_table(table, probe_table),
+        *([] if scale is None else [scale_report.table(scale)]),
         report.targets_text(checks),
         *profiles,
     ):
@@ -211,6 +226,22 @@ def main(argv: list[str] | None = None) -> int:
         if png is not None:
             print(f"wrote {png}")
     return 0
+
+
+def run_scale(quick: bool) -> dict[str, Any]:
+    """``bench.scale`` in a subprocess of its own (its RSS figures must not include ours)."""
+    with tempfile.TemporaryDirectory(prefix="vm-tenant-scale-out-") as tmp:
+        out = Path(tmp) / "scale.json"
+        command = [sys.executable, "-m", "bench.scale", "--out", str(out)]
+        print("\nbench.scale" + (" --quick" if quick else ""), flush=True)
+        subprocess.run(
+            [*command, *(["--quick"] if quick else [])],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=3600,
+        )
+        figures: dict[str, Any] = json.loads(out.read_text())
+    return figures
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import fsyncs, metrics, report  # noqa: E402
+from bench import fsyncs, metrics, report, scale_report  # noqa: E402
 from bench.run import SCENARIOS, parse_args  # noqa: E402
 from bench.wrk import REPORT_PREFIX, find_wrk, parse_wrk_output  # noqa: E402
 
@@ -220,3 +220,9 @@ def test_scale_script_quick_mode_runs(tmp_path: Path) -> None:
     for key in ("restart_full", "restart_history_1000", "restart_history_4000"):
         assert figures[key]["startup_s"] > 0
     assert figures["summary"]["bytes_per_vm"] != 0
+    # bench.run --scale renders these figures and checks them against the targets.
+    rendered = scale_report.table(figures)
+    assert "| full replay |" in rendered and "| audit verify |" in rendered
+    checks = {c["target"]: c for c in scale_report.targets(figures)}
+    assert checks["no actor left after idling"]["ok"]
+    assert checks["start-up < 3 s with 4,000 entries"]["value"] > 0
