@@ -31,7 +31,7 @@ def table(figures: dict[str, Any]) -> str:
             f"{summary['bytes_per_tenant']:,} / {summary['bytes_per_vm']:,}",
         ),
         (
-            "RSS with every tenant actor active",
+            f"RSS with {full['active_actors']:,} tenant actors running at once",
             f"{summary['rss_all_active_mib']} MiB "
             f"({summary['bytes_per_active_actor']:,} B per actor)",
         ),
