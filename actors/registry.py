@@ -240,26 +240,37 @@ class TenantRegistry:
 
     async def delete_tenant(self, tenant_id: str, source: Source, request_id: str) -> None:
         """Deprovision a tenant with no VMs; all its tokens stop working."""
-        await self.call(tenant_id, Retire)
-        actor = self.actor(tenant_id)
-        # Deleting revokes every token, also one whose issue is not durable yet (its entry
-        # precedes this one in the log).
-        tokens = self._tenants[tenant_id].tokens | self._issuing.get(tenant_id, set())
-        detail = {"revoked_token_ids": sorted(tokens)}
+        # Once Retire is queued the tenant refuses writes until the delete ends one way or
+        # the other, so a caller that goes away must not leave it half-deleted: shielded
+        # (each wait inside still has its own deadline).
         with trio.CancelScope(shield=True):
+            try:
+                await self.call(tenant_id, Retire)
+            except trio.TooSlowError:
+                # Retire may still be handled later: take it back behind it.
+                await self._reopen(self.actor(tenant_id))
+                raise
+            actor = self.actor(tenant_id)
+            # Deleting revokes every token, also one whose issue is not durable yet (its
+            # entry precedes this one in the log).
+            tokens = self._tenants[tenant_id].tokens | self._issuing.get(tenant_id, set())
+            detail = {"revoked_token_ids": sorted(tokens)}
             try:
                 ticket = self._submit("tenant.delete", tenant_id, source, request_id, detail)
                 await ticket.wait()
             except AuditUnavailable:
-                # Not deleted after all: take spawns again (a blocking send, so a full
-                # mailbox delays this instead of losing it).
-                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                    await actor.inbox.send(Reopen())
+                await self._reopen(actor)  # not deleted after all: take spawns again
                 raise
         del self._tenants[tenant_id]
         self._actors.pop(tenant_id, None)
         self.limits.forget(tenant_id)
         actor.stop(NotFound("no such tenant"))
+
+    @staticmethod
+    async def _reopen(actor: TenantActor) -> None:
+        # A blocking send, so a full mailbox delays this instead of losing it.
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await actor.inbox.send(Reopen())
 
     async def issue_token(
         self, tenant_id: str, source: Source, request_id: str, expires_at: str | None = None

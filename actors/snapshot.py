@@ -81,13 +81,18 @@ def snapshot_path(data_dir: Path) -> Path:
 
 
 @contextmanager
-def _bulk_build() -> Iterator[None]:
+def _bulk_build(pause_gc: bool = True) -> Iterator[None]:
     """No cyclic GC while millions of long-lived objects are created at once.
 
     Each collection would walk everything built so far, for nothing: the state has no
-    garbage cycles. (Process-wide; whoever disabled it first enables it again, so
-    concurrent loads can only shorten the pause, never leave it disabled.)
+    garbage cycles. The switch is process-wide, so only the start-up, before anything
+    else runs, pauses it: a compaction in a worker thread while requests are served must
+    not (their task and traceback cycles would pile up meanwhile). Whoever disabled it
+    first enables it again.
     """
+    if not pause_gc:
+        yield
+        return
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -159,22 +164,24 @@ class Replayed:
     last_ts: str | None = None
 
 
-def replay(data_dir: Path, *, upto: int | None = None, cut_torn: bool = False) -> Replayed:
+def replay(
+    data_dir: Path, *, upto: int | None = None, cut_torn: bool = False, pause_gc: bool = True
+) -> Replayed:
     """Load the snapshot and apply the verified entries after its anchor.
 
     ``upto`` stops after that ``seq`` (compaction of a log that is still growing).
     ``cut_torn`` cuts an incomplete last line off the log (start-up only: the writer is
     not running yet, so such a line was never acknowledged). Any other damage raises
     :class:`~actors.chain.ChainBroken`; a snapshot whose anchor is not in the log raises
-    :class:`SnapshotError`.
+    :class:`SnapshotError`. ``pause_gc`` is for the start-up only (see :func:`_bulk_build`).
     """
-    with _bulk_build():
+    with _bulk_build(pause_gc):
         return _replay(data_dir, upto, cut_torn)
 
 
 def _replay(data_dir: Path, upto: int | None, cut_torn: bool) -> Replayed:
     audit_dir = data_dir / "audit"
-    state, anchor = load(data_dir)
+    state, anchor = _load(data_dir)  # the caller decided about the GC
     start, offset = _after_anchor(audit_dir, anchor)
     verifier = ChainVerifier(anchor.seq, anchor.hash)
     check = verifier.check
@@ -278,7 +285,7 @@ def verify_prefix(audit_dir: Path, anchor: Anchor) -> VerifyReport:
 
 def compact(data_dir: Path, upto: int) -> Anchor:
     """Write a new snapshot covering the durable log up to ``upto``; returns its anchor."""
-    replayed = replay(data_dir, upto=upto)
+    replayed = replay(data_dir, upto=upto, pause_gc=False)  # runs while the service serves
     if replayed.head.seq == replayed.anchor.seq:
         return replayed.anchor
     if replayed.last_ts is not None:

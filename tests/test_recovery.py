@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 
+from actors import snapshot as snapshot_module
 from actors.audit import SYSTEM_SOURCE
 from actors.chain import seal
 from actors.errors import AuditUnavailable
@@ -194,3 +195,18 @@ async def test_operations_in_doubt_are_resolved_against_the_fleet(data_dir: Path
     assert resolutions[("vm-lost", "vm.spawn")]["outcome"] == "succeeded"
     assert resolutions[(doomed["id"], "vm.destroy")]["outcome"] == "succeeded"
     assert all(e["source"] == SYSTEM_SOURCE for e in resolutions.values())
+
+
+async def test_a_compaction_while_serving_leaves_the_collector_on(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_service(service_config(data_dir)) as service:
+        await populate(service)
+
+        def refuse() -> None:
+            raise AssertionError("a compaction switched the process's cyclic GC off")
+
+        # The switch is process-wide: while requests are served it must stay on.
+        monkeypatch.setattr(snapshot_module.gc, "disable", refuse)
+        anchor = await service.write_snapshot()
+        assert anchor.seq == service.audit.seq

@@ -26,6 +26,7 @@ from actors.errors import AuditUnavailable, FleetError
 from actors.fleet import VmSpec
 from actors.fleet_embedded import EmbeddedFleet
 from actors.messages import GetUsage, ListVms, Source, Spawn, UpdateQuota
+from actors.reply import Reply
 from actors.service import Service, open_service
 from actors.state import Quota
 from actors.verify import verify_data_dir
@@ -199,3 +200,27 @@ async def test_torn_checkpoint_line_is_cut_on_open(data_dir: Path) -> None:
     assert all(c is not None for c in read_checkpoints(data_dir))
     assert verify_data_dir(data_dir).verdict == "ok"
     assert CheckpointSigner(data_dir).latest is not None
+
+
+async def test_a_delete_whose_caller_goes_away_does_not_leave_the_tenant_half_deleted(
+    data_dir: Path,
+) -> None:
+    async with open_service(service_config(data_dir)) as service:
+        registry = service.registry
+        await registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "r")
+        actor = registry.actor("acme")
+        for _ in range(50):  # the actor takes one message per scheduling round
+            actor.inbox.send_nowait(GetUsage(Reply()))
+        with trio.CancelScope() as caller:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(registry.delete_tenant, "acme", ADMIN, "r")
+                for _ in range(3):
+                    await trio.lowlevel.checkpoint()
+                # Retire is queued behind the reads, its caller waiting for the answer:
+                caller.cancel()  # the client disconnected
+        await trio.testing.wait_all_tasks_blocked()
+        # Either way, never a tenant that exists yet refuses every write as "being deleted".
+        if registry.exists("acme"):
+            assert (await spawn(service))["tenant"] == "acme"
+        else:
+            assert json.loads(audit_lines(data_dir)[-1])["op"] == "tenant.delete"
