@@ -15,7 +15,7 @@ each actor's state between two of its turns.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -37,6 +37,18 @@ FLEET_RESULTS = ("ok", "error", "in_doubt", "unavailable", "timeout", "refused")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def child(cache: dict[tuple[str, ...], Any], family: Any, *labels: str) -> Any:
+    """``family.labels(*labels)``, remembered in ``cache``.
+
+    ``labels()`` takes the family's lock and checks the names on every call; a request
+    path that counts something each time keeps the children it made instead.
+    """
+    found = cache.get(labels)
+    if found is None:
+        found = cache[labels] = family.labels(*labels)
+    return found
 
 
 class Metrics:
@@ -103,43 +115,30 @@ class Metrics:
         )
         self.audit_write_failed = self.audit_io_failures.labels("write")
         self.audit_fsync_failed = self.audit_io_failures.labels("fsync")
+        # Every known (operation, result) exists from the start, so a scrape shows zeros.
         self._fleet_calls = {
             (op, result): self.fleet_calls.labels(op, result)
             for op in FLEET_OPERATIONS
             for result in FLEET_RESULTS
         }
-        self._fleet_duration = {op: self.fleet_duration.labels(op) for op in FLEET_OPERATIONS}
-        self._rate_limited: dict[str, Counter] = {}
-        self._quota: dict[str, Counter] = {}
+        self._fleet_duration = {(op,): self.fleet_duration.labels(op) for op in FLEET_OPERATIONS}
+        self._rate_limited: dict[tuple[str, ...], Any] = {}
+        self._quota: dict[tuple[str, ...], Any] = {}
 
     # -- updates used by the actors and the edge -----------------------------------------
 
     def fleet_call(self, operation: str, result: str, seconds: float | None) -> None:
         """Count one fleet call; ``seconds`` is None for a call that was never sent."""
-        child = self._fleet_calls.get((operation, result))
-        if child is None:
-            child = self._fleet_calls[operation, result] = self.fleet_calls.labels(
-                operation, result
-            )
-        child.inc()
+        child(self._fleet_calls, self.fleet_calls, operation, result).inc()
         if seconds is not None:
-            duration = self._fleet_duration.get(operation)
-            if duration is None:
-                duration = self._fleet_duration[operation] = self.fleet_duration.labels(operation)
-            duration.observe(seconds)
+            child(self._fleet_duration, self.fleet_duration, operation).observe(seconds)
 
     def count_rate_limited(self, reason: str) -> None:
         """Count one 429 answer; call it wherever a 429 ``rate_limited`` is produced."""
-        child = self._rate_limited.get(reason)
-        if child is None:
-            child = self._rate_limited[reason] = self.rate_limited.labels(reason)
-        child.inc()
+        child(self._rate_limited, self.rate_limited, reason).inc()
 
     def count_quota_rejection(self, dimension: str) -> None:
-        child = self._quota.get(dimension)
-        if child is None:
-            child = self._quota[dimension] = self.quota_rejections.labels(dimension)
-        child.inc()
+        child(self._quota, self.quota_rejections, dimension).inc()
 
     def watch(self, tenants: TenantRegistry, audit: AuditWriter) -> None:
         """Export the actors' state at scrape time (called once the actors exist)."""

@@ -34,6 +34,7 @@ from actors.messages import Reopen, Retire, Source
 from actors.reply import Reply
 from actors.state import IN_DOUBT_STATES, Quota, TenantState
 from actors.tenant import TenantActor
+from actors.tenant_views import tenant_view
 
 log = logging.getLogger("vm_tenant.registry")
 
@@ -116,18 +117,8 @@ class TenantRegistry:
                 self._tenants.irange(minimum=after, inclusive=(False, True)), limit + 1
             )
         )
-        more = len(ids) > limit
-        page = []
-        for tenant_id in ids[:limit]:
-            tenant = self._tenants[tenant_id]
-            page.append(
-                {
-                    "id": tenant_id,
-                    "quota": tenant.quota.to_json(),
-                    "allocated": tenant.allocated.to_json(),
-                }
-            )
-        return page, (ids[limit - 1] if more else None)
+        page = [tenant_view(self._tenants[tenant_id]) for tenant_id in ids[:limit]]
+        return page, (ids[limit - 1] if len(ids) > limit else None)
 
     def live_actors(self) -> list[TenantActor]:
         """The actors running now (read by the metrics at scrape time)."""

@@ -35,6 +35,15 @@ def vm_page(
     return page, (page[-1]["id"] if len(vms) > limit else None)
 
 
+def tenant_view(tenant: TenantState) -> dict[str, Any]:
+    """A tenant as the admin API shows it."""
+    return {
+        "id": tenant.id,
+        "quota": tenant.quota.to_json(),
+        "allocated": tenant.allocated.to_json(),
+    }
+
+
 def usage_view(tenant: TenantState) -> dict[str, Any]:
     return {
         "tenant": tenant.id,

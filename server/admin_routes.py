@@ -12,7 +12,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -20,18 +19,13 @@ from actors.registry import TenantRegistry
 from server.auth import Authority, Principal
 from server.keyring import SigningKeyInUse, UnknownKey
 from server.problems import Problem
+from server.responses import json_response
 from server.schemas import EmptyBody, parse_int, reject_unknown_params, single
 
 log = logging.getLogger("vm_tenant.http")
 
 #: the cursor scope of the tenant list; never a tenant id, so VM cursors do not fit it
 TENANT_CURSOR_SCOPE = ":tenants"
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        msgspec.json.encode(body), status=status, content_type="application/json", headers=headers
-    )
 
 
 def add_admin_routes(
@@ -55,13 +49,13 @@ def add_admin_routes(
             after = authority.read_cursor(TENANT_CURSOR_SCOPE, cursor)
         page, last = registry.list_tenants(after, limit)
         next_cursor = authority.cursor(TENANT_CURSOR_SCOPE, last) if last is not None else None
-        return _json({"tenants": page, "next": next_cursor})
+        return json_response({"tenants": page, "next": next_cursor})
 
     @app.get("/v1/admin/keys")
     async def list_keys() -> Response:
         admin_principal()
         reject_unknown_params(request.args, set())
-        return _json({"keys": keyring.describe()})
+        return json_response({"keys": keyring.describe()})
 
     @app.post("/v1/admin/keys")
     async def rotate_key() -> Response:
@@ -73,7 +67,7 @@ def add_admin_routes(
         except OSError as error:
             log.error("cannot write the keyring: %s", error)
             raise Problem("internal_error", "the keyring could not be written") from None
-        return _json(key, 201, {"Location": f"/v1/admin/keys/{key['id']}"})
+        return json_response(key, 201, {"Location": f"/v1/admin/keys/{key['id']}"})
 
     @app.delete("/v1/admin/keys/<key_id>")
     async def retire_key(key_id: str) -> Response:

@@ -25,12 +25,13 @@ from actors.errors import DomainError, FleetUnavailable
 from actors.fleet import VmSpec
 from actors.messages import Destroy, Replay, Source, Spawn, UpdateQuota
 from actors.service import Service
-from actors.tenant_views import usage_view, vm_page, vm_view
+from actors.tenant_views import tenant_view, usage_view, vm_page, vm_view
 from server.admin_routes import add_admin_routes
 from server.auth import Authority, Principal
 from server.observe import count_domain_error, instrument
 from server.openapi import openapi_document
 from server.problems import Problem, domain_problem, problem_response
+from server.responses import json_response
 from server.schemas import (
     IDEMPOTENCY_KEY_RE,
     REQUEST_ID_RE,
@@ -49,12 +50,6 @@ log = logging.getLogger("vm_tenant.http")
 MAX_BODY = 64 * 1024
 LIVE_STATES = frozenset({"pending", "running", "error"})
 T = TypeVar("T")
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        msgspec.json.encode(body), status=status, content_type="application/json", headers=headers
-    )
 
 
 def create_app(service: Service, authority: Authority, request_log: Any = None) -> QuartTrio:
@@ -259,10 +254,6 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
 
     # -- admin endpoints ------------------------------------------------------------------------
 
-    def tenant_view(tenant_id: str) -> dict[str, Any]:
-        usage = usage_view(registry.state(tenant_id))
-        return {"id": tenant_id, "quota": usage["quota"], "allocated": usage["allocated"]}
-
     @app.post("/v1/admin/tenants")
     async def create_tenant() -> Response:
         who = admin_principal()
@@ -290,7 +281,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
     async def get_tenant(tenant_id: str) -> Response:
         admin_principal()
         no_params()
-        return json_response(tenant_view(tenant_id))
+        return json_response(tenant_view(registry.state(tenant_id)))
 
     @app.patch("/v1/admin/tenants/<tenant_id>")
     async def update_tenant(tenant_id: str) -> Response:
@@ -299,12 +290,10 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
         registry.actor(tenant_id)  # 404 before reading the body of an unknown tenant
         body = await read_json(UpdateTenantBody)
         quota = body.quota.to_quota()
-        usage = await registry.call(
+        await registry.call(
             tenant_id, lambda reply: UpdateQuota(quota, source(who), g.request_id, reply)
         )
-        return json_response(
-            {"id": tenant_id, "quota": usage["quota"], "allocated": usage["allocated"]}
-        )
+        return json_response(tenant_view(registry.state(tenant_id)))
 
     @app.delete("/v1/admin/tenants/<tenant_id>")
     async def delete_tenant(tenant_id: str) -> Response:

@@ -16,12 +16,11 @@ import time
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Histogram
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from actors.errors import Busy, DomainError, QuotaExceeded
-from actors.metrics import Metrics
+from actors.metrics import Metrics, child
 from actors.service import Service
 from server.logs import request_logger
 
@@ -93,20 +92,13 @@ class _RequestMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._counts: dict[tuple[str, str, int], Counter] = {}
-        self._durations: dict[str, Histogram] = {}
+        self._counts: dict[tuple[str, ...], Any] = {}
+        self._durations: dict[tuple[str, ...], Any] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        count = self._counts.get((method, route, status))
-        if count is None:
-            count = self._counts[method, route, status] = self._metrics.http_requests.labels(
-                method, route, str(status)
-            )
-        count.inc()
-        duration = self._durations.get(route)
-        if duration is None:
-            duration = self._durations[route] = self._metrics.http_duration.labels(route)
-        duration.observe(seconds)
+        metrics = self._metrics
+        child(self._counts, metrics.http_requests, method, route, str(status)).inc()
+        child(self._durations, metrics.http_duration, route).observe(seconds)
 
 
 def instrument(
