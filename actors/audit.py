@@ -103,6 +103,8 @@ class AuditStats:
     fsyncs: int = 0
     failures: int = 0
     largest_batch: int = 0
+    #: batches that waited for outcomes due soon before their commit
+    lingered: int = 0
 
 
 @dataclass(slots=True)
@@ -280,6 +282,7 @@ class AuditWriter:
             # event loop has nothing else to run, or the linger ends. What still has not
             # arrived then waits on the outside world (a slow fleet), and goes in a later
             # batch. (trio.testing's helper is the scheduler's own idle signal.)
+            self.stats.lingered += 1
             with trio.move_on_after(self._linger):
                 await trio.testing.wait_all_tasks_blocked()
         batch = [first]
