@@ -316,19 +316,29 @@ class Frontier:
         self._size = index + 1
         return done
 
-    def extend(self, leaves: Iterable[bytes]) -> None:
-        """Add many leaf hashes, keeping nothing but the new edge (the verifier's fast path)."""
+    def extend(self, leaves: Iterable[bytes], stride: int = 0) -> list[Node]:
+        """Add many leaf hashes; return the nodes completed at levels ``stride``, ``2 * stride``...
+
+        The fast path of verifiers (``stride`` 0 reports nothing) and of stores that keep
+        only every ``stride``-th level (tiles) besides the leaves they already have.
+        """
         hashes = self._hashes
         pop, push, sha = hashes.pop, hashes.append, _sha256
         size = self._size
+        done: list[Node] = []
         for current in leaves:
             carry = size
+            level = 0
             while carry & 1:
                 current = sha(b"\x01" + pop() + current).digest()
                 carry >>= 1
+                level += 1
+                if stride and not level % stride:
+                    done.append(Node(level, size >> level, current))
             push(current)
             size += 1
         self._size = size
+        return done
 
 
 class MemoryTree:

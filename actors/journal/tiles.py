@@ -270,20 +270,26 @@ class TileLog:
 
     def append(self, leaves: Iterable[bytes]) -> None:
         """Add leaf hashes in order; full tiles go to disk as they fill (no fsync)."""
-        partials = self._partials
-        for leaf in leaves:
-            for node in self._frontier.append(leaf):
-                if node.level % HEIGHT:
-                    continue
-                tile_level = node.level // HEIGHT
-                if tile_level == len(partials):
-                    partials.append(bytearray())
-                edge = partials[tile_level]
-                edge += node.hash
-                if len(edge) == TILE_BYTES:
-                    self._write_full(tile_level, node.index >> HEIGHT, bytes(edge))
-                    edge.clear()
+        batch = list(leaves)
+        first = self.size
+        upper = self._frontier.extend(batch, stride=HEIGHT)
+        self._add(0, first, b"".join(batch))
+        for node in upper:
+            self._add(node.level // HEIGHT, node.index, node.hash)
         self._publish(self.size)
+
+    def _add(self, tile_level: int, index: int, data: bytes) -> None:
+        """Add hashes starting at ``index`` to a level's edge, writing tiles that fill."""
+        partials = self._partials
+        if tile_level == len(partials):
+            partials.append(bytearray())
+        edge = partials[tile_level]
+        tile = index >> HEIGHT
+        edge += data
+        while len(edge) >= TILE_BYTES:
+            self._write_full(tile_level, tile, bytes(edge[:TILE_BYTES]))
+            del edge[:TILE_BYTES]
+            tile += 1
 
     def _publish(self, size: int) -> TreeView:
         self._view = TreeView(size, [bytes(p) for p in self._partials], self._cache)
