@@ -1,1 +1,1 @@
-"""The journal: the audit log, its chain, its Merkle tree, snapshots and checkpoints."""
+"""The journal: the audit log, its chain, the fold, snapshots, checkpoints, the Merkle tree."""
