@@ -80,11 +80,10 @@ class BadState(WitnessError):
     """The witness's state file is unreadable or holds no checkpoint of this log."""
 
 
-def http_getter(
-    base_url: str, token: str, *, client: httpx.Client | None = None, timeout: float = 10.0
-) -> Get:
-    """A :data:`Get` over httpx with the bearer token; bodies beyond MAX_BODY are refused."""
-    session = client or httpx.Client(timeout=timeout)
+def http_getter(base_url: str, token: str, *, client: httpx.Client) -> Get:
+    """A :data:`Get` over ``client`` (which the caller owns and closes) with the bearer
+    token; bodies beyond MAX_BODY are refused."""
+    session = client
     headers = {"Authorization": f"Bearer {token}"}
     base = base_url.rstrip("/")
 
@@ -115,7 +114,7 @@ def _fetch(get: Get, path: str, query: Mapping[str, str] | None = None) -> bytes
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Inconsistent(f"{what} is not JSON") from None
     if not isinstance(value, dict):
         raise Inconsistent(f"{what} is not a JSON object")
@@ -284,8 +283,8 @@ def audit_check(get: Get, log_key: Verifier) -> Verified:
     """
     trail = read_trail(get)
     checkpoint, _ = fetch_checkpoint(get, log_key)
-    tenants = {entry.get("tenant") for entry in trail}
-    if len(tenants) > 1:
+    tenants = {str(entry.get("tenant")) for entry in trail}
+    if len(tenants) > 1 or any(type(entry.get("tenant")) is not str for entry in trail):
         raise Inconsistent(
             f"the trail mixes the entries of several tenants: {sorted(map(str, tenants))}"
         )

@@ -334,6 +334,9 @@ def test_audit_check_refuses_a_trail_of_several_tenants(log: FakeLog) -> None:
     log.trail_edits[5] = {**log.entries[4], "tenant": "beta"}
     with pytest.raises(Inconsistent, match="several tenants"):
         _check(log)
+    log.trail_edits[5] = {**log.entries[4], "tenant": ["acme"]}
+    with pytest.raises(Inconsistent, match="several tenants"):
+        _check(log)
 
 
 @pytest.mark.parametrize(
@@ -345,6 +348,7 @@ def test_audit_check_refuses_a_trail_of_several_tenants(log: FakeLog) -> None:
         b'{"entries": [{"seq": 2}, {"seq": 2}], "next": null}',
         b'{"entries": [], "next": 5}',
         b'{"entries": [{"seq": 2}], "next": 0}',
+        b"[" * 100_000 + b"]" * 100_000,
     ],
 )
 def test_audit_check_refuses_a_malformed_trail(log: FakeLog, page: bytes) -> None:
