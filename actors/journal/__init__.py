@@ -1,1 +1,1 @@
-"""The journal: the audit log, its chain and segments, the fold, snapshots, checkpoints."""
+"""The journal: the audit log, its chain, the fold, snapshots, checkpoints, the Merkle tree."""
