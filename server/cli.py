@@ -66,7 +66,11 @@ def _only(error: BaseException, kind: type[BaseException]) -> BaseException | No
 
 
 async def serve(
-    config: ServiceConfig, bind: str, metrics_bind: str | None = None, log_format: str = "auto"
+    config: ServiceConfig,
+    bind: str,
+    metrics_bind: str | None = None,
+    log_format: str = "auto",
+    options: ServingOptions | None = None,
 ) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -78,8 +82,9 @@ async def serve(
             # all while the event loop stands still.
             gc.collect()
             gc.freeze()
-            # In-flight requests may wait for the fleet's deadline; let them finish.
-            options = ServingOptions(graceful_timeout=config.fleet_timeout * 2 + 5)
+            if options is None:
+                # In-flight requests may wait for the fleet's deadline; let them finish.
+                options = ServingOptions(graceful_timeout=config.fleet_timeout * 2 + 5)
             stop = trio.Event()
 
             async def watch_signals() -> None:
@@ -90,7 +95,8 @@ async def serve(
 
             endpoints = [Endpoint(app, bind)]
             if metrics_bind:
-                endpoints.append(Endpoint(metrics_app(service.metrics.registry), metrics_bind))
+                metrics = metrics_app(service.metrics.registry)
+                endpoints.append(Endpoint(metrics, metrics_bind, front=False))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals)
                 urls = await _listen(nursery, endpoints, options, stop)
@@ -129,7 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(chosen.log_format)
     config = chosen.service_config()
     try:
-        trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format)
+        options = chosen.serving_options()
+        trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format, options)
     except (StartupError, ExceptionGroup) as error:
         # A StartupError raised while listening comes out of the server's nursery.
         startup = _only(error, StartupError)

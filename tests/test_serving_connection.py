@@ -18,7 +18,8 @@ from hypercorn.config import Config
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
-from server.serving.connection import Connection, ConnectionFailures
+from server.serving.connection import Connection
+from server.serving.failures import ConnectionFailures
 from server.serving.options import ServingOptions
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -9,18 +9,39 @@ write an error response, one of the two writes finds the stream busy. The
 Here every write to the stream - response bytes, the end of file, the close - happens
 under one lock, and nothing writes after the close: that race cannot occur. And since a
 connection is the peer's to break, anything else a connection raises is caught at its
-edge: logged (:class:`ConnectionFailures`), and only that connection ends.
+edge: logged (:class:`~server.serving.failures.ConnectionFailures`), and only that
+connection ends.
 
-A connection's time is watched by one cancel scope (the watchdog) whose deadline follows
-the phase the connection is in, so a phase change costs an assignment, not a task.
+Every phase has a deadline. The connection keeps the deadline of the phase it is in as
+a number (:attr:`Connection.deadline`: a phase change costs an assignment), and the
+server's reaper (:meth:`~server.serving.listener.Connections.reap`) ends the connections
+whose deadline has passed by cancelling the one scope their whole work runs in:
+
+========== ============================================ ==============================
+phase      the connection is ...                        it ends at
+========== ============================================ ==============================
+idle       waiting for a request, no byte of it yet     idle start + keep_alive_timeout
+head       receiving a request head (or TLS handshake)  first byte + head_timeout
+body       receiving a request body                     head complete + body_timeout
+handling   answering a complete request                 no deadline of ours: the app's
+========== ============================================ ==============================
+
+An idle connection whose peer did send, but whose bytes the server has not read yet
+(a busy event loop after a burst), is not the peer's fault: it gets a head deadline
+instead of ending. A write that cannot finish within ``send_timeout`` (a peer that
+stopped reading) ends the connection too. An ending connection is closed without an
+answer (its peer has not finished asking), cancelling its app task if one waits for a
+body.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import fcntl
 import math
-from typing import Any
+import ssl
+import sys
+import termios
 
 import trio
 from hypercorn.config import Config
@@ -28,44 +49,14 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.typing import AppWrapper, ConnectionState, WorkerContext
 
+from server.serving.admission import Admission
+from server.serving.failures import Address, ConnectionFailures
 from server.serving.options import ServingOptions
 from server.serving.protocol import Protocol
 
 MAX_RECV = 2**16
 #: how long a close may take to flush (TLS close_notify) before it is forced
 CLOSE_GRACE = 1.0
-
-Address = tuple[str, int]
-
-
-class ConnectionFailures:
-    """Counts and logs the errors that ended a connection (one owner: the server).
-
-    The first error of each kind is logged with its traceback; later ones of that kind
-    with one line, so that a peer who can provoke one cannot flood the log with stacks.
-    """
-
-    def __init__(self, log: logging.Logger) -> None:
-        self._log = log
-        self._seen: set[str] = set()
-        self.count = 0
-
-    def report(self, peer: Address | None, error: BaseException) -> None:
-        self.count += 1
-        kind = _kind(error)
-        where = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
-        if kind in self._seen:
-            self._log.error("connection failed (peer %s): %s: %s", where, kind, error)
-            return
-        self._seen.add(kind)
-        self._log.error("connection failed (peer %s): %s", where, kind, exc_info=error)
-
-
-def _kind(error: BaseException) -> str:
-    """The names of the errors inside ``error``'s groups, e.g. ``"KeyError"``."""
-    if isinstance(error, BaseExceptionGroup):
-        return ", ".join(sorted({_kind(inner) for inner in error.exceptions}))
-    return type(error).__qualname__
 
 
 class Connection:
@@ -77,14 +68,16 @@ class Connection:
         config: Config,
         context: WorkerContext,
         state: ConnectionState,
-        stream: trio.abc.HalfCloseableStream | trio.SSLStream[Any],
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
         *,
         client: Address | None,
         server: Address | None,
         options: ServingOptions,
         failures: ConnectionFailures,
+        admission: Admission | None = None,
     ) -> None:
         self.client = client
+        self.ended = trio.Event()
         self._app = app
         self._config = config
         self._context = context
@@ -93,16 +86,44 @@ class Connection:
         self._server = server
         self._options = options
         self._failures = failures
+        self._admission = admission
         self._send_lock = trio.Lock()
         self._closed = False
-        self._idle = True
         self._watchdog = trio.CancelScope()
+        #: when the current phase ends (see the module's table)
+        self.deadline = math.inf
         self._protocol: Protocol | None = None
+        self._idle = True
+        self._waiting = False
+        now = trio.current_time()
+        self.waiting_since = now
+        self._idle_since = now
+        self._head_since: float | None = None
+        self._busy_since = now
 
-    @property
-    def idle(self) -> bool:
-        """No request in progress: the connection may be closed without losing work."""
-        return self._idle
+    def shed(self) -> None:
+        """End now, to make room for another connection (:attr:`ended` tells when)."""
+        self._watchdog.cancel()
+
+    def has_unread(self) -> bool:
+        """Whether the peer sent bytes the server has not read yet."""
+        stream = self._stream
+        sock = (
+            stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
+        )
+        try:
+            count = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return True  # closing already: nothing to gain from shedding it
+        return int.from_bytes(count, sys.byteorder) > 0
+
+    def expire(self, now: float) -> None:
+        """The deadline has passed: end, unless unread bytes show the server was late."""
+        if self._idle and self._head_since is None and self.has_unread():
+            self._head_since = now
+            self._rearm()
+            return
+        self._watchdog.cancel()
 
     def end_if_idle(self) -> None:
         """Shutdown has begun: an idle connection ends now (a busy one when done)."""
@@ -113,7 +134,6 @@ class Connection:
         """Serve until the end; never raises (but Cancelled from outside)."""
         try:
             with self._watchdog:
-                self._enter_idle()
                 try:
                     await self._serve()
                 except* Exception as group:
@@ -121,8 +141,22 @@ class Connection:
         finally:
             with trio.CancelScope(shield=True):
                 await self._close()
+            self.ended.set()
 
     async def _serve(self) -> None:
+        stream = self._stream
+        alpn: str | None = "http/1.1"
+        tls = isinstance(stream, trio.SSLStream)
+        if tls:
+            self._head_since = self._idle_since
+            self._rearm()
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError:
+                return
+            alpn = stream.selected_alpn_protocol()
+            self._idle_since, self._head_since = trio.current_time(), None
+        self._rearm()
         async with TaskGroup() as task_group:
             self._protocol = Protocol(
                 self._app,
@@ -130,11 +164,11 @@ class Connection:
                 self._context,
                 task_group,
                 ConnectionState(self._state.copy()),
-                False,
+                tls,
                 self.client,
                 self._server,
                 self._protocol_send,
-                "http/1.1",
+                alpn,
             )
             await self._protocol.initiate()
             await self._read(self._protocol)
@@ -144,11 +178,16 @@ class Connection:
         while True:
             try:
                 data = await stream.receive_some(MAX_RECV)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
                 break
+            if self._idle and self._head_since is None:
+                self._head_since = trio.current_time()
+                self._rearm()
             await protocol.handle(RawData(data=bytes(data)))
             if not data:
                 break
+            if not self._idle:
+                self._rearm()
         await protocol.handle(Closed())
 
     async def _protocol_send(self, event: Event) -> None:
@@ -157,27 +196,50 @@ class Connection:
                 await self._protocol.handle(Closed())
         elif isinstance(event, Updated):
             if event.idle:
-                self._enter_idle()
-            else:
-                self._idle = False
-                self._watchdog.deadline = math.inf
+                self._idle, self._idle_since = True, trio.current_time()
+                self._head_since = None
+            elif self._idle:
+                self._idle, self._busy_since = False, trio.current_time()
+                self._head_since = None
+            self._rearm()
         elif isinstance(event, Closed):
             await self._close()
             if self._protocol is not None:
                 await self._protocol.handle(Closed())
 
-    def _enter_idle(self) -> None:
-        self._idle = True
-        if self._context.terminated.is_set():
-            self._watchdog.cancel()
+    def _rearm(self) -> None:
+        """Set the watchdog's deadline for the phase the connection is in now."""
+        options = self._options
+        protocol = self._protocol
+        if self._idle:
+            if self._context.terminated.is_set():
+                self._watchdog.cancel()
+                return
+            if self._head_since is None:
+                deadline = self._idle_since + options.keep_alive_timeout
+            else:
+                deadline = self._head_since + options.head_timeout
+            waiting = True
         else:
-            self._watchdog.deadline = trio.current_time() + self._options.keep_alive_timeout
+            since = protocol.receiving(self._busy_since) if protocol else None
+            deadline = math.inf if since is None else since + options.body_timeout
+            waiting = protocol is None or not protocol.handling()
+        self.deadline = deadline
+        if waiting is not self._waiting and self._admission is not None:
+            self._waiting = waiting
+            if waiting:
+                self.waiting_since = trio.current_time()
+                self._admission.waiting(self)
+            else:
+                self._admission.working(self)
 
     async def _write(self, data: bytes) -> bool:
         """Send ``data`` whole, or close the connection: True if it went out."""
         async with self._send_lock:
             if self._closed:
                 return False
+            if not data:
+                return True
             # Shielded: a write cut in the middle would leave half a frame on the wire;
             # bounded instead, so that a peer who stops reading cannot hold it forever.
             with trio.CancelScope(shield=True) as scope:
@@ -196,8 +258,12 @@ class Connection:
             return
         # Marked first: a write queued behind the lock finds the connection closed.
         self._closed = True
-        async with self._send_lock:
-            await self._release()
+        # Shielded from the start: the app's task that asks for the close is often
+        # cancelled right then (Quart ends a request's tasks once its response is out),
+        # and a close cut short at the lock would leave the socket open for good.
+        with trio.CancelScope(shield=True):
+            async with self._send_lock:
+                await self._release()
 
     async def _release(self) -> None:
         """End the stream: end of file and close, or a forced close. Lock held."""

@@ -14,6 +14,11 @@ peer can send:
 - HEADERS whose ``:method`` or ``:path`` is missing or not ASCII (a ``CONNECT`` without
   ``:path``; a raw ``0xff`` byte in the path): decoding them raises. Such a request is
   malformed (RFC 9113 section 8.1.1) and its stream is reset with ``PROTOCOL_ERROR``.
+
+It also answers what the connection's deadlines need to know (:meth:`Protocol.receiving`,
+:meth:`Protocol.handling`): whether a request body is still on its way, and since when.
+Those read Hypercorn's and h11's state (``their_state``, the open streams), which is why
+the Hypercorn dependency is pinned below its next minor version.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 import h2.errors
 import h2.events
 import h2.exceptions
+import h11
+import trio
 from hypercorn.config import Config
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h2 import H2Protocol
@@ -35,7 +42,12 @@ Send = Callable[[Event], Awaitable[None]]
 
 
 class GuardedH2(H2Protocol):
-    """Hypercorn's HTTP/2 protocol, with the frames it cannot handle answered first."""
+    """Hypercorn's HTTP/2 protocol, with the frames it cannot handle answered first, and
+    the streams whose request body is still arriving (with when each began)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.receiving: dict[int, float] = {}
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         # One at a time: whether a stream still exists depends on the events before it
@@ -46,17 +58,27 @@ class GuardedH2(H2Protocol):
         await self._flush()
 
     def _wanted(self, event: h2.events.Event) -> bool:
-        if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
-            connection = self.connection
+        if isinstance(event, h2.events.RequestReceived):
+            if not _well_formed(event.headers):
+                self._reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                return False
+            if event.stream_ended is None:
+                self.receiving[event.stream_id] = trio.current_time()
+        elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+            self.receiving.pop(event.stream_id, None)
+        elif isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
-            return False
-        if isinstance(event, h2.events.RequestReceived) and not _well_formed(event.headers):
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+            self._reset(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
             return False
         return True
+
+    def _reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
+        self.receiving.pop(stream_id, None)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.connection.reset_stream(stream_id, code)
 
 
 def _well_formed(headers: Any) -> bool:
@@ -95,6 +117,25 @@ class Protocol:
 
     async def initiate(self) -> None:
         await self.inner.initiate()
+
+    def receiving(self, busy_since: float) -> float | None:
+        """Since when the oldest request body still on its way has been awaited, or None.
+
+        ``busy_since`` is when the current HTTP/1.1 request's head was complete.
+        """
+        inner = self.inner
+        if isinstance(inner, GuardedH2):
+            return min(inner.receiving.values(), default=None)
+        if getattr(inner.connection, "their_state", None) is h11.SEND_BODY:
+            return busy_since
+        return None
+
+    def handling(self) -> bool:
+        """Whether some request is complete and its answer not yet: the server is busy."""
+        inner = self.inner
+        if isinstance(inner, GuardedH2):
+            return any(stream not in inner.receiving for stream in inner.streams)
+        return getattr(inner.connection, "their_state", None) is not h11.SEND_BODY
 
     async def handle(self, event: Event) -> None:
         try:

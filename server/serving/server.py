@@ -1,4 +1,4 @@
-"""Serving ASGI apps on Trio: listening sockets, the accept loops, lifespans, the drain.
+"""Serving ASGI apps on Trio: listening sockets, lifespans, the accept loops, the drain.
 
 This is our counterpart of Hypercorn's ``trio.run.worker_serve`` (which we do not use:
 its connections are Hypercorn's ``TCPServer``, see :mod:`server.serving.connection`).
@@ -8,7 +8,8 @@ knobs, its ``Lifespan`` for the app's start-up and shut-down, its sans-IO protoc
 Ownership: :func:`serve` owns one nursery for the accept loops and one for every
 connection's task; shutdown stops accepting, ends idle connections at once, lets busy
 ones finish within ``graceful_timeout``, then cancels what is left and runs the apps'
-lifespan shutdown.
+lifespan shutdown. At start it raises the descriptor limit and sizes the connection
+ceiling to what the limit leaves (:mod:`server.serving.descriptors`).
 """
 
 from __future__ import annotations
@@ -24,32 +25,16 @@ import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 
-from server.serving.connection import Address, Connection, ConnectionFailures
+from server.serving.descriptors import plan, somaxconn
+from server.serving.listener import Connections, Site
 from server.serving.options import ServingOptions
 
 log = logging.getLogger("vm_tenant.serving")
 
-#: accept errors that mean "out of descriptors or memory for now": wait and retry
-CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-#: accept errors that concern only the connection being accepted (it is gone)
-IGNORED_ACCEPT_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ECONNABORTED", "EPERM", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
-        "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
-        "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
-    )
-    if hasattr(errno, name)
-)  # fmt: skip
-CAPACITY_PAUSE = 0.1
-BACKLOG = 1024
-
 
 class ListenError(OSError):
-    """A listening socket could not be made; ``bind`` names the address that failed."""
+    """Serving could not start; ``bind`` names the address it was for."""
 
     def __init__(self, bind: str, error: OSError) -> None:
         super().__init__(error.errno, error.strerror or str(error))
@@ -58,28 +43,18 @@ class ListenError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One app on one ``HOST:PORT`` address."""
+    """One app on one ``HOST:PORT`` address.
+
+    ``front`` marks the API that users reach: TLS applies to it when configured. The
+    metrics listener is not a front endpoint: plain HTTP for the scraper.
+    """
 
     app: Any
     bind: str
+    front: bool = True
 
 
-class _Site:
-    """What one endpoint serves with: its app wrapper, lifespan state and socket."""
-
-    def __init__(self, endpoint: Endpoint, config: Config) -> None:
-        self.app: AppWrapper = ASGIWrapper(endpoint.app)
-        self.state: LifespanState = {}
-        self.lifespan = Lifespan(self.app, config, self.state)
-        try:
-            listening = listening_socket(endpoint.bind)
-        except OSError as error:
-            raise ListenError(endpoint.bind, error) from None
-        self.socket = trio.socket.from_stdlib_socket(listening)
-        self.url = f"http://{_format_address(self.socket.getsockname())}"
-
-
-def listening_socket(bind: str) -> socket.socket:
+def listening_socket(bind: str, backlog: int) -> socket.socket:
     """A non-blocking socket listening on ``HOST:PORT`` (``[v6]:PORT``); OSError if not."""
     host, _, port = bind.rpartition(":")
     host = host.strip("[]")
@@ -88,7 +63,7 @@ def listening_socket(bind: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(port)))
-        sock.listen(BACKLOG)
+        sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -96,74 +71,66 @@ def listening_socket(bind: str) -> socket.socket:
     return sock
 
 
-def _format_address(address: Any) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class Server:
-    """The live connections of one :func:`serve`, and how they end at shutdown."""
-
-    def __init__(self, options: ServingOptions) -> None:
-        self.options = options
-        self.config = _protocol_config(options)
-        self.context = WorkerContext(None)
-        self.failures = ConnectionFailures(log)
-        self.connections: set[Connection] = set()
-
-    async def accept(self, site: _Site, nursery: trio.Nursery) -> None:
-        """Accept connections on ``site`` forever, each served in ``nursery``."""
-        listener = site.socket
-        server_address = _address(listener.getsockname())
-        while True:
-            try:
-                sock, peer = await listener.accept()
-            except OSError as error:
-                if error.errno in CAPACITY_ERRNOS:
-                    log.error("accept failed: %s; retrying in %ss", error, CAPACITY_PAUSE)
-                    await trio.sleep(CAPACITY_PAUSE)
-                elif error.errno not in IGNORED_ACCEPT_ERRNOS:
-                    raise
-                continue
-            connection = Connection(
-                site.app,
-                self.config,
-                self.context,
-                ConnectionState(site.state),
-                trio.SocketStream(sock),
-                client=_address(peer),
-                server=server_address,
-                options=self.options,
-                failures=self.failures,
-            )
-            nursery.start_soon(self._run, connection)
-
-    async def _run(self, connection: Connection) -> None:
-        self.connections.add(connection)
-        try:
-            await connection.run()
-        finally:
-            self.connections.discard(connection)
-
-    async def begin_shutdown(self) -> None:
-        """No more requests: idle connections end now, busy ones after their response."""
-        await self.context.terminated.set()
-        for connection in list(self.connections):
-            connection.end_if_idle()
-
-
-def _address(address: Any) -> Address:
-    return (str(address[0]), int(address[1]))
+def _url(site: Site) -> str:
+    host, port = site.address
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if site.tls else 'http'}://{host}:{port}"
 
 
 def _protocol_config(options: ServingOptions) -> Config:
-    """Hypercorn's config, for the knobs its protocol classes read."""
+    """Hypercorn's config, for the knobs its protocol classes and lifespan read."""
     config = Config()
     config.keep_alive_timeout = options.keep_alive_timeout
     config.graceful_timeout = options.graceful_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("vm_tenant.hypercorn")
     return config
+
+
+def _open_sites(endpoints: Sequence[Endpoint], options: ServingOptions) -> list[Site]:
+    sites: list[Site] = []
+    try:
+        for endpoint in endpoints:
+            try:
+                sock = listening_socket(endpoint.bind, options.backlog)
+            except OSError as error:
+                raise ListenError(endpoint.bind, error) from None
+            tls = options.tls if endpoint.front else None
+            app = ASGIWrapper(endpoint.app)
+            sites.append(Site(app, trio.socket.from_stdlib_socket(sock), tls, {}))
+    except BaseException:
+        for site in sites:
+            site.socket.close()
+        raise
+    return sites
+
+
+def _ceiling(options: ServingOptions, bind: str) -> int:
+    """The connection ceiling: the configured one, or what descriptors allow if less."""
+    budget = plan(options.reserved_fds)
+    ceiling = min(options.max_connections, budget.connections)
+    if ceiling < 1:
+        reason = (
+            f"the descriptor limit {budget.limit} leaves no room for connections "
+            f"({budget.open_at_start} open, {budget.reserved} reserved)"
+        )
+        raise ListenError(bind, OSError(errno.EMFILE, reason))
+    capped = somaxconn()
+    backlog = options.backlog if capped is None else min(options.backlog, capped)
+    log.info(
+        "serving at most %d connections (%d per peer address): descriptor limit %d, "
+        "%d open at start, %d reserved; listen backlog %d%s",
+        ceiling,
+        options.max_connections_per_peer,
+        budget.limit,
+        budget.open_at_start,
+        budget.reserved,
+        backlog,
+        f" (net.core.somaxconn {capped} caps {options.backlog})"
+        if backlog < options.backlog
+        else "",
+    )
+    return ceiling
 
 
 async def serve(
@@ -175,32 +142,38 @@ async def serve(
 ) -> None:
     """Serve every endpoint until ``shutdown_trigger`` returns, then drain and return.
 
-    Reports, through ``task_status``, each endpoint's URL (``http://HOST:PORT``) in order
-    once it accepts connections. A bind that fails raises :class:`ListenError` before.
+    Reports, through ``task_status``, each endpoint's URL (``http://HOST:PORT``, or
+    ``https://``) in order once it accepts connections. Raises :class:`ListenError`
+    before that if it cannot listen.
     """
-    server = Server(options)
-    sites: list[_Site] = []
+    config = _protocol_config(options)
+    sites = _open_sites(endpoints, options)
     try:
-        for endpoint in endpoints:
-            sites.append(_Site(endpoint, server.config))
-        async with trio.open_nursery() as lifespans:
-            for site in sites:
-                await lifespans.start(site.lifespan.handle_lifespan)
-                await site.lifespan.wait_for_startup()
-            async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as accepting:
+        connections = Connections(options, config, _ceiling(options, endpoints[0].bind))
+        lifespans = [Lifespan(site.app, config, site.state) for site in sites]
+        async with trio.open_nursery() as lifespan_tasks:
+            for lifespan in lifespans:
+                await lifespan_tasks.start(lifespan.handle_lifespan)
+                await lifespan.wait_for_startup()
+            async with trio.open_nursery() as reaping:
+                reaping.start_soon(connections.reap)
+                async with trio.open_nursery() as connection_tasks:
+                    async with trio.open_nursery() as accepting:
+                        for site in sites:
+                            accepting.start_soon(connections.accept, site, connection_tasks)
+                        task_status.started([_url(site) for site in sites])
+                        await shutdown_trigger()
+                        accepting.cancel_scope.cancel()
                     for site in sites:
-                        accepting.start_soon(server.accept, site, connections)
-                    task_status.started([site.url for site in sites])
-                    await shutdown_trigger()
-                    accepting.cancel_scope.cancel()
-                for site in sites:
-                    site.socket.close()
-                await server.begin_shutdown()
-                connections.cancel_scope.deadline = trio.current_time() + options.graceful_timeout
-            for site in sites:
-                await site.lifespan.wait_for_shutdown()
-            lifespans.cancel_scope.cancel()
+                        site.socket.close()
+                    await connections.begin_shutdown()
+                    connection_tasks.cancel_scope.deadline = (
+                        trio.current_time() + options.graceful_timeout
+                    )
+                reaping.cancel_scope.cancel()
+            for lifespan in lifespans:
+                await lifespan.wait_for_shutdown()
+            lifespan_tasks.cancel_scope.cancel()
     finally:
         for site in sites:
             site.socket.close()
