@@ -136,6 +136,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = chosen.service_config()
     try:
         options = chosen.serving_options()
+    except settings.SettingsError as error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
         trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format, options)
     except (StartupError, ExceptionGroup) as error:
         # A StartupError raised while listening comes out of the server's nursery.

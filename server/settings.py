@@ -32,6 +32,8 @@ import tomli_w
 
 from actors.service import ServiceConfig
 from server.serving.options import ServingOptions
+from server.serving.proxies import parse_networks
+from server.serving.tls import TlsError, server_context
 
 CONFIG_ENV = "VM_TENANT_CONFIG"
 #: ``metrics_bind`` values that mean "no metrics listener" (TOML has no null).
@@ -78,12 +80,26 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     log_format: Literal["auto", "json", "console"] = "auto"
     #: idle tenant actors end after this many seconds
     passivate_after: Seconds = 300.0
+    #: HTTPS on ``bind``: the certificate (PEM chain) and its key, or None (``"off"``)
+    tls_cert: Text | None = None
+    tls_key: Text | None = None
+    #: ``CIDR[,CIDR...]`` of the proxies whose X-Forwarded-For names the client
+    trusted_proxies: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     limits: Limits = msgspec.field(default_factory=Limits)
     serving: Serving = msgspec.field(default_factory=Serving)
 
     def serving_options(self) -> ServingOptions:
-        """The HTTP listeners' share of the settings."""
+        """The HTTP listeners' share of the settings (loading the TLS files, if any).
+
+        Raises :class:`SettingsError` if they no longer load (they did when validated).
+        """
         serving = self.serving
+        tls = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            try:
+                tls = server_context(self.tls_cert, self.tls_key)
+            except TlsError as error:
+                raise SettingsError([f"tls_cert: {error}"]) from None
         return ServingOptions(
             keep_alive_timeout=serving.keep_alive_timeout,
             head_timeout=serving.head_timeout,
@@ -95,6 +111,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             max_connections_per_peer=serving.max_connections_per_peer,
             reserved_fds=serving.reserved_fds,
             backlog=serving.backlog,
+            tls=tls,
+            trusted_proxies=parse_networks(self.trusted_proxies),
         )
 
     def service_config(self) -> ServiceConfig:
@@ -154,6 +172,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "passivate_after", "--passivate-after", "VM_TENANT_PASSIVATE_AFTER", "SECONDS",
         "idle tenant actors end after this",
+    ),
+    Option(
+        "tls_cert", "--tls-cert", "VM_TENANT_TLS_CERT", "FILE",
+        "HTTPS: the certificate chain (PEM), with --tls-key",
+    ),
+    Option("tls_key", "--tls-key", "VM_TENANT_TLS_KEY", "FILE", "HTTPS: the private key (PEM)"),
+    Option(
+        "trusted_proxies", "--trusted-proxies", "VM_TENANT_TRUSTED_PROXIES", "CIDR[,CIDR...]",
+        "peers whose X-Forwarded-For names the client",
     ),
     Option(
         "limits.rate", "--rate-limit", "VM_TENANT_RATE_LIMIT", "RPS",
@@ -333,6 +360,22 @@ def _check(values: dict[str, Any]) -> dict[str, str]:
             problems["metrics_bind"] = problem
         elif metrics == values.get("bind") and not metrics.endswith(":0"):
             problems["metrics_bind"] = f"must differ from bind ({metrics})"
+    for key in ("tls_cert", "tls_key"):
+        if values.get(key) is not None and values[key].lower() in OFF:
+            values[key] = None
+    cert, key = values.get("tls_cert"), values.get("tls_key")
+    if (cert is None) != (key is None):
+        missing = "tls_key" if key is None else "tls_cert"
+        problems[missing] = "HTTPS needs both tls_cert and tls_key"
+    elif cert is not None and key is not None:
+        try:
+            server_context(cert, key)
+        except TlsError as error:
+            problems["tls_cert"] = str(error)
+    try:
+        parse_networks(values.get("trusted_proxies", ""))
+    except ValueError as error:
+        problems["trusted_proxies"] = str(error)
     fleet = values.get("fleet")
     if fleet is not None and fleet != "embedded":
         url = urlsplit(fleet)

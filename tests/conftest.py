@@ -108,7 +108,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-LISTEN_RE = re.compile(r"vm-tenant listening on (http://\S+)")
+LISTEN_RE = re.compile(r"vm-tenant listening on (https?://\S+)")
 
 
 def _limit_files(count: int) -> None:

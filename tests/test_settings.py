@@ -120,6 +120,9 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "VM_TENANT_MAX_CONNECTIONS_PER_PEER": "50",
         "VM_TENANT_RESERVED_FDS": "64",
         "VM_TENANT_BACKLOG": "128",
+        "VM_TENANT_TLS_CERT": "off",
+        "VM_TENANT_TLS_KEY": "off",
+        "VM_TENANT_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1",
     }
     assert set(env_values) == {option.env for option in settings.OPTIONS}
     for name, value in env_values.items():
@@ -131,6 +134,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
     assert from_env["metrics_bind"] == "127.0.0.1:9100"
     assert from_env["log_format"] == "console"
     assert from_env["limits"] == {"rate": 0.0, "burst": 1, "max_inflight_spawns": 0}
+    assert from_env["trusted_proxies"] == "10.0.0.0/8, 192.0.2.1"
     assert from_env["serving"] == {
         "keep_alive_timeout": 7.0,
         "head_timeout": 8.0,
@@ -149,7 +153,8 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "--rate-limit", "9.5", "--rate-burst", "3", "--max-inflight-spawns", "4",
         "--keep-alive-timeout", "1.5", "--head-timeout", "2", "--body-timeout", "3",
         "--send-timeout", "4", "--max-connections", "100", "--max-connections-per-peer", "10",
-        "--reserved-fds", "32", "--backlog", "64",
+        "--reserved-fds", "32", "--backlog", "64", "--tls-cert", "off", "--tls-key", "off",
+        "--trusted-proxies", "::1",
     ]  # fmt: skip
     from_flags, out = show(capsys, *flags)
     assert from_flags == {
@@ -162,6 +167,9 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "metrics_bind": "off",
         "log_format": "json",
         "passivate_after": 61.0,
+        "tls_cert": "off",
+        "tls_key": "off",
+        "trusted_proxies": "::1",
         "limits": {"rate": 9.5, "burst": 3, "max_inflight_spawns": 4},
         "serving": {
             "keep_alive_timeout": 1.5,

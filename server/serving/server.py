@@ -29,6 +29,7 @@ from hypercorn.trio.lifespan import Lifespan
 from server.serving.descriptors import plan, somaxconn
 from server.serving.listener import Connections, Site
 from server.serving.options import ServingOptions
+from server.serving.proxies import ForwardedFor
 
 log = logging.getLogger("vm_tenant.serving")
 
@@ -45,8 +46,9 @@ class ListenError(OSError):
 class Endpoint:
     """One app on one ``HOST:PORT`` address.
 
-    ``front`` marks the API that users reach: TLS applies to it when configured. The
-    metrics listener is not a front endpoint: plain HTTP for the scraper.
+    ``front`` marks the API that users reach: TLS and trusted proxies apply to it when
+    configured. The metrics listener is not a front endpoint: plain HTTP for the scraper,
+    whose peer address is never rewritten.
     """
 
     app: Any
@@ -96,7 +98,10 @@ def _open_sites(endpoints: Sequence[Endpoint], options: ServingOptions) -> list[
             except OSError as error:
                 raise ListenError(endpoint.bind, error) from None
             tls = options.tls if endpoint.front else None
-            app = ASGIWrapper(endpoint.app)
+            app = endpoint.app
+            if endpoint.front and options.trusted_proxies:
+                app = ForwardedFor(app, options.trusted_proxies)
+            app = ASGIWrapper(app)
             sites.append(Site(app, trio.socket.from_stdlib_socket(sock), tls, {}))
     except BaseException:
         for site in sites:
