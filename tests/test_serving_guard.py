@@ -11,6 +11,7 @@ honest client, and must not have needed its last-resort guard (the race itself i
 
 from __future__ import annotations
 
+import random
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -180,4 +181,39 @@ def test_malformed_http2_request_heads_reset_their_stream_only(
             assert dict(again.headers)[b":status"] == b"200"
         finally:
             peer.close()
+    assert_still_serving(live_server, token)
+
+
+HOSTILE_HEADS = [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    b"POST /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"POST /v1/vms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /v1/vms/%ff%fe%00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    b"GET /\r\n",
+]
+
+
+def test_hostile_and_random_bytes_never_break_a_connection_handler(
+    live_server: LiveServer,
+) -> None:
+    """Odd but parseable heads, then random bytes as HTTP/1.1 and after an HTTP/2
+    preface (a fixed seed, so a failure repeats): every connection ends as HTTP says,
+    none by an error of the server's."""
+    token = tenant_token(live_server)
+    noise = random.Random(20261130)
+    attacks = [partial(abandoned_request, live_server.url, head, b"", half_close=True)
+               for head in HOSTILE_HEADS]  # fmt: skip
+    for _ in range(300):
+        blob = noise.randbytes(noise.randint(1, 2000))
+        attacks.append(partial(abandoned_request, live_server.url, blob, b"", half_close=True))
+        framed = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + noise.randbytes(noise.randint(1, 500))
+        attacks.append(partial(abandoned_request, live_server.url, framed, b"", half_close=True))
+    for attack in attacks:
+        attack()
     assert_still_serving(live_server, token)
