@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import httpx
 import trio
+from prometheus_client import CollectorRegistry
 
 from actors.errors import StartupError
 from actors.journal.verify import verify_data_dir
@@ -43,12 +44,18 @@ def _announce(line: str) -> None:
 
 
 async def _listen(
-    nursery: trio.Nursery, endpoints: list[Endpoint], options: ServingOptions, stop: trio.Event
+    nursery: trio.Nursery,
+    endpoints: list[Endpoint],
+    options: ServingOptions,
+    stop: trio.Event,
+    registry: CollectorRegistry,
 ) -> list[str]:
     """Start serving ``endpoints`` in ``nursery``; a bind that fails is a StartupError."""
     try:
         return await nursery.start(
-            partial(serving.serve, endpoints, options, shutdown_trigger=stop.wait)
+            partial(
+                serving.serve, endpoints, options, shutdown_trigger=stop.wait, registry=registry
+            )
         )
     except (OSError, ExceptionGroup) as error:
         reason = _only(error, OSError)
@@ -99,7 +106,8 @@ async def serve(
                 endpoints.append(Endpoint(metrics, metrics_bind, front=False))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals)
-                urls = await _listen(nursery, endpoints, options, stop)
+                registry = service.metrics.registry
+                urls = await _listen(nursery, endpoints, options, stop, registry)
                 if metrics_bind:
                     _announce(f"vm-tenant metrics on {urls[1]}/metrics")
                 _announce(f"vm-tenant listening on {urls[0]}")

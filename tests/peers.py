@@ -31,7 +31,7 @@ def abandoned_request(url: str, head: bytes, body: bytes, *, half_close: bool) -
     resets first is fine here; only whether it keeps serving others is checked.
     """
     try:
-        with socket.create_connection(address(url), timeout=10) as sock:
+        with socket.create_connection(address(url), timeout=30) as sock:
             sock.sendall(head + body)
             if half_close:
                 sock.shutdown(socket.SHUT_WR)
@@ -47,7 +47,7 @@ def abandoned_h2_request(url: str, headers: list[tuple[str, str]], body: bytes) 
     conn.send_headers(1, headers)
     conn.send_data(1, body)
     try:
-        with socket.create_connection(address(url), timeout=10) as sock:
+        with socket.create_connection(address(url), timeout=30) as sock:
             sock.sendall(conn.data_to_send())
             sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -56,7 +56,7 @@ def abandoned_h2_request(url: str, headers: list[tuple[str, str]], body: bytes) 
 
 def honest_status(url: str, path: str = "/healthz", **kwargs: object) -> int:
     """The status of one complete ``GET`` on a fresh connection."""
-    with httpx.Client(base_url=url, timeout=10) as client:
+    with httpx.Client(base_url=url, timeout=30) as client:
         return client.get(path, **kwargs).status_code  # type: ignore[arg-type]
 
 
@@ -71,7 +71,7 @@ class H2Peer:
         self.conn = h2.connection.H2Connection(config)
         self.conn.initiate_connection()
         self.pending: list[h2.events.Event] = []
-        self.sock = socket.create_connection(address(url), timeout=10)
+        self.sock = socket.create_connection(address(url), timeout=30)
         self.flush()
 
     def flush(self) -> None:
@@ -106,7 +106,7 @@ def h2_request(url: str, headers: list[tuple[str, str]], body: bytes = b"") -> t
     if body:
         conn.send_data(1, body, end_stream=True)
     status, data = 0, bytearray()
-    with socket.create_connection(address(url), timeout=10) as sock:
+    with socket.create_connection(address(url), timeout=30) as sock:
         sock.sendall(conn.data_to_send())
         while True:
             chunk = sock.recv(65536)

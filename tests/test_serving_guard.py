@@ -50,7 +50,7 @@ def assert_still_serving(server: LiveServer, token: str) -> None:
         f"{server.url}/v1/vms",
         json={"vcpus": 1, "memory_mib": 256, "image": "debian-12"},
         headers=bearer(token),
-        timeout=10,
+        timeout=30,
     )
     assert spawn.status_code == 201, spawn.text
     assert h2_request(server.url, h2_headers("GET", "/healthz"))[0] == 200

@@ -28,7 +28,11 @@ handling   answering a complete request                 no deadline of ours: the
 
 An idle connection whose peer did send, but whose bytes the server has not read yet
 (a busy event loop after a burst), is not the peer's fault: it gets a head deadline
-instead of ending. A write that cannot finish within ``send_timeout`` (a peer that
+instead of ending. Once the socket is closed (the answer is out and HTTP says close, or
+the peer is gone), what still runs of the connection gets ``CLOSE_GRACE`` to finish: a
+protocol task can wait for an event that a write to a vanished peer will never bring
+(Hypercorn's HTTP/1.1 reader, paused behind a pipelined request), and must not hold the
+connection's place for ever. A write that cannot finish within ``send_timeout`` (a peer that
 stopped reading) ends the connection too. An ending connection is closed without an
 answer (its peer has not finished asking), cancelling its app task if one waits for a
 body.
@@ -42,6 +46,7 @@ import math
 import ssl
 import sys
 import termios
+from collections import Counter
 
 import trio
 from hypercorn.config import Config
@@ -55,7 +60,8 @@ from server.serving.options import ServingOptions
 from server.serving.protocol import Protocol
 
 MAX_RECV = 2**16
-#: how long a close may take to flush (TLS close_notify) before it is forced
+#: how long a close may take to flush (TLS close_notify) before it is forced, and how
+#: long the connection's tasks get to finish once its socket is closed
 CLOSE_GRACE = 1.0
 
 
@@ -75,6 +81,7 @@ class Connection:
         options: ServingOptions,
         failures: ConnectionFailures,
         admission: Admission | None = None,
+        counts: Counter[str] | None = None,
     ) -> None:
         self.client = client
         self.ended = trio.Event()
@@ -87,6 +94,7 @@ class Connection:
         self._options = options
         self._failures = failures
         self._admission = admission
+        self._counts: Counter[str] = Counter() if counts is None else counts
         self._send_lock = trio.Lock()
         self._closed = False
         self._watchdog = trio.CancelScope()
@@ -103,6 +111,7 @@ class Connection:
 
     def shed(self) -> None:
         """End now, to make room for another connection (:attr:`ended` tells when)."""
+        self._counts["shed"] += 1
         self._watchdog.cancel()
 
     def has_unread(self) -> bool:
@@ -117,13 +126,21 @@ class Connection:
             return True  # closing already: nothing to gain from shedding it
         return int.from_bytes(count, sys.byteorder) > 0
 
-    def expire(self, now: float) -> None:
-        """The deadline has passed: end, unless unread bytes show the server was late."""
+    def expire(self, now: float) -> str | None:
+        """The deadline has passed: end, unless unread bytes show the server was late.
+
+        Returns the phase that ran out of time (``idle``, ``head``, ``body``), or None.
+        """
         if self._idle and self._head_since is None and self.has_unread():
             self._head_since = now
             self._rearm()
-            return
+            return None
         self._watchdog.cancel()
+        if self._closed:
+            return None
+        if self._idle:
+            return "idle" if self._head_since is None else "head"
+        return "body"
 
     def end_if_idle(self) -> None:
         """Shutdown has begun: an idle connection ends now (a busy one when done)."""
@@ -192,6 +209,10 @@ class Connection:
 
     async def _protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
+            if not self._idle:
+                # An answer on its way: the body phase may be over although the reader has
+                # not come back to say so (it waits behind a pipelined request).
+                self._rearm()
             if not await self._write(event.data) and self._protocol is not None:
                 await self._protocol.handle(Closed())
         elif isinstance(event, Updated):
@@ -209,6 +230,8 @@ class Connection:
 
     def _rearm(self) -> None:
         """Set the watchdog's deadline for the phase the connection is in now."""
+        if self._closed:
+            return  # the close's grace period runs; no phase extends it
         options = self._options
         protocol = self._protocol
         if self._idle:
@@ -249,7 +272,9 @@ class Connection:
                     return True
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-            self._closed = True
+            if scope.cancelled_caught:
+                self._counts["timeout_send"] += 1
+            self._mark_closed()
             await self._release()
             return False
 
@@ -257,13 +282,17 @@ class Connection:
         if self._closed:
             return
         # Marked first: a write queued behind the lock finds the connection closed.
-        self._closed = True
+        self._mark_closed()
         # Shielded from the start: the app's task that asks for the close is often
         # cancelled right then (Quart ends a request's tasks once its response is out),
         # and a close cut short at the lock would leave the socket open for good.
         with trio.CancelScope(shield=True):
             async with self._send_lock:
                 await self._release()
+
+    def _mark_closed(self) -> None:
+        self._closed = True
+        self.deadline = trio.current_time() + CLOSE_GRACE
 
     async def _release(self) -> None:
         """End the stream: end of file and close, or a forced close. Lock held."""

@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,8 @@ class Connections:
         self.failures = ConnectionFailures(log_failures)
         self.admission = Admission(ceiling, options.max_connections_per_peer)
         self.live: set[Connection] = set()
-        self.counts = {"accepted": 0, "refused_full": 0, "refused_peer": 0, "accept_errors": 0}
+        #: what happened to connections, by kind (the metrics read it when scraped)
+        self.counts: Counter[str] = Counter()
         self._exempt = _exemption(options.trusted_proxies)
         self._capacity_logged_at = -CAPACITY_LOG_EVERY
 
@@ -129,7 +131,7 @@ class Connections:
         await trio.sleep(CAPACITY_PAUSE)
 
     async def _serve(self, site: Site, sock: trio.socket.SocketType, peer: Address) -> None:
-        stream: Any = trio.SocketStream(sock)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = trio.SocketStream(sock)
         if site.tls is not None:
             stream = trio.SSLStream(stream, site.tls, server_side=True, https_compatible=True)
         connection = Connection(
@@ -143,6 +145,7 @@ class Connections:
             options=self.options,
             failures=self.failures,
             admission=self.admission,
+            counts=self.counts,
         )
         self.live.add(connection)
         try:
@@ -157,7 +160,8 @@ class Connections:
             await trio.sleep(REAP_EVERY)
             now = trio.current_time()
             for connection in [c for c in self.live if c.deadline <= now]:
-                connection.expire(now)
+                if phase := connection.expire(now):
+                    self.counts[f"timeout_{phase}"] += 1
 
     async def begin_shutdown(self) -> None:
         """No more requests: idle connections end now, busy ones after their response."""

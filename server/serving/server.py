@@ -25,9 +25,11 @@ import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
+from prometheus_client import CollectorRegistry
 
 from server.serving.descriptors import plan, somaxconn
 from server.serving.listener import Connections, Site
+from server.serving.metrics import ServingCollector
 from server.serving.options import ServingOptions
 from server.serving.proxies import ForwardedFor
 
@@ -143,18 +145,23 @@ async def serve(
     options: ServingOptions,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]],
+    registry: CollectorRegistry | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every endpoint until ``shutdown_trigger`` returns, then drain and return.
 
     Reports, through ``task_status``, each endpoint's URL (``http://HOST:PORT``, or
     ``https://``) in order once it accepts connections. Raises :class:`ListenError`
-    before that if it cannot listen.
+    before that if it cannot listen. The connection metrics go to ``registry``.
     """
     config = _protocol_config(options)
     sites = _open_sites(endpoints, options)
+    collector: ServingCollector | None = None
     try:
         connections = Connections(options, config, _ceiling(options, endpoints[0].bind))
+        collector = ServingCollector(connections)
+        if registry is not None:
+            registry.register(collector)
         lifespans = [Lifespan(site.app, config, site.state) for site in sites]
         async with trio.open_nursery() as lifespan_tasks:
             for lifespan in lifespans:
@@ -182,3 +189,5 @@ async def serve(
     finally:
         for site in sites:
             site.socket.close()
+        if registry is not None and collector is not None:
+            registry.unregister(collector)
