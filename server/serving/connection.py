@@ -164,7 +164,7 @@ class Connection:
         stream = self._stream
         alpn: str | None = "http/1.1"
         tls = isinstance(stream, trio.SSLStream)
-        if tls:
+        if isinstance(stream, trio.SSLStream):
             self._head_since = self._idle_since
             self._rearm()
             try:

@@ -131,9 +131,10 @@ class Connections:
         await trio.sleep(CAPACITY_PAUSE)
 
     async def _serve(self, site: Site, sock: trio.socket.SocketType, peer: Address) -> None:
-        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = trio.SocketStream(sock)
+        plain = trio.SocketStream(sock)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = plain
         if site.tls is not None:
-            stream = trio.SSLStream(stream, site.tls, server_side=True, https_compatible=True)
+            stream = trio.SSLStream(plain, site.tls, server_side=True, https_compatible=True)
         connection = Connection(
             site.app,
             self.config,
