@@ -16,18 +16,18 @@ from urllib.parse import quote
 
 import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from prometheus_client import CollectorRegistry
 
 from actors.errors import StartupError
 from actors.journal.verify import verify_data_dir
 from actors.service import ServiceConfig, open_service
-from server import settings
+from server import serving, settings
 from server.app import create_app
 from server.auth import Authority, admin_token_path
 from server.keyring import KeyringError
 from server.logs import configure_logging, direct_request_logger
 from server.metrics_http import metrics_app
+from server.serving import Endpoint, ListenError, ServingOptions
 
 log = logging.getLogger("vm_tenant")
 
@@ -44,18 +44,25 @@ def _announce(line: str) -> None:
 
 
 async def _listen(
-    nursery: trio.Nursery, app: Any, hconfig: HypercornConfig, stop: trio.Event
+    nursery: trio.Nursery,
+    endpoints: list[Endpoint],
+    options: ServingOptions,
+    stop: trio.Event,
+    registry: CollectorRegistry,
 ) -> list[str]:
-    """Start one Hypercorn server in ``nursery``; a bind that fails is a StartupError."""
+    """Start serving ``endpoints`` in ``nursery``; a bind that fails is a StartupError."""
     try:
         return await nursery.start(
-            partial(hypercorn_serve, app, hconfig, shutdown_trigger=stop.wait)
+            partial(
+                serving.serve, endpoints, options, shutdown_trigger=stop.wait, registry=registry
+            )
         )
     except (OSError, ExceptionGroup) as error:
         reason = _only(error, OSError)
         if reason is None:
             raise
-        raise StartupError(f"cannot listen on {' '.join(hconfig.bind)}: {reason}") from None
+        where = reason.bind if isinstance(reason, ListenError) else endpoints[0].bind
+        raise StartupError(f"cannot listen on {where}: {reason}") from None
 
 
 def _only(error: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -66,7 +73,11 @@ def _only(error: BaseException, kind: type[BaseException]) -> BaseException | No
 
 
 async def serve(
-    config: ServiceConfig, bind: str, metrics_bind: str | None = None, log_format: str = "auto"
+    config: ServiceConfig,
+    bind: str,
+    metrics_bind: str | None = None,
+    log_format: str = "auto",
+    options: ServingOptions | None = None,
 ) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -78,14 +89,9 @@ async def serve(
             # all while the event loop stands still.
             gc.collect()
             gc.freeze()
-            hconfig = HypercornConfig()
-            hconfig.bind = [bind]
-            hconfig.accesslog = None
-            hconfig.errorlog = logging.getLogger("vm_tenant.hypercorn")
-            # The "listening" line below is ours; keep Hypercorn to warnings and errors.
-            hconfig.errorlog.setLevel(logging.WARNING)
-            # In-flight requests may wait for the fleet's deadline; let them finish.
-            hconfig.graceful_timeout = config.fleet_timeout * 2 + 5
+            if options is None:
+                # In-flight requests may wait for the fleet's deadline; let them finish.
+                options = ServingOptions(graceful_timeout=config.fleet_timeout * 2 + 5)
             stop = trio.Event()
 
             async def watch_signals() -> None:
@@ -94,20 +100,17 @@ async def serve(
                     stop.set()
                     return
 
+            endpoints = [Endpoint(app, bind)]
+            if metrics_bind:
+                metrics = metrics_app(service.metrics.registry)
+                endpoints.append(Endpoint(metrics, metrics_bind, front=False))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals)
+                registry = service.metrics.registry
+                urls = await _listen(nursery, endpoints, options, stop, registry)
                 if metrics_bind:
-                    # Started first, so that its line is out before the "listening" one.
-                    mconfig = HypercornConfig()
-                    mconfig.bind = [metrics_bind]
-                    mconfig.accesslog = None
-                    mconfig.errorlog = hconfig.errorlog
-                    mconfig.graceful_timeout = 5
-                    metrics = metrics_app(service.metrics.registry)
-                    mbinds = await _listen(nursery, metrics, mconfig, stop)
-                    _announce(f"vm-tenant metrics on {mbinds[0]}/metrics")
-                binds = await _listen(nursery, app, hconfig, stop)
-                _announce(f"vm-tenant listening on {' '.join(binds)}")
+                    _announce(f"vm-tenant metrics on {urls[1]}/metrics")
+                _announce(f"vm-tenant listening on {urls[0]}")
                 await stop.wait()
             log.info("HTTP drained; stopping actors")
 
@@ -140,7 +143,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(chosen.log_format)
     config = chosen.service_config()
     try:
-        trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format)
+        options = chosen.serving_options()
+    except settings.SettingsError as error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format, options)
     except (StartupError, ExceptionGroup) as error:
         # A StartupError raised while listening comes out of the server's nursery.
         startup = _only(error, StartupError)

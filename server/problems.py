@@ -41,6 +41,7 @@ CODES: dict[str, tuple[int, str]] = {
     "fleet_error": (502, "Fleet error"),
     "fleet_unavailable": (503, "Fleet unavailable"),
     "audit_unavailable": (503, "Audit unavailable"),
+    "overloaded": (503, "Overloaded"),
 }
 
 _DOMAIN_CODES: list[tuple[type[DomainError], str]] = [

@@ -31,6 +31,9 @@ import msgspec
 import tomli_w
 
 from actors.service import ServiceConfig
+from server.serving.options import ServingOptions
+from server.serving.proxies import parse_networks
+from server.serving.tls import TlsError, server_context
 
 CONFIG_ENV = "VM_TENANT_CONFIG"
 #: ``metrics_bind`` values that mean "no metrics listener" (TOML has no null).
@@ -50,6 +53,19 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     max_inflight_spawns: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 32
 
 
+class Serving(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Deadlines and ceilings of the HTTP listeners: the ``[serving]`` table of the file."""
+
+    keep_alive_timeout: Seconds = 5.0
+    head_timeout: Seconds = 10.0
+    body_timeout: Seconds = 30.0
+    send_timeout: Seconds = 30.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 4096
+    max_connections_per_peer: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 256
+    reserved_fds: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 128
+    backlog: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 4096
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """The effective settings of ``vm-tenant serve``, validated and merged."""
 
@@ -64,7 +80,40 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     log_format: Literal["auto", "json", "console"] = "auto"
     #: idle tenant actors end after this many seconds
     passivate_after: Seconds = 300.0
+    #: HTTPS on ``bind``: the certificate (PEM chain) and its key, or None (``"off"``)
+    tls_cert: Text | None = None
+    tls_key: Text | None = None
+    #: ``CIDR[,CIDR...]`` of the proxies whose X-Forwarded-For names the client
+    trusted_proxies: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     limits: Limits = msgspec.field(default_factory=Limits)
+    serving: Serving = msgspec.field(default_factory=Serving)
+
+    def serving_options(self) -> ServingOptions:
+        """The HTTP listeners' share of the settings (loading the TLS files, if any).
+
+        Raises :class:`SettingsError` if they no longer load (they did when validated).
+        """
+        serving = self.serving
+        tls = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            try:
+                tls = server_context(self.tls_cert, self.tls_key)
+            except TlsError as error:
+                raise SettingsError([f"tls_cert: {error}"]) from None
+        return ServingOptions(
+            keep_alive_timeout=serving.keep_alive_timeout,
+            head_timeout=serving.head_timeout,
+            body_timeout=serving.body_timeout,
+            send_timeout=serving.send_timeout,
+            # In-flight requests may wait for the fleet's deadline; let them finish.
+            graceful_timeout=self.fleet_timeout * 2 + 5,
+            max_connections=serving.max_connections,
+            max_connections_per_peer=serving.max_connections_per_peer,
+            reserved_fds=serving.reserved_fds,
+            backlog=serving.backlog,
+            tls=tls,
+            trusted_proxies=parse_networks(self.trusted_proxies),
+        )
 
     def service_config(self) -> ServiceConfig:
         """The core's share of the settings."""
@@ -125,6 +174,15 @@ OPTIONS: tuple[Option, ...] = (
         "idle tenant actors end after this",
     ),
     Option(
+        "tls_cert", "--tls-cert", "VM_TENANT_TLS_CERT", "FILE",
+        "HTTPS: the certificate chain (PEM), with --tls-key",
+    ),
+    Option("tls_key", "--tls-key", "VM_TENANT_TLS_KEY", "FILE", "HTTPS: the private key (PEM)"),
+    Option(
+        "trusted_proxies", "--trusted-proxies", "VM_TENANT_TRUSTED_PROXIES", "CIDR[,CIDR...]",
+        "peers whose X-Forwarded-For names the client",
+    ),
+    Option(
         "limits.rate", "--rate-limit", "VM_TENANT_RATE_LIMIT", "RPS",
         "per-tenant requests per second (0 = off)",
     ),
@@ -133,9 +191,38 @@ OPTIONS: tuple[Option, ...] = (
         "limits.max_inflight_spawns", "--max-inflight-spawns", "VM_TENANT_MAX_INFLIGHT_SPAWNS",
         "N", "per-tenant spawns in flight (0 = off)",
     ),
+    Option(
+        "serving.keep_alive_timeout", "--keep-alive-timeout", "VM_TENANT_KEEP_ALIVE_TIMEOUT",
+        "SECONDS", "an idle connection closes after this",
+    ),
+    Option(
+        "serving.head_timeout", "--head-timeout", "VM_TENANT_HEAD_TIMEOUT", "SECONDS",
+        "a request head must arrive within this of its first byte",
+    ),
+    Option(
+        "serving.body_timeout", "--body-timeout", "VM_TENANT_BODY_TIMEOUT", "SECONDS",
+        "a request body must arrive within this of its head",
+    ),
+    Option(
+        "serving.send_timeout", "--send-timeout", "VM_TENANT_SEND_TIMEOUT", "SECONDS",
+        "a response write that takes longer ends its connection",
+    ),
+    Option(
+        "serving.max_connections", "--max-connections", "VM_TENANT_MAX_CONNECTIONS", "N",
+        "connections at once (lowered to what descriptors allow)",
+    ),
+    Option(
+        "serving.max_connections_per_peer", "--max-connections-per-peer",
+        "VM_TENANT_MAX_CONNECTIONS_PER_PEER", "N", "connections at once from one address",
+    ),
+    Option(
+        "serving.reserved_fds", "--reserved-fds", "VM_TENANT_RESERVED_FDS", "N",
+        "descriptors kept from connections for the journal",
+    ),
+    Option("serving.backlog", "--backlog", "VM_TENANT_BACKLOG", "N", "listen backlog"),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}
-TABLES: dict[str, type[msgspec.Struct]] = {"limits": Limits}
+TABLES: dict[str, type[msgspec.Struct]] = {"limits": Limits, "serving": Serving}
 
 
 def _field_types() -> dict[str, tuple[Any, Any]]:
@@ -273,6 +360,22 @@ def _check(values: dict[str, Any]) -> dict[str, str]:
             problems["metrics_bind"] = problem
         elif metrics == values.get("bind") and not metrics.endswith(":0"):
             problems["metrics_bind"] = f"must differ from bind ({metrics})"
+    for key in ("tls_cert", "tls_key"):
+        if values.get(key) is not None and values[key].lower() in OFF:
+            values[key] = None
+    cert, key = values.get("tls_cert"), values.get("tls_key")
+    if (cert is None) != (key is None):
+        missing = "tls_key" if key is None else "tls_cert"
+        problems[missing] = "HTTPS needs both tls_cert and tls_key"
+    elif cert is not None and key is not None:
+        try:
+            server_context(cert, key)
+        except TlsError as error:
+            problems["tls_cert"] = str(error)
+    try:
+        parse_networks(values.get("trusted_proxies", ""))
+    except ValueError as error:
+        problems["trusted_proxies"] = str(error)
     fleet = values.get("fleet")
     if fleet is not None and fleet != "embedded":
         url = urlsplit(fleet)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +108,11 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-LISTEN_RE = re.compile(r"vm-tenant listening on (http://\S+)")
+LISTEN_RE = re.compile(r"vm-tenant listening on (https?://\S+)")
+
+
+def _limit_files(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 @dataclass
@@ -115,6 +121,8 @@ class LiveServer:
 
     data_dir: Path
     env: dict[str, str] = field(default_factory=dict)
+    #: RLIMIT_NOFILE (soft and hard) of the server process, if not the test's own
+    nofile: int | None = None
     proc: subprocess.Popen[str] | None = None
     url: str = ""
     log: list[str] = field(default_factory=list)
@@ -129,6 +137,7 @@ class LiveServer:
             stdout=subprocess.DEVNULL,
             text=True,
             env=env,
+            preexec_fn=None if self.nofile is None else partial(_limit_files, self.nofile),
         )  # fmt: skip
         found = threading.Event()
         lines = self.log

@@ -112,6 +112,17 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "VM_TENANT_RATE_LIMIT": "0",
         "VM_TENANT_RATE_BURST": "1",
         "VM_TENANT_MAX_INFLIGHT_SPAWNS": "0",
+        "VM_TENANT_KEEP_ALIVE_TIMEOUT": "7",
+        "VM_TENANT_HEAD_TIMEOUT": "8",
+        "VM_TENANT_BODY_TIMEOUT": "9",
+        "VM_TENANT_SEND_TIMEOUT": "11",
+        "VM_TENANT_MAX_CONNECTIONS": "500",
+        "VM_TENANT_MAX_CONNECTIONS_PER_PEER": "50",
+        "VM_TENANT_RESERVED_FDS": "64",
+        "VM_TENANT_BACKLOG": "128",
+        "VM_TENANT_TLS_CERT": "off",
+        "VM_TENANT_TLS_KEY": "off",
+        "VM_TENANT_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1",
     }
     assert set(env_values) == {option.env for option in settings.OPTIONS}
     for name, value in env_values.items():
@@ -123,12 +134,27 @@ def test_every_setting_has_a_flag_and_an_env_var(
     assert from_env["metrics_bind"] == "127.0.0.1:9100"
     assert from_env["log_format"] == "console"
     assert from_env["limits"] == {"rate": 0.0, "burst": 1, "max_inflight_spawns": 0}
+    assert from_env["trusted_proxies"] == "10.0.0.0/8, 192.0.2.1"
+    assert from_env["serving"] == {
+        "keep_alive_timeout": 7.0,
+        "head_timeout": 8.0,
+        "body_timeout": 9.0,
+        "send_timeout": 11.0,
+        "max_connections": 500,
+        "max_connections_per_peer": 50,
+        "reserved_fds": 64,
+        "backlog": 128,
+    }
 
     flags = [
         "--data-dir", "/srv/flag", "--bind", "[::1]:82", "--fleet", "embedded",
         "--fleet-timeout", "4", "--snapshot-interval", "31", "--checkpoint-interval", "6",
         "--metrics-bind", "off", "--log-format", "json", "--passivate-after", "61",
         "--rate-limit", "9.5", "--rate-burst", "3", "--max-inflight-spawns", "4",
+        "--keep-alive-timeout", "1.5", "--head-timeout", "2", "--body-timeout", "3",
+        "--send-timeout", "4", "--max-connections", "100", "--max-connections-per-peer", "10",
+        "--reserved-fds", "32", "--backlog", "64", "--tls-cert", "off", "--tls-key", "off",
+        "--trusted-proxies", "::1",
     ]  # fmt: skip
     from_flags, out = show(capsys, *flags)
     assert from_flags == {
@@ -141,7 +167,20 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "metrics_bind": "off",
         "log_format": "json",
         "passivate_after": 61.0,
+        "tls_cert": "off",
+        "tls_key": "off",
+        "trusted_proxies": "::1",
         "limits": {"rate": 9.5, "burst": 3, "max_inflight_spawns": 4},
+        "serving": {
+            "keep_alive_timeout": 1.5,
+            "head_timeout": 2.0,
+            "body_timeout": 3.0,
+            "send_timeout": 4.0,
+            "max_connections": 100,
+            "max_connections_per_peer": 10,
+            "reserved_fds": 32,
+            "backlog": 64,
+        },
     }
     assert "env " not in out
 
