@@ -26,8 +26,10 @@ from actors.fleet.http import HttpFleet
 from actors.journal import snapshot
 from actors.journal.chain import ChainBroken
 from actors.journal.checkpoint import CheckpointSigner
-from actors.journal.writer import AuditWriter, utc_now
+from actors.journal.entries import utc_now
+from actors.journal.writer import AuditWriter
 from actors.metrics import Metrics, StateReading
+from actors.store.file import FileStore
 from actors.tenants.limits import LimitSettings
 from actors.tenants.registry import TenantRegistry
 
@@ -153,9 +155,9 @@ async def open_service(
     fleet = FleetClient(
         driver or make_driver(config), timeout=config.fleet_timeout, metrics=metrics
     )
+    store = FileStore(replayed.state, writer)
     registry = TenantRegistry(
-        replayed.state.tenants,
-        writer,
+        store,
         fleet,
         mailbox_size=config.mailbox_size,
         call_timeout=config.fleet_timeout * 2 + 5,

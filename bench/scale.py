@@ -233,7 +233,7 @@ def measure_memory(data_dir: Path, big: str, passivate_after: float) -> dict[str
 async def measure_listing(service: Any, tenant: str, rounds: int = 200) -> dict[str, Any]:
     """Median microseconds for one page of 100 with the cursor at start, middle and end."""
     registry = service.registry
-    ids = list(registry.actor(tenant).state.vms.keys())
+    ids = list(registry.state(tenant).vms.keys())
     cursors = {"start": None, "middle": ids[len(ids) // 2], "end": ids[-101]}
     figures: dict[str, Any] = {"tenant_vms": len(ids)}
     for where, after in cursors.items():

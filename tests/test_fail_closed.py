@@ -12,11 +12,13 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from actors.fleet.embedded import EmbeddedFleet
 from actors.journal.checkpoint import read_checkpoints
 from actors.service import open_service
 from conftest import Api, audit_lines, service_config
@@ -77,6 +79,92 @@ async def test_failed_fsync_answers_503_forwards_nothing_and_recovers_alone(
     assert response.status_code == 201
     lines = audit_lines(api.service.config.data_dir)
     assert [json.loads(line)["seq"] for line in lines] == list(range(1, len(lines) + 1))
+
+
+class FailsAfterTheFleet:
+    """``os.fsync`` failing with a real EIO once the fleet has been called, while armed.
+
+    A spawn's or a destroy's ``requested`` entry is made durable before the fleet is
+    called, its outcome entry after: so exactly the outcome's fsync fails.
+    """
+
+    def __init__(self, fleet: EmbeddedFleet) -> None:
+        self.fleet = fleet
+        self.armed_at: int | None = None
+
+    def arm(self) -> None:
+        self.armed_at = self.fleet.calls
+
+    def __call__(self, fd: int) -> None:
+        if self.armed_at is not None and self.fleet.calls > self.armed_at:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.fsync(fd)
+
+
+def entries(api: Api) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in audit_lines(api.service.config.data_dir)]
+
+
+async def wait_for_entry(api: Api, op: str, vm_id: str, outcome: str) -> dict[str, Any]:
+    with trio.fail_after(120):
+        while True:
+            for entry in entries(api):
+                if (entry["op"], entry["vm"], entry["outcome"]) == (op, vm_id, outcome):
+                    return entry
+            await trio.sleep(0.5)
+
+
+async def test_confirmed_operations_answer_success_when_only_their_outcome_fails(
+    autojump_clock: trio.testing.MockClock, clocked_api: Api
+) -> None:
+    """API.md v1.1: the fleet confirmed, so it happened; its outcome is audited later."""
+    api = clocked_api
+    token = await api.create_tenant("acme")
+    auth = {"Authorization": token}
+    failing = FailsAfterTheFleet(api.fleet)
+    api.service.audit._fsync = failing
+
+    failing.arm()
+    key = {"Idempotency-Key": "late-1", **auth}
+    body = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
+    response = await api.client.post("/v1/vms", json=body, headers=key)
+    assert response.status_code == 201
+    vm = await response.get_json()
+    assert api.fleet.vm_ids() == {vm["id"]}
+    mine = [e for e in entries(api) if e["vm"] == vm["id"]]
+    assert [e["outcome"] for e in mine] == ["requested"], "the outcome is not durable yet"
+    assert (await api.client.get("/readyz")).status_code == 503
+    usage = await (await api.client.get("/v1/usage", headers=auth)).get_json()
+    assert usage["allocated"]["vms"] == 1
+    # Until its outcome is on record the VM is still being spawned: not yet destroyable.
+    conflict = await api.client.delete(f"/v1/vms/{vm['id']}", headers=auth)
+    assert await problem_code(conflict) == (409, "conflict")
+
+    failing.armed_at = None  # the disk is back: the outcome is recorded as the proxy's own
+    late = await wait_for_entry(api, "vm.spawn", vm["id"], "succeeded")
+    assert late["source"] == {"ip": None, "token_id": "system"}
+    assert late["detail"]["resolution"] == "recorded_late"
+    assert late["detail"]["state"] == vm["state"]
+    replay = await api.client.post("/v1/vms", json=body, headers=key)
+    assert replay.status_code == 201 and await replay.get_json() == vm, "the first answer"
+
+    failing.arm()
+    response = await api.client.delete(f"/v1/vms/{vm['id']}", headers=auth)
+    assert response.status_code == 200
+    assert await response.get_json() == {"id": vm["id"], "state": "destroyed"}
+    assert api.fleet.vm_ids() == set()
+    usage = await (await api.client.get("/v1/usage", headers=auth)).get_json()
+    assert usage["allocated"]["vms"] == 1, "counted until the destroy is on record"
+
+    failing.armed_at = None
+    late = await wait_for_entry(api, "vm.destroy", vm["id"], "succeeded")
+    assert late["source"] == {"ip": None, "token_id": "system"}
+    assert (await api.client.get(f"/v1/vms/{vm['id']}", headers=auth)).status_code == 404
+    usage = await (await api.client.get("/v1/usage", headers=auth)).get_json()
+    assert usage["allocated"] == {"vcpus": 0, "memory_mib": 0, "vms": 0}
+    with trio.fail_after(30):
+        while (await api.client.get("/readyz")).status_code != 200:
+            await trio.sleep(0.5)
 
 
 async def test_removed_segment_marks_the_journal_damaged(

@@ -13,8 +13,8 @@ from actors.errors import AuditUnavailable, StartupError
 from actors.fleet.embedded import EmbeddedFleet
 from actors.journal import snapshot as snapshot_module
 from actors.journal.chain import seal
+from actors.journal.entries import SYSTEM_SOURCE
 from actors.journal.snapshot import snapshot_path
-from actors.journal.writer import SYSTEM_SOURCE
 from actors.service import Service, open_service
 from actors.state import Quota, VmSpec
 from actors.tenants.protocol import Destroy, GetUsage, ListVms, Source, Spawn

@@ -9,8 +9,8 @@ replaced by a fresh one over the same state on the next request. An actor idle f
 ``passivate_after`` seconds with no job in flight ends itself and is forgotten here (the
 state stays), so memory follows the active tenants, not the provisioned ones.
 
-Tenant and token operations are rare and involve no fleet call: they are applied only
-once their audit entry is durable, and a pending creation reserves its id meanwhile.
+Tenant and token operations are rare and involve no fleet call: the store folds their
+entry into the state once it is durable, and a pending creation reserves its id meanwhile.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from math import inf
 from typing import Any
 
 import trio
-from sortedcontainers import SortedDict
 
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
 from actors.fleet.client import FleetClient
-from actors.journal.writer import AuditWriter
+from actors.journal.entries import draft
+from actors.journal.writer import AuditTicket
 from actors.reply import Reply
-from actors.state import IN_DOUBT_STATES, Quota, TenantState
+from actors.state import Quota, TenantState
+from actors.store.file import FileStore
 from actors.tenants.actor import TenantActor
 from actors.tenants.limits import LimitSettings, TenantLimits
 from actors.tenants.protocol import Reopen, Retire, Source
@@ -48,8 +49,7 @@ class TenantRegistry:
 
     def __init__(
         self,
-        tenants: dict[str, TenantState],
-        audit: AuditWriter,
+        store: FileStore,
         fleet: FleetClient,
         *,
         mailbox_size: int = 256,
@@ -57,9 +57,9 @@ class TenantRegistry:
         limits: LimitSettings | None = None,
         passivate_after: float = inf,
     ) -> None:
-        # Sorted by id, so that listing pages start after a cursor without a scan.
-        self._tenants = tenants if isinstance(tenants, SortedDict) else SortedDict(tenants)
-        self._audit = audit
+        self._store = store
+        # The store's directory, sorted by id (see ProxyState): read here, changed by the fold.
+        self._tenants = store.state.tenants
         self._fleet = fleet
         self._mailbox_size = mailbox_size
         self.call_timeout = call_timeout
@@ -79,11 +79,10 @@ class TenantRegistry:
         """Own the actors' nursery until :meth:`close`, then until every actor has drained."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for tenant in self._tenants.values():
-                # Operations left in doubt by a crash are resolved right away, not on the
-                # tenant's next request.
-                if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values()):
-                    self.actor(tenant.id)
+            # Operations left in doubt by a crash are resolved right away, not on the
+            # tenant's next request.
+            for tenant_id in self._store.tenants_in_doubt():
+                self.actor(tenant_id)
             if self._passivate_after < inf:
                 nursery.start_soon(self._sweep)
             task_status.started()
@@ -137,16 +136,15 @@ class TenantRegistry:
 
     def actor(self, tenant_id: str) -> TenantActor:
         """The tenant's actor, started on first use. Never awaits."""
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None:
+        if tenant_id not in self._tenants:
             raise NotFound("no such tenant")
         actor = self._actors.get(tenant_id)
         if actor is None or actor.failed:
             if self._nursery is None or self._closed.is_set():
                 raise Busy("the service is shutting down")
             actor = TenantActor(
-                tenant,
-                self._audit,
+                tenant_id,
+                self._store,
                 self._fleet,
                 mailbox_size=self._mailbox_size,
             )
@@ -224,7 +222,6 @@ class TenantRegistry:
             )
             with trio.CancelScope(shield=True):
                 await ticket.wait()
-            self._tenants[tenant_id] = TenantState(tenant_id, quota, {token_id})
         finally:
             self._creating.discard(tenant_id)
         return token_id
@@ -252,7 +249,6 @@ class TenantRegistry:
             except AuditUnavailable:
                 await self._reopen(actor)  # not deleted after all: take spawns again
                 raise
-        del self._tenants[tenant_id]
         self._actors.pop(tenant_id, None)
         self.limits.forget(tenant_id)
         actor.stop(NotFound("no such tenant"))
@@ -282,10 +278,6 @@ class TenantRegistry:
             issuing.discard(token_id)
             if not issuing and self._issuing.get(tenant_id) is issuing:
                 del self._issuing[tenant_id]
-        # Only the tenant that issued it: a tenant deleted meanwhile (and perhaps created
-        # again under the same id) must not gain this token.
-        if self._tenants.get(tenant_id) is tenant:
-            tenant.tokens.add(token_id)
         return token_id
 
     async def revoke_token(
@@ -297,20 +289,13 @@ class TenantRegistry:
         ticket = self._submit("token.revoke", tenant_id, source, request_id, {"token_id": token_id})
         with trio.CancelScope(shield=True):
             await ticket.wait()
-        tenant.tokens.discard(token_id)
 
     def _submit(
         self, op: str, tenant_id: str, source: Source, request_id: str, detail: dict[str, Any]
-    ) -> Any:
-        return self._audit.submit(
-            op=op,
-            outcome="succeeded",
-            tenant=tenant_id,
-            vm=None,
-            source=source.to_json(),
-            request_id=request_id,
-            detail=detail,
-        )
+    ) -> AuditTicket:
+        """Write a tenant or token entry; the store folds it in once it is durable."""
+        entry = draft(op, "succeeded", tenant_id, None, source.to_json(), request_id, detail)
+        return self._store.record(entry)
 
 
 def _token_detail(detail: dict[str, Any], expires_at: str | None) -> dict[str, Any]:
