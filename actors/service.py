@@ -65,12 +65,18 @@ class Service:
 
     config: ServiceConfig
     audit: AuditWriter
+    store: FileStore
     fleet: FleetClient
     registry: TenantRegistry
     checkpoints: CheckpointSigner
     metrics: Metrics = field(default_factory=Metrics)
     recovered: bool = False
     snapshot_anchor: snapshot.Anchor = field(default_factory=snapshot.Anchor)
+
+    @property
+    def reads(self) -> FileStore:
+        """The read surface (immutable views; the same for the edge, the tests, the bench)."""
+        return self.store
 
     @property
     def ready(self) -> bool:
@@ -96,21 +102,16 @@ class Service:
         return self.snapshot_anchor
 
 
-def read_state(registry: TenantRegistry, writer: AuditWriter) -> StateReading:
-    """What the metrics export at scrape time, read from the actors between their turns."""
+def read_state(registry: TenantRegistry, store: FileStore, writer: AuditWriter) -> StateReading:
+    """What the metrics export at scrape time, read between two turns of the actors."""
     actors = registry.live_actors()
-    tenants = registry.tenant_states()
-    by_state: dict[str, int] = {}
-    for tenant in tenants:
-        for vm in tenant.vms.values():
-            by_state[vm.state] = by_state.get(vm.state, 0) + 1
     return StateReading(
         active_actors=len(actors),
-        provisioned_tenants=len(tenants),
+        provisioned_tenants=len(store.directory),
         mailbox_depths=[
             (actor.tenant_id, actor.inbox.statistics().current_buffer_used) for actor in actors
         ],
-        vms_by_state=by_state,
+        vms_by_state=store.vms_by_state(),
         audit_seq=writer.seq,
         audit_queue_depth=writer.queue_depth,
         audit_healthy=writer.healthy,
@@ -165,9 +166,9 @@ async def open_service(
         passivate_after=config.passivate_after,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
-    metrics.watch(lambda: read_state(registry, writer))
+    metrics.watch(lambda: read_state(registry, store, writer))
     service = Service(
-        config, writer, fleet, registry, signer, metrics, snapshot_anchor=replayed.anchor
+        config, writer, store, fleet, registry, signer, metrics, snapshot_anchor=replayed.anchor
     )
     async with trio.open_nursery() as audit_nursery:
         await audit_nursery.start(writer.run)

@@ -1,8 +1,9 @@
-"""The proxy's state model: quotas, VM specs and records, idempotency records, tenants.
+"""The proxy's state model: quotas, VM specs and records, idempotency records, tenants,
+and the directory of tenants and their tokens.
 
 These are the shapes only. Every durable change is an audit entry, and the state is the
-fold of the log over them (``actors/journal/fold.py``). The live tenant actors own their
-:class:`TenantState` once the proxy runs.
+fold of the log over them (``actors/journal/fold.py``), the only code that changes it.
+Readers get immutable views (``actors/views.py``), never these live objects.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class IdempotencyRecord(msgspec.Struct, frozen=True, gc=False):
 
 
 class TenantState:
-    """A tenant's quota, tokens, VMs (by id, with the ids in order for cursors), idempotency keys.
+    """A tenant's quota, VMs (by id, with the ids in order for cursors), idempotency keys.
 
     ``vms`` is a plain dict; the sorted order lives in a list of ids beside it, appended to
     (VM ids grow with time, so a new one almost always sorts last) and sorted again only
@@ -107,14 +108,12 @@ class TenantState:
         "id",
         "idempotency",
         "quota",
-        "tokens",
         "vms",
     )
 
-    def __init__(self, tenant_id: str, quota: Quota, tokens: set[str] | None = None) -> None:
+    def __init__(self, tenant_id: str, quota: Quota) -> None:
         self.id = tenant_id
         self.quota = quota
-        self.tokens: set[str] = tokens or set()
         #: mutate only through add_vm/remove_vm/load_vms, which keep the id order
         self.vms: dict[str, VmRecord] = {}
         self._ids: list[str] = []
@@ -181,11 +180,65 @@ class TenantState:
         return None
 
 
-class ProxyState:
-    """All tenants, keyed by id."""
+class Directory:
+    """Which tenants exist and which token ids each of them has issued and not revoked.
 
-    __slots__ = ("tenants",)
+    The edge asks it, synchronously, whether a verified token is still good, so a
+    revocation or a deletion takes effect with the entry that records it.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def exists(self, tenant_id: str) -> bool:
+        return tenant_id in self._tokens
+
+    def token_valid(self, tenant_id: str, token_id: str) -> bool:
+        tokens = self._tokens.get(tenant_id)
+        return tokens is not None and token_id in tokens
+
+    def tokens(self, tenant_id: str) -> frozenset[str]:
+        """The tenant's valid token ids (none for an unknown tenant)."""
+        return frozenset(self._tokens.get(tenant_id, ()))
+
+    # -- changed by the fold only ----------------------------------------------------------
+
+    def add_tenant(self, tenant_id: str, tokens: set[str]) -> None:
+        self._tokens[tenant_id] = tokens
+
+    def remove_tenant(self, tenant_id: str) -> None:
+        self._tokens.pop(tenant_id, None)
+
+    def add_token(self, tenant_id: str, token_id: str) -> None:
+        tokens = self._tokens.get(tenant_id)
+        if tokens is not None:
+            tokens.add(token_id)
+
+    def remove_token(self, tenant_id: str, token_id: str) -> None:
+        tokens = self._tokens.get(tenant_id)
+        if tokens is not None:
+            tokens.discard(token_id)
+
+
+class ProxyState:
+    """All tenants' states, keyed by id, and the directory of tenants and tokens."""
+
+    __slots__ = ("directory", "tenants")
 
     def __init__(self) -> None:
         # sorted by id: the admin API lists tenants in pages
-        self.tenants: dict[str, TenantState] = SortedDict()
+        self.tenants: SortedDict[str, TenantState] = SortedDict()
+        self.directory = Directory()
+
+    def add_tenant(self, tenant: TenantState, tokens: set[str]) -> None:
+        self.tenants[tenant.id] = tenant
+        self.directory.add_tenant(tenant.id, tokens)
+
+    def remove_tenant(self, tenant_id: str) -> None:
+        self.tenants.pop(tenant_id, None)
+        self.directory.remove_tenant(tenant_id)

@@ -15,7 +15,7 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from actors.tenants.registry import TenantRegistry
+from actors.service import Service
 from server.auth import Authority, Principal
 from server.keyring import SigningKeyInUse, UnknownKey
 from server.problems import Problem
@@ -30,7 +30,7 @@ TENANT_CURSOR_SCOPE = ":tenants"
 
 def add_admin_routes(
     app: QuartTrio,
-    registry: TenantRegistry,
+    service: Service,
     authority: Authority,
     admin_principal: Callable[[], Principal],
     read_json: Callable[..., Awaitable[Any]],
@@ -47,7 +47,7 @@ def add_admin_routes(
         after = None
         if cursor is not None:
             after = authority.read_cursor(TENANT_CURSOR_SCOPE, cursor)
-        page, last = registry.list_tenants(after, limit)
+        page, last = await service.reads.tenants(after, limit)
         next_cursor = authority.cursor(TENANT_CURSOR_SCOPE, last) if last is not None else None
         return json_response({"tenants": page, "next": next_cursor})
 

@@ -25,7 +25,6 @@ from actors.journal.reader import AuditReader
 from actors.service import Service
 from actors.state import VmSpec
 from actors.tenants.protocol import Destroy, Replay, Source, Spawn, UpdateQuota
-from actors.tenants.views import tenant_view, usage_view, vm_page, vm_view
 from server.admin_routes import add_admin_routes
 from server.auth import Authority, Principal
 from server.observe import count_domain_error, instrument
@@ -61,6 +60,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
     app = QuartTrio("vm_tenant")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     registry = service.registry
+    reads = service.reads
     reader = AuditReader(service.config.data_dir / "audit")
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
             result = result.body
             headers = {"Location": f"/v1/vms/{result['id']}", **replayed}
             return json_response(result, 201, headers)
-        return json_response(result, 201, {"Location": f"/v1/vms/{result['id']}"})
+        return json_response(result, 201, {"Location": f"/v1/vms/{result.id}"})
 
     @app.get("/v1/vms")
     async def list_vms() -> Response:
@@ -216,7 +216,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
         limit = parse_int(request.args, "limit", 100, 1, 1000)
         cursor = single(request.args, "cursor")
         after = authority.read_cursor(who.tenant, cursor) if cursor is not None else None
-        page, last = vm_page(registry.state(who.tenant), after, limit)
+        page, last = await reads.vms(who.tenant, after, limit)
         next_cursor = authority.cursor(who.tenant, last) if last is not None else None
         return json_response({"vms": page, "next": next_cursor})
 
@@ -225,14 +225,14 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
         who = tenant_principal()
         assert who.tenant is not None
         no_params()
-        vm = vm_view(registry.state(who.tenant), vm_id)
-        if vm["state"] in LIVE_STATES:
+        vm = await reads.vm(who.tenant, vm_id)
+        if vm.state in LIVE_STATES:
             try:
                 live = await service.fleet.status(vm_id)
             except DomainError:
                 live = None
             if live is not None:
-                vm["state"] = live
+                vm = msgspec.structs.replace(vm, state=live)
         return json_response(vm)
 
     @app.delete("/v1/vms/<vm_id>")
@@ -250,7 +250,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
         who = tenant_principal()
         assert who.tenant is not None
         no_params()
-        return json_response(usage_view(registry.state(who.tenant)))
+        return json_response(await reads.usage(who.tenant))
 
     # -- admin endpoints ------------------------------------------------------------------------
 
@@ -281,19 +281,19 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
     async def get_tenant(tenant_id: str) -> Response:
         admin_principal()
         no_params()
-        return json_response(tenant_view(registry.state(tenant_id)))
+        return json_response(await reads.tenant(tenant_id))
 
     @app.patch("/v1/admin/tenants/<tenant_id>")
     async def update_tenant(tenant_id: str) -> Response:
         who = admin_principal()
         no_params()
-        registry.actor(tenant_id)  # 404 before reading the body of an unknown tenant
+        registry.require(tenant_id)  # 404 before reading the body of an unknown tenant
         body = await read_json(UpdateTenantBody)
         quota = body.quota.to_quota()
         await registry.call(
             tenant_id, lambda reply: UpdateQuota(quota, source(who), g.request_id, reply)
         )
-        return json_response(tenant_view(registry.state(tenant_id)))
+        return json_response(await reads.tenant(tenant_id))
 
     @app.delete("/v1/admin/tenants/<tenant_id>")
     async def delete_tenant(tenant_id: str) -> Response:
@@ -306,7 +306,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
     async def issue_token(tenant_id: str) -> Response:
         who = admin_principal()
         no_params()
-        registry.actor(tenant_id)
+        registry.require(tenant_id)
         body = await read_json(IssueTokenBody, optional=True)
         expires = authority.expiry(body.ttl_seconds)
         expires_at = authority.expires_at(expires)
@@ -318,7 +318,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
     async def revoke_token(tenant_id: str, token_id: str) -> Response:
         who = admin_principal()
         no_params()
-        registry.actor(tenant_id)
+        registry.require(tenant_id)
         await registry.revoke_token(tenant_id, token_id, source(who), g.request_id)
         return Response(b"", status=204)
 
@@ -350,5 +350,5 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
             raise Problem("not_found", "no checkpoint has been written yet")
         return json_response(checkpoint)
 
-    add_admin_routes(app, registry, authority, admin_principal, read_json)
+    add_admin_routes(app, service, authority, admin_principal, read_json)
     return app

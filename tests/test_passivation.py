@@ -20,7 +20,7 @@ from actors.errors import QuotaExceeded
 from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, open_service
 from actors.state import Quota, VmSpec
-from actors.tenants.protocol import GetUsage, ListVms, Source, Spawn
+from actors.tenants.protocol import Reopen, Source, Spawn
 from conftest import bearer, service_config
 from server import settings
 from server.app import create_app
@@ -63,14 +63,16 @@ async def test_idle_actor_passivates_and_comes_back_with_its_state(
     await trio.sleep(IDLE)
     assert not svc.registry.is_active("acme")
 
-    usage = await svc.registry.call("acme", GetUsage)
-    assert svc.registry.is_active("acme")
-    assert usage["allocated"] == {"vcpus": 1, "memory_mib": 256, "vms": 1}
-    page, _ = await svc.registry.call("acme", lambda reply: ListVms(None, 10, reply))
-    assert [v["id"] for v in page] == [vm["id"]]
-    # and it keeps taking writes against the same quota
+    # Its state stays: reads answer from it without starting the actor again ...
+    usage = await svc.reads.usage("acme")
+    assert usage.allocated == Quota(1, 256, 1)
+    page, _ = await svc.reads.vms("acme", None, 10)
+    assert [v.id for v in page] == [vm.id]
+    assert not svc.registry.is_active("acme")
+    # ... and a write starts a fresh one, against the same quota.
     await spawn(svc, "acme")
-    assert (await svc.registry.call("acme", GetUsage))["allocated"]["vms"] == 2
+    assert svc.registry.is_active("acme")
+    assert (await svc.reads.usage("acme")).allocated.vms == 2
 
 
 async def test_pending_fleet_call_keeps_the_actor_alive(
@@ -121,24 +123,23 @@ async def test_a_message_in_flight_keeps_the_actor(
     autojump_clock: trio.testing.MockClock, svc: Service
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(8, 8192, 4), ADMIN, "req")
-    await svc.registry.call("acme", GetUsage)
     actor = svc.registry.actor("acme")
+    await trio.testing.wait_all_tasks_blocked()
     actor.last_active = -math.inf  # idle long enough, whatever the sweep's clock says
-    send, receive = trio.open_memory_channel[outcome.Outcome[Any]](2)
     # Handed straight to the parked loop (the buffer stays empty), not handled yet.
-    actor.inbox.send_nowait(GetUsage(send))
+    actor.inbox.send_nowait(Reopen())
     assert svc.registry.passivate_idle() == 0
     # Buffered behind it.
-    actor.inbox.send_nowait(GetUsage(send))
+    actor.inbox.send_nowait(Reopen())
     assert svc.registry.passivate_idle() == 0
     assert svc.registry.actor("acme") is actor
-    for _ in range(2):
-        assert (await receive.receive()).unwrap()["tenant"] == "acme"
+    await trio.testing.wait_all_tasks_blocked()
+    assert actor._receive.statistics().current_buffer_used == 0, "both were handled"
     # Now parked with nothing pending: it goes, and the next call starts a fresh one.
     actor.last_active = -math.inf
     assert svc.registry.passivate_idle() == 1
     assert not svc.registry.is_active("acme")
-    assert (await svc.registry.call("acme", GetUsage))["tenant"] == "acme"
+    assert (await spawn(svc, "acme")).tenant == "acme"
     assert svc.registry.actor("acme") is not actor
 
 

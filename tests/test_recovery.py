@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -17,7 +18,7 @@ from actors.journal.entries import SYSTEM_SOURCE
 from actors.journal.snapshot import snapshot_path
 from actors.service import Service, open_service
 from actors.state import Quota, VmSpec
-from actors.tenants.protocol import Destroy, GetUsage, ListVms, Source, Spawn
+from actors.tenants.protocol import Destroy, Replay, Source, Spawn
 from conftest import audit_lines, service_config
 
 ADMIN = Source("127.0.0.1", "admin")
@@ -32,9 +33,10 @@ def fleet_of(service: Service) -> EmbeddedFleet:
 
 
 async def spawn(service: Service, tenant: str, key: str | None = None) -> Any:
-    return await service.registry.call(
+    vm = await service.registry.call(
         tenant, lambda reply: Spawn(SPEC, key, "h" if key else None, USER, "req", reply)
     )
+    return vm if isinstance(vm, Replay) else msgspec.to_builtins(vm)
 
 
 async def view(service: Service) -> dict[str, Any]:
@@ -43,9 +45,9 @@ async def view(service: Service) -> dict[str, Any]:
     for tenant in ("acme", "beta"):
         if not service.registry.exists(tenant):
             continue
-        vms, _ = await service.registry.call(tenant, lambda reply: ListVms(None, 1000, reply))
-        usage = await service.registry.call(tenant, GetUsage)
-        tokens = sorted(service.registry._tenants[tenant].tokens)
+        vms, _ = await service.reads.vms(tenant, None, 1000)
+        usage = await service.reads.usage(tenant)
+        tokens = sorted(service.store.directory.tokens(tenant))
         result[tenant] = {"vms": vms, "usage": usage, "tokens": tokens}
     return result
 
@@ -178,13 +180,13 @@ async def test_operations_in_doubt_are_resolved_against_the_fleet(data_dir: Path
     async with open_service(config) as service:
         with trio.fail_after(30):
             while True:
-                vms, _ = await service.registry.call("acme", lambda r: ListVms(None, 10, r))
-                if all(vm["state"] in ("pending", "running") for vm in vms):
+                vms, _ = await service.reads.vms("acme", None, 10)
+                if all(vm.state in ("pending", "running") for vm in vms):
                     break
                 await trio.sleep(0.01)
-        assert sorted(vm["id"] for vm in vms) == ["vm-landed", "vm-lost"]
-        usage = await service.registry.call("acme", GetUsage)
-        assert usage["allocated"] == {"vcpus": 2, "memory_mib": 512, "vms": 2}
+        assert sorted(vm.id for vm in vms) == ["vm-landed", "vm-lost"]
+        usage = await service.reads.usage("acme")
+        assert usage.allocated == Quota(2, 512, 2)
         assert fleet_of(service).vm_ids() == {"vm-landed", "vm-lost"}
         await service.audit.wait_durable(seq + 3)
     resolutions = {

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -26,10 +27,9 @@ from actors.errors import AuditUnavailable, FleetError, FleetInDoubt
 from actors.fleet.embedded import EmbeddedFleet
 from actors.journal.checkpoint import CheckpointSigner, checkpoints_path, read_checkpoints
 from actors.journal.verify import verify_data_dir
-from actors.reply import Reply
 from actors.service import Service, open_service
 from actors.state import Quota, VmSpec
-from actors.tenants.protocol import GetUsage, ListVms, Source, Spawn, UpdateQuota
+from actors.tenants.protocol import Reopen, Source, Spawn, UpdateQuota
 from conftest import Api, audit_lines, service_config
 from server.app import create_app
 from server.auth import Authority
@@ -46,9 +46,10 @@ def fleet_of(service: Service) -> EmbeddedFleet:
 
 
 async def spawn(service: Service) -> Any:
-    return await service.registry.call(
+    vm = await service.registry.call(
         "acme", lambda reply: Spawn(SPEC, None, None, USER, "req", reply)
     )
+    return msgspec.to_builtins(vm)
 
 
 async def test_unencodable_entry_fails_alone(data_dir: Path) -> None:
@@ -95,17 +96,17 @@ async def test_unrecorded_outcome_is_not_acknowledged_and_restart_agrees(
         with pytest.raises(FleetInDoubt):
             await spawn(service)
         # Not released, not acknowledged as failed: in doubt, still counted.
-        usage = await service.registry.call("acme", GetUsage)
-        assert usage["allocated"]["vms"] == 1
+        usage = await service.reads.usage("acme")
+        assert usage.allocated.vms == 1
         # The reconciler repeats the spawn; the fleet takes it this time.
         with trio.fail_after(120):
             while True:
-                page, _ = await service.registry.call("acme", lambda r: ListVms(None, 10, r))
-                if page[0]["state"] in ("pending", "running"):
+                page, _ = await service.reads.vms("acme", None, 10)
+                if page[0].state in ("pending", "running"):
                     break
                 await trio.sleep(0.5)
-        live = (page, await service.registry.call("acme", GetUsage))
-        assert fleet_of(service).vm_ids() == {page[0]["id"]}
+        live = (page, await service.reads.usage("acme"))
+        assert fleet_of(service).vm_ids() == {page[0].id}
     outcomes = [
         (e["op"], e["outcome"], e["source"]["token_id"])
         for e in map(json.loads, audit_lines(data_dir))
@@ -116,8 +117,8 @@ async def test_unrecorded_outcome_is_not_acknowledged_and_restart_agrees(
         ("vm.spawn", "succeeded", "system"),
     ]
     async with open_service(config) as service:
-        page, _ = await service.registry.call("acme", lambda r: ListVms(None, 10, r))
-        assert (page, await service.registry.call("acme", GetUsage)) == live
+        page, _ = await service.reads.vms("acme", None, 10)
+        assert (page, await service.reads.usage("acme")) == live
 
 
 async def test_racing_quota_changes_end_as_the_log_says(data_dir: Path) -> None:
@@ -133,11 +134,11 @@ async def test_racing_quota_changes_end_as_the_log_says(data_dir: Path) -> None:
                         "acme",
                         lambda reply, q=quota: UpdateQuota(q, ADMIN, "r", reply),
                     )
-        live = (await service.registry.call("acme", GetUsage))["quota"]
+        live = msgspec.to_builtins((await service.reads.usage("acme")).quota)
     updates = [e for e in map(json.loads, audit_lines(data_dir)) if e["op"] == "tenant.update"]
     assert live == updates[-1]["detail"]["quota"]
     async with open_service(config) as service:
-        assert (await service.registry.call("acme", GetUsage))["quota"] == live
+        assert msgspec.to_builtins((await service.reads.usage("acme")).quota) == live
 
 
 async def test_commands_racing_tenant_deletion_never_answer_500(data_dir: Path) -> None:
@@ -212,7 +213,7 @@ async def test_a_delete_whose_caller_goes_away_does_not_leave_the_tenant_half_de
         await registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "r")
         actor = registry.actor("acme")
         for _ in range(50):  # the actor takes one message per scheduling round
-            actor.inbox.send_nowait(GetUsage(Reply()))
+            actor.inbox.send_nowait(Reopen())
         with trio.CancelScope() as caller:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.delete_tenant, "acme", ADMIN, "r")

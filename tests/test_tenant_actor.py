@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import outcome
 import pytest
 import trio
@@ -16,7 +17,7 @@ from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, open_service
 from actors.state import Quota, TenantState, VmSpec
 from actors.tenants import actor as tenant_module
-from actors.tenants.protocol import Destroy, GetUsage, GetVm, ListVms, Source, Spawn
+from actors.tenants.protocol import Destroy, Source, Spawn
 from conftest import audit_lines, service_config
 
 ADMIN = Source("127.0.0.1", "admin")
@@ -31,17 +32,32 @@ def fleet_of(service: Service) -> EmbeddedFleet:
 
 async def spawn(service: Service, tenant: str, vcpus: int = 1, memory: int = 256) -> Any:
     spec = VmSpec(vcpus, memory, "debian-12", None)
-    return await service.registry.call(
+    vm = await service.registry.call(
         tenant, lambda reply: Spawn(spec, None, None, USER, "req", reply)
     )
+    return msgspec.to_builtins(vm)
 
 
 async def destroy(service: Service, tenant: str, vm_id: str) -> Any:
-    return await service.registry.call(tenant, lambda reply: Destroy(vm_id, USER, "req", reply))
+    result = await service.registry.call(tenant, lambda reply: Destroy(vm_id, USER, "req", reply))
+    return msgspec.to_builtins(result)
 
 
 async def usage(service: Service, tenant: str) -> dict[str, int]:
-    return (await service.registry.call(tenant, GetUsage))["allocated"]
+    allocated = msgspec.to_builtins((await service.reads.usage(tenant)).allocated)
+    assert isinstance(allocated, dict)
+    return allocated
+
+
+async def vm_of(service: Service, tenant: str, vm_id: str) -> dict[str, Any]:
+    vm = msgspec.to_builtins(await service.reads.vm(tenant, vm_id))
+    assert isinstance(vm, dict)
+    return vm
+
+
+async def vms_of(service: Service, tenant: str) -> list[dict[str, Any]]:
+    page, _ = await service.reads.vms(tenant, None, 10)
+    return [msgspec.to_builtins(vm) for vm in page]
 
 
 # pytest-trio takes the clock from the test's own arguments, so every test below asks for
@@ -113,7 +129,7 @@ async def test_capacity_is_released_only_after_the_fleet_confirms_destroy(
         await trio.testing.wait_all_tasks_blocked()
         # the destroy is at the fleet: the VM still counts and no new spawn fits
         assert await usage(svc, "acme") == {"vcpus": 1, "memory_mib": 256, "vms": 1}
-        record = await svc.registry.call("acme", lambda reply: GetVm(vm["id"], reply))
+        record = await vm_of(svc, "acme", vm["id"])
         assert record["state"] == "destroying"
         fleet_of(svc).knobs.latency = 0.0
         with pytest.raises(QuotaExceeded):
@@ -130,7 +146,7 @@ async def test_failed_destroy_keeps_the_vm_and_its_capacity(
     fleet_of(svc).knobs.fail_next = 1
     with pytest.raises(FleetError):
         await destroy(svc, "acme", vm["id"])
-    record = await svc.registry.call("acme", lambda reply: GetVm(vm["id"], reply))
+    record = await vm_of(svc, "acme", vm["id"])
     assert record["state"] == "running"
     assert (await usage(svc, "acme"))["vms"] == 1
 
@@ -142,13 +158,13 @@ async def test_lost_fleet_answer_keeps_capacity_until_reconciled(
     fleet_of(svc).knobs.hang = True
     with pytest.raises(FleetInDoubt):
         await spawn(svc, "acme")
-    page, _ = await svc.registry.call("acme", lambda reply: ListVms(None, 10, reply))
+    page = await vms_of(svc, "acme")
     assert [vm["state"] for vm in page] == ["unknown"]
     assert (await usage(svc, "acme"))["vms"] == 1
     fleet_of(svc).knobs.hang = False
     # the reconciler repeats the spawn (idempotent by id) until the fleet answers
     for _ in range(100):
-        vm = (await svc.registry.call("acme", lambda reply: ListVms(None, 10, reply)))[0][0]
+        vm = (await vms_of(svc, "acme"))[0]
         if vm["state"] != "unknown":
             break
         await trio.sleep(1)
@@ -212,23 +228,25 @@ async def test_supervisor_restarts_a_crashed_actor(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     vm = await spawn(svc, "acme")
-    real_usage = tenant_module.usage_view
+    real_decide = tenant_module.decide_spawn
     crashes = {"left": 1}
 
-    def crashing_usage(tenant: TenantState) -> dict[str, Any]:
+    def crashing_decide(tenant: TenantState, **kwargs: Any) -> Any:
         if crashes["left"]:
             crashes["left"] -= 1
             raise RuntimeError("bug")
-        return real_usage(tenant)
+        return real_decide(tenant, **kwargs)
 
-    monkeypatch.setattr(tenant_module, "usage_view", crashing_usage)
+    monkeypatch.setattr(tenant_module, "decide_spawn", crashing_decide)
     with pytest.raises(InternalError):
-        await usage(svc, "acme")
+        await spawn(svc, "acme")
     actor = svc.registry.actor("acme")
     assert actor.restarts == 1 and not actor.failed
     assert (await usage(svc, "acme"))["vms"] == 1  # same state after the restart
-    record = await svc.registry.call("acme", lambda reply: GetVm(vm["id"], reply))
+    record = await vm_of(svc, "acme", vm["id"])
     assert record["id"] == vm["id"]
+    await spawn(svc, "acme")  # and the restarted loop decides again
+    assert (await usage(svc, "acme"))["vms"] == 2
 
 
 async def test_restart_budget_exhausted_gives_a_fresh_actor(
@@ -236,14 +254,19 @@ async def test_restart_budget_exhausted_gives_a_fresh_actor(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "req")
     first = svc.registry.actor("acme")
-    real_usage = tenant_module.usage_view
-    monkeypatch.setattr(tenant_module, "usage_view", lambda tenant: 1 / 0)
+    real_decide = tenant_module.decide_spawn
+
+    def crashing_decide(tenant: TenantState, **kwargs: Any) -> Any:
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(tenant_module, "decide_spawn", crashing_decide)
     for _ in range(6):
         with pytest.raises(InternalError):
-            await usage(svc, "acme")
+            await spawn(svc, "acme")
     assert first.failed
-    monkeypatch.setattr(tenant_module, "usage_view", real_usage)
+    monkeypatch.setattr(tenant_module, "decide_spawn", real_decide)
     assert (await usage(svc, "acme"))["vms"] == 0
+    await spawn(svc, "acme")
     assert svc.registry.actor("acme") is not first
 
 

@@ -55,22 +55,28 @@ def apply(state: ProxyState, entry: Entry) -> None:
     tenant_id = entry["tenant"]
     if op == "tenant.create":
         if outcome == "succeeded":
-            state.tenants[tenant_id] = TenantState(
-                tenant_id, quota_from(detail["quota"]), {detail["token_id"]}
-            )
+            tenant = TenantState(tenant_id, quota_from(detail["quota"]))
+            state.add_tenant(tenant, {detail["token_id"]})
         return
     tenant = state.tenants.get(tenant_id)
     if tenant is None:
         return
+    succeeded = outcome == "succeeded"
     if op == "tenant.delete":
-        if outcome == "succeeded":
-            del state.tenants[tenant_id]
-        return
-    apply_to_tenant(tenant, entry)
+        if succeeded:
+            state.remove_tenant(tenant_id)
+    elif op == "token.issue":
+        if succeeded:
+            state.directory.add_token(tenant_id, detail["token_id"])
+    elif op == "token.revoke":
+        if succeeded:
+            state.directory.remove_token(tenant_id, detail["token_id"])
+    else:
+        apply_to_tenant(tenant, entry)
 
 
 def apply_to_tenant(tenant: TenantState, entry: Entry) -> None:
-    """Fold one entry about an existing tenant into that tenant's state."""
+    """Fold one entry about a tenant's quota or VMs into that tenant's state."""
     op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
     if outcome == "rejected":
         _remember_key(tenant, entry, 403, detail.get("problem"))
@@ -82,10 +88,6 @@ def apply_to_tenant(tenant: TenantState, entry: Entry) -> None:
         return
     elif op == "tenant.update":
         tenant.quota = quota_from(detail["quota"])
-    elif op == "token.issue":
-        tenant.tokens.add(detail["token_id"])
-    elif op == "token.revoke":
-        tenant.tokens.discard(detail["token_id"])
 
 
 def undo(tenant: TenantState, entry: Entry) -> None:

@@ -10,6 +10,7 @@ nothing here awaits, so a decision and its reservation are one atomic step.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -17,7 +18,8 @@ from actors.errors import NotFound
 from actors.journal import fold
 from actors.journal.entries import Entry
 from actors.journal.writer import AuditTicket, AuditWriter
-from actors.state import IN_DOUBT_STATES, ProxyState, TenantState, VmRecord
+from actors.state import IN_DOUBT_STATES, Directory, ProxyState, TenantState, VmRecord
+from actors.views import Tenant, Usage, Vm, find_vm, tenant_view, usage_view, vm_page
 
 
 class Decided(Protocol):
@@ -39,12 +41,49 @@ class FileStore:
         writer.observe_durable(self._durable)
         writer.observe_lost(self._lost)
 
-    def tenant_state(self, tenant_id: str) -> TenantState:
-        """The tenant's state, for reads only (see ``actors/tenants/views.py``)."""
+    @property
+    def directory(self) -> Directory:
+        """Which tenants exist and their token ids (read-only use: the fold changes it)."""
+        return self.state.directory
+
+    def _tenant(self, tenant_id: str) -> TenantState:
         tenant = self.state.tenants.get(tenant_id)
         if tenant is None:
             raise NotFound("no such tenant")
         return tenant
+
+    # -- reads: immutable views, taken between two changes (no await, no mailbox) -------------
+
+    async def vm(self, tenant_id: str, vm_id: str) -> Vm:
+        return find_vm(self._tenant(tenant_id), vm_id)
+
+    async def vms(
+        self, tenant_id: str, after: str | None, limit: int
+    ) -> tuple[list[Vm], str | None]:
+        return vm_page(self._tenant(tenant_id), after, limit)
+
+    async def usage(self, tenant_id: str) -> Usage:
+        return usage_view(self._tenant(tenant_id))
+
+    async def tenant(self, tenant_id: str) -> Tenant:
+        return tenant_view(self._tenant(tenant_id))
+
+    async def tenants(self, after: str | None, limit: int) -> tuple[list[Tenant], str | None]:
+        """Up to ``limit`` tenants with ids after ``after``, by id; and the id to continue after."""
+        tenants = self.state.tenants
+        ids = list(
+            itertools.islice(tenants.irange(minimum=after, inclusive=(False, True)), limit + 1)
+        )
+        page = [tenant_view(tenants[tenant_id]) for tenant_id in ids[:limit]]
+        return page, (ids[limit - 1] if len(ids) > limit else None)
+
+    def vms_by_state(self) -> dict[str, int]:
+        """How many VMs are in each state, over all tenants (read at a metrics scrape)."""
+        by_state: dict[str, int] = {}
+        for tenant in self.state.tenants.values():
+            for vm in tenant.vms.values():
+                by_state[vm.state] = by_state.get(vm.state, 0) + 1
+        return by_state
 
     # -- tenant decisions -------------------------------------------------------------------
 
@@ -75,10 +114,6 @@ class FileStore:
         vm = tenant.vms.get(vm_id) if tenant is not None else None
         if vm is not None:
             vm.state, vm.doubt = "unknown", kind
-
-    async def has_vms(self, tenant_id: str) -> bool:
-        tenant = self.state.tenants.get(tenant_id)
-        return tenant is not None and bool(tenant.vms)
 
     async def in_doubt(self, tenant_id: str) -> list[VmRecord]:
         """The tenant's VMs whose last operation has no durable outcome."""

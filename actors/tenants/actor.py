@@ -51,16 +51,12 @@ from actors.tenants.jobs import TenantJobs
 from actors.tenants.protocol import (
     WRITE_COMMANDS,
     Destroy,
-    GetUsage,
-    GetVm,
-    ListVms,
     Reopen,
     Retire,
     Spawn,
     TenantMessage,
     UpdateQuota,
 )
-from actors.tenants.views import usage_view, vm_page, vm_view
 
 log = logging.getLogger("vm_tenant.tenant")
 
@@ -200,23 +196,13 @@ class TenantActor:
             case Retire(reply):
                 if self.closing:
                     send_reply(reply, outcome.Error(Conflict("the tenant is being deleted")))
-                elif await self.store.has_vms(self.tenant_id):
+                elif (await self.store.usage(self.tenant_id)).allocated.vms:
                     send_reply(reply, outcome.Error(Conflict("the tenant still has VMs")))
                 else:
                     self.closing = True
                     send_reply(reply, outcome.Value(None))
             case Reopen():
                 self.closing = False
-            case GetVm(vm_id, reply):
-                tenant = self.store.tenant_state(self.tenant_id)
-                send_reply(reply, outcome.capture(vm_view, tenant, vm_id))
-            case ListVms(after, limit, reply):
-                tenant = self.store.tenant_state(self.tenant_id)
-                send_reply(reply, outcome.Value(vm_page(tenant, after, limit)))
-            case GetUsage(reply):
-                send_reply(
-                    reply, outcome.Value(usage_view(self.store.tenant_state(self.tenant_id)))
-                )
 
     async def _decide(
         self, decide: Callable[..., Decision], message: Spawn | Destroy | UpdateQuota

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
 
 import outcome
 import trio
@@ -36,12 +35,12 @@ import trio
 from actors.errors import AuditUnavailable, DomainError, FleetError, FleetInDoubt, FleetUnavailable
 from actors.fleet.client import FleetClient
 from actors.journal.entries import Entry
-from actors.journal.fold import spawn_response
 from actors.journal.writer import AuditTicket
 from actors.reply import Reply, send_reply
 from actors.store.file import FileStore
 from actors.tenants.decisions import SYSTEM, Operation, outcome_entry
 from actors.tenants.protocol import Source
+from actors.views import Destroyed, Vm, vm_view
 
 log = logging.getLogger("vm_tenant.tenant")
 
@@ -106,10 +105,10 @@ class TenantJobs:
             await self._record_late(operation, state, request_id)
 
     @staticmethod
-    def _answer(operation: Operation, state: str | None) -> dict[str, Any]:
+    def _answer(operation: Operation, state: str | None) -> Vm | Destroyed:
         if operation.vm is not None:
-            return spawn_response(operation.vm, state or "pending")
-        return {"id": operation.vm_id, "state": "destroyed"}
+            return vm_view(operation.vm, state or "pending")
+        return Destroyed(operation.vm_id)
 
     async def _call_fleet(self, operation: Operation) -> str | None:
         """Spawn (returning the fleet's state) or destroy (returning None)."""

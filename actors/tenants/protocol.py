@@ -4,9 +4,10 @@ Each message is a small frozen dataclass. Calls carry a one-shot :class:`Reply` 
 the actor puts exactly one :class:`outcome.Outcome`; the actor never waits on it, and a
 reply to a caller that already gave up is dropped.
 
-Every message comes from the edge. The actor's own jobs, which do the waiting (for the
-journal, for the fleet) outside its turns, write through the store and never report
-back through the mailbox.
+Every message comes from the edge, and every one may write: reads never come here, they
+go through the store's read surface (immutable views, ``actors/views.py``). The actor's
+own jobs, which do the waiting (for the journal, for the fleet) outside its turns,
+write through the store and never report back through the mailbox.
 """
 
 from __future__ import annotations
@@ -59,24 +60,6 @@ class Destroy:
 
 
 @dataclass(frozen=True, slots=True)
-class GetVm:
-    vm_id: str
-    reply: Reply
-
-
-@dataclass(frozen=True, slots=True)
-class ListVms:
-    after: str | None
-    limit: int
-    reply: Reply
-
-
-@dataclass(frozen=True, slots=True)
-class GetUsage:
-    reply: Reply
-
-
-@dataclass(frozen=True, slots=True)
 class UpdateQuota:
     quota: Quota
     source: Source
@@ -96,7 +79,7 @@ class Reopen:
     """Undo ``Retire`` (the deletion could not be made durable)."""
 
 
-TenantMessage = Spawn | Destroy | GetVm | ListVms | GetUsage | UpdateQuota | Retire | Reopen
+TenantMessage = Spawn | Destroy | UpdateQuota | Retire | Reopen
 
 #: commands that may write; refused once the actor is stopping
 WRITE_COMMANDS = (Spawn, Destroy, UpdateQuota, Retire)

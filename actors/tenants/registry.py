@@ -1,8 +1,10 @@
 """The tenant registry: the directory of tenants and their tokens, and the actors' supervisor.
 
-It owns which tenants exist and which token ids each one has issued (the edge asks it,
-synchronously, whether a verified token is still valid), and it starts one
-:class:`~actors.tenant.TenantActor` per tenant lazily, on first use, inside its own
+It answers which tenants exist and which token ids each one may use (the edge asks it,
+synchronously, whether a verified token is still valid) from the store's directory,
+which the fold keeps (a pending creation or token issue is tracked here until its entry
+is durable). Asking starts no actor. It starts one
+:class:`~actors.tenants.actor.TenantActor` per tenant lazily, on first use, inside its own
 nursery. :meth:`TenantRegistry.actor` does no ``await`` between lookup and insert, so a
 tenant's actor can never be started twice; an actor that exhausted its restart budget is
 replaced by a fresh one over the same state on the next request. An actor idle for
@@ -16,7 +18,6 @@ entry into the state once it is durable, and a pending creation reserves its id 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import secrets
 from collections.abc import Callable
@@ -30,12 +31,11 @@ from actors.fleet.client import FleetClient
 from actors.journal.entries import draft
 from actors.journal.writer import AuditTicket
 from actors.reply import Reply
-from actors.state import Quota, TenantState
+from actors.state import Quota
 from actors.store.file import FileStore
 from actors.tenants.actor import TenantActor
 from actors.tenants.limits import LimitSettings, TenantLimits
 from actors.tenants.protocol import Reopen, Retire, Source
-from actors.tenants.views import tenant_view
 
 log = logging.getLogger("vm_tenant.registry")
 
@@ -58,8 +58,8 @@ class TenantRegistry:
         passivate_after: float = inf,
     ) -> None:
         self._store = store
-        # The store's directory, sorted by id (see ProxyState): read here, changed by the fold.
-        self._tenants = store.state.tenants
+        #: which tenants exist and their tokens: read here, changed by the store's fold
+        self._directory = store.directory
         self._fleet = fleet
         self._mailbox_size = mailbox_size
         self.call_timeout = call_timeout
@@ -94,50 +94,28 @@ class TenantRegistry:
         """Stop taking commands; queued ones and running jobs finish."""
         self._closed.set()
 
-    # -- lookup ------------------------------------------------------------------------------
+    # -- the directory ----------------------------------------------------------------------
 
     def exists(self, tenant_id: str) -> bool:
-        return tenant_id in self._tenants
+        """Whether the tenant exists (asking starts no actor)."""
+        return self._directory.exists(tenant_id)
+
+    def require(self, tenant_id: str) -> None:
+        """``NotFound`` unless the tenant exists (asking starts no actor)."""
+        if not self._directory.exists(tenant_id):
+            raise NotFound("no such tenant")
 
     def token_valid(self, tenant_id: str, token_id: str) -> bool:
-        tenant = self._tenants.get(tenant_id)
-        return tenant is not None and token_id in tenant.tokens
-
-    def list_tenants(
-        self, after: str | None, limit: int
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        """Up to ``limit`` tenants with ids after ``after``, by id; and the id to continue after.
-
-        Reads each tenant's quota and allocation without a call to its actor (so listing
-        starts no actors); a read with no ``await`` in between sees each tenant whole.
-        """
-        ids = list(
-            itertools.islice(
-                self._tenants.irange(minimum=after, inclusive=(False, True)), limit + 1
-            )
-        )
-        page = [tenant_view(self._tenants[tenant_id]) for tenant_id in ids[:limit]]
-        return page, (ids[limit - 1] if len(ids) > limit else None)
+        """Whether the tenant exists and this token id of it is neither revoked nor unknown."""
+        return self._directory.token_valid(tenant_id, token_id)
 
     def live_actors(self) -> list[TenantActor]:
         """The actors running now (read by the metrics at scrape time)."""
         return list(self._actors.values())
 
-    def tenant_states(self) -> list[TenantState]:
-        """Every provisioned tenant's state, running or not (read-only use)."""
-        return list(self._tenants.values())
-
-    def state(self, tenant_id: str) -> TenantState:
-        """The tenant's state, for reads only (see ``actors/tenants/views.py``)."""
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None:
-            raise NotFound("no such tenant")
-        return tenant
-
     def actor(self, tenant_id: str) -> TenantActor:
         """The tenant's actor, started on first use. Never awaits."""
-        if tenant_id not in self._tenants:
-            raise NotFound("no such tenant")
+        self.require(tenant_id)
         actor = self._actors.get(tenant_id)
         if actor is None or actor.failed:
             if self._nursery is None or self._closed.is_set():
@@ -208,7 +186,7 @@ class TenantRegistry:
         expires_at: str | None = None,
     ) -> str:
         """Provision a tenant with its first token; returns that token's id."""
-        if tenant_id in self._tenants or tenant_id in self._creating:
+        if self._directory.exists(tenant_id) or tenant_id in self._creating:
             raise Conflict(f"tenant {tenant_id!r} already exists")
         token_id = new_token_id()
         self._creating.add(tenant_id)
@@ -241,7 +219,7 @@ class TenantRegistry:
             actor = self.actor(tenant_id)
             # Deleting revokes every token, also one whose issue is not durable yet (its
             # entry precedes this one in the log).
-            tokens = self._tenants[tenant_id].tokens | self._issuing.get(tenant_id, set())
+            tokens = self._directory.tokens(tenant_id) | self._issuing.get(tenant_id, set())
             detail = {"revoked_token_ids": sorted(tokens)}
             try:
                 ticket = self._submit("tenant.delete", tenant_id, source, request_id, detail)
@@ -263,9 +241,7 @@ class TenantRegistry:
         self, tenant_id: str, source: Source, request_id: str, expires_at: str | None = None
     ) -> str:
         """Issue a token id (``expires_at``, RFC 3339, is recorded in the entry)."""
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None:
-            raise NotFound("no such tenant")
+        self.require(tenant_id)
         token_id = new_token_id()
         detail = _token_detail({"token_id": token_id}, expires_at)
         ticket = self._submit("token.issue", tenant_id, source, request_id, detail)
@@ -283,8 +259,7 @@ class TenantRegistry:
     async def revoke_token(
         self, tenant_id: str, token_id: str, source: Source, request_id: str
     ) -> None:
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None or token_id not in tenant.tokens:
+        if not self._directory.token_valid(tenant_id, token_id):
             raise NotFound("no such token")
         ticket = self._submit("token.revoke", tenant_id, source, request_id, {"token_id": token_id})
         with trio.CancelScope(shield=True):
