@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from sortedcontainers import SortedDict
@@ -91,6 +91,40 @@ class IdempotencyRecord(msgspec.Struct, frozen=True, gc=False):
     created: str  # the audit ts of the decision, for the 24-hour retention
 
 
+class TenantSlice(Protocol):
+    """What a decision reads and the fold changes about one tenant.
+
+    :class:`TenantState` is the whole tenant, in memory. A store that keeps its state
+    elsewhere gives a decision only the part it names (the tenant's quota and allocation,
+    one VM, one idempotency key), loaded inside its transaction, with mutators that
+    record what the fold changed (``actors/store/__init__.py``).
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    quota: Quota
+
+    @property
+    def allocated(self) -> Quota: ...
+
+    def vm(self, vm_id: str) -> VmRecord | None: ...
+
+    def key(self, key: str) -> IdempotencyRecord | None: ...
+
+    def add_vm(self, vm: VmRecord) -> None: ...
+
+    def remove_vm(self, vm_id: str) -> VmRecord | None: ...
+
+    def set_vm_state(
+        self, vm_id: str, state: str, *, settled: bool = False, doubt: str | None = None
+    ) -> None: ...
+
+    def set_key(self, key: str, record: IdempotencyRecord) -> None: ...
+
+    def drop_key(self, key: str) -> None: ...
+
+
 class TenantState:
     """A tenant's quota, VMs (by id, with the ids in order for cursors), idempotency keys.
 
@@ -169,15 +203,30 @@ class TenantState:
             self._ids_sorted = True
         return self._ids
 
-    def over_quota(self, vcpus: int, memory_mib: int) -> str | None:
-        """The first dimension a spawn of this size would push above the quota, if any."""
-        if len(self.vms) + 1 > self.quota.vms:
-            return "vms"
-        if self.allocated_vcpus + vcpus > self.quota.vcpus:
-            return "vcpus"
-        if self.allocated_memory + memory_mib > self.quota.memory_mib:
-            return "memory_mib"
-        return None
+    # -- the slice (see TenantSlice) -------------------------------------------------------
+
+    def vm(self, vm_id: str) -> VmRecord | None:
+        return self.vms.get(vm_id)
+
+    def key(self, key: str) -> IdempotencyRecord | None:
+        return self.idempotency.get(key)
+
+    def set_vm_state(
+        self, vm_id: str, state: str, *, settled: bool = False, doubt: str | None = None
+    ) -> None:
+        """Move a VM to ``state`` (also its settled state when ``settled``)."""
+        vm = self.vms.get(vm_id)
+        if vm is not None:
+            vm.state = state
+            if settled:
+                vm.settled_state = state
+            vm.doubt = doubt
+
+    def set_key(self, key: str, record: IdempotencyRecord) -> None:
+        self.idempotency[key] = record
+
+    def drop_key(self, key: str) -> None:
+        self.idempotency.pop(key, None)
 
 
 class Directory:

@@ -21,7 +21,6 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 
 from actors.errors import DomainError, FleetInDoubt
 from actors.journal.chain import canonical
-from actors.journal.reader import AuditReader
 from actors.service import Service
 from actors.state import VmSpec
 from actors.tenants.protocol import Destroy, Replay, Source, Spawn, UpdateQuota
@@ -61,7 +60,6 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     registry = service.registry
     reads = service.reads
-    reader = AuditReader(service.config.data_dir / "audit")
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -328,8 +326,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
         reject_unknown_params(request.args, {"after", "limit"})
         after = parse_int(request.args, "after", 0, 0, 2**63 - 1)
         limit = parse_int(request.args, "limit", 100, 1, 1000)
-        seq, head = service.audit.seq, service.audit.head
-        lines = await trio.to_thread.run_sync(reader.read, after, limit, seq)
+        lines, seq, head = await service.store.audit_page(after, limit)
         body = b"".join(
             [
                 b'{"entries":[',
@@ -345,7 +342,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
     async def audit_head() -> Response:
         admin_principal()
         no_params()
-        checkpoint = service.latest_checkpoint()
+        checkpoint = await service.store.checkpoint()
         if checkpoint is None:
             raise Problem("not_found", "no checkpoint has been written yet")
         return json_response(checkpoint)

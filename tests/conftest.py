@@ -7,6 +7,7 @@ a subprocess on 127.0.0.1 (port 0) and talks to it over real sockets.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -28,6 +29,19 @@ from server.app import create_app
 from server.auth import Authority
 
 QUOTA = {"vcpus": 8, "memory_mib": 8192, "vms": 4}
+
+
+class FlakyFsync:
+    """``os.fsync`` that fails with a real errno (EIO, what a failing disk gives) while
+    ``failing`` is set; the audit writer takes it as its fsync."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def __call__(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.fsync(fd)
 
 
 def service_config(data_dir: Path, **overrides: Any) -> ServiceConfig:
@@ -93,7 +107,7 @@ class Api:
 
 @pytest.fixture
 async def api(core: Service, data_dir: Path) -> Api:
-    authority = Authority.for_data_dir(data_dir)
+    authority = Authority.for_store(core.store)  # as `vm-tenant serve` builds it
     app = create_app(core, authority)
     token = (data_dir / "admin.token").read_text().strip()
     return Api(app.test_client(), core, token)

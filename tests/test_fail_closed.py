@@ -21,28 +21,16 @@ import trio.testing
 from actors.fleet.embedded import EmbeddedFleet
 from actors.journal.checkpoint import read_checkpoints
 from actors.service import open_service
-from conftest import Api, audit_lines, service_config
+from conftest import Api, FlakyFsync, audit_lines, service_config
 from server.app import create_app
 from server.auth import Authority
-
-
-class FlakyFsync:
-    """``os.fsync`` that fails with a real errno while ``failing`` is set."""
-
-    def __init__(self) -> None:
-        self.failing = False
-
-    def __call__(self, fd: int) -> None:
-        if self.failing:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        os.fsync(fd)
 
 
 @pytest.fixture
 async def clocked_api(data_dir: Path) -> AsyncIterator[Api]:
     config = service_config(data_dir, inline_io=True, checkpoint_every=5)
     async with open_service(config) as service:
-        app = create_app(service, Authority.for_data_dir(data_dir))
+        app = create_app(service, Authority.for_store(service.store))
         token = (data_dir / "admin.token").read_text().strip()
         yield Api(app.test_client(), service, token)
 

@@ -176,7 +176,7 @@ async def clocked(tmp_path: Path, mock_clock: trio.testing.MockClock) -> AsyncIt
     """Like ``api``, but time only moves when the test jumps the clock; fleet deadline 0.5s."""
     data_dir = tmp_path / "clocked"
     async with open_service(service_config(data_dir, fleet_timeout=0.5)) as service:
-        app = create_app(service, Authority.for_data_dir(data_dir))
+        app = create_app(service, Authority.for_store(service.store))
         token = (data_dir / "admin.token").read_text().strip()
         api = Api(app.test_client(), service, token)
         try:
@@ -1069,7 +1069,7 @@ async def tiny_mailbox(data_dir: Path) -> AsyncIterator[Api]:
     """A core whose tenant mailboxes hold nothing: a request that finds the actor not yet
     waiting for its next message is over the per-tenant limit."""
     async with open_service(service_config(data_dir, mailbox_size=0)) as service:
-        app = create_app(service, Authority.for_data_dir(data_dir))
+        app = create_app(service, Authority.for_store(service.store))
         token = (data_dir / "admin.token").read_text().strip()
         yield Api(app.test_client(), service, token)
 

@@ -209,7 +209,7 @@ def test_serve_refuses_bad_limits(argv: list[str]) -> None:
 async def limited(data_dir: Path, **limits: Any) -> AsyncIterator[Api]:
     """The real core and app with the given limits; the caller's test holds the mock clock."""
     async with open_service(service_config(data_dir, **limits)) as service:
-        app = create_app(service, Authority.for_data_dir(data_dir))
+        app = create_app(service, Authority.for_store(service.store))
         token = (data_dir / "admin.token").read_text().strip()
         api = Api(app.test_client(), service, token)
         try:

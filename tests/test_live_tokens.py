@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import trio
 
+from actors.store.file import KEYRING_FILE
 from conftest import LiveServer, bearer
-from server.keyring import KEYRING_FILE, rfc3339
+from server.keyring import rfc3339
 
 
 async def run_cli(server: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:

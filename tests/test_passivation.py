@@ -146,7 +146,7 @@ async def test_a_message_in_flight_keeps_the_actor(
 async def test_http_requests_reach_a_passivated_tenant(
     autojump_clock: trio.testing.MockClock, svc: Service, data_dir: Path
 ) -> None:
-    authority = Authority.for_data_dir(data_dir)
+    authority = Authority.for_store(svc.store)
     client = create_app(svc, authority).test_client()
     admin = bearer((data_dir / "admin.token").read_text().strip())
     quota = {"vcpus": 8, "memory_mib": 8192, "vms": 4}

@@ -144,7 +144,7 @@ async def test_racing_quota_changes_end_as_the_log_says(data_dir: Path) -> None:
 async def test_commands_racing_tenant_deletion_never_answer_500(data_dir: Path) -> None:
     async with open_service(service_config(data_dir)) as service:
         api = Api(
-            create_app(service, Authority.for_data_dir(data_dir)).test_client(),
+            create_app(service, Authority.for_store(service.store)).test_client(),
             service,
             (data_dir / "admin.token").read_text().strip(),
         )

@@ -18,10 +18,11 @@ import pytest
 from quart import Response
 
 from actors.service import open_service
+from actors.store.file import KEYRING_FILE, LEGACY_KEY_FILE
 from conftest import QUOTA, Api, service_config
 from server.app import create_app
 from server.auth import Authority
-from server.keyring import KEYRING_FILE, LEGACY_KEY_FILE, rfc3339
+from server.keyring import rfc3339
 
 START = 1_900_000_000.0
 SPEC = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
@@ -46,7 +47,7 @@ def clock() -> FakeClock:
 async def running(data_dir: Path, clock: FakeClock) -> AsyncIterator[Api]:
     """The service and app on ``data_dir``; leaving the block is a clean shutdown."""
     async with open_service(service_config(data_dir)) as service:
-        app = create_app(service, Authority.for_data_dir(data_dir, clock=clock))
+        app = create_app(service, Authority.for_store(service.store, clock=clock))
         admin = (data_dir / "admin.token").read_text().strip()
         yield Api(app.test_client(), service, admin)
 

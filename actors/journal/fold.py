@@ -24,7 +24,14 @@ import sys
 from typing import Any
 
 from actors.journal.entries import Entry
-from actors.state import IdempotencyRecord, ProxyState, Quota, TenantState, VmRecord
+from actors.state import (
+    IdempotencyRecord,
+    ProxyState,
+    Quota,
+    TenantSlice,
+    TenantState,
+    VmRecord,
+)
 
 
 def quota_from(data: dict[str, Any]) -> Quota:
@@ -75,7 +82,7 @@ def apply(state: ProxyState, entry: Entry) -> None:
         apply_to_tenant(tenant, entry)
 
 
-def apply_to_tenant(tenant: TenantState, entry: Entry) -> None:
+def apply_to_tenant(tenant: TenantSlice, entry: Entry) -> None:
     """Fold one entry about a tenant's quota or VMs into that tenant's state."""
     op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
     if outcome == "rejected":
@@ -84,13 +91,11 @@ def apply_to_tenant(tenant: TenantState, entry: Entry) -> None:
         _apply_spawn(tenant, entry)
     elif op == "vm.destroy":
         _apply_destroy(tenant, entry)
-    elif outcome != "succeeded":
-        return
-    elif op == "tenant.update":
+    elif op == "tenant.update" and outcome == "succeeded":
         tenant.quota = quota_from(detail["quota"])
 
 
-def undo(tenant: TenantState, entry: Entry) -> None:
+def undo(tenant: TenantSlice, entry: Entry) -> None:
     """Take back a reserving entry (:func:`reserves`) that never became durable.
 
     The decision that drafted it checked that the VM id was new (spawn), that the VM was
@@ -99,15 +104,13 @@ def undo(tenant: TenantState, entry: Entry) -> None:
     """
     detail = entry["detail"]
     if entry["outcome"] == "requested" and entry["op"] == "vm.destroy":
-        vm = tenant.vms.get(entry["vm"])
-        if vm is not None:
-            vm.state = detail["previous_state"]
+        tenant.set_vm_state(entry["vm"], detail["previous_state"])
         return
     if entry["outcome"] == "requested":
         tenant.remove_vm(entry["vm"])
     key = detail.get("idempotency_key")
     if key is not None:
-        tenant.idempotency.pop(key, None)
+        tenant.drop_key(key)
 
 
 def vm_from_request(entry: Entry) -> VmRecord:
@@ -127,54 +130,49 @@ def vm_from_request(entry: Entry) -> VmRecord:
     )
 
 
-def _apply_spawn(tenant: TenantState, entry: Entry) -> None:
+def _apply_spawn(tenant: TenantSlice, entry: Entry) -> None:
     outcome, detail, vm_id = entry["outcome"], entry["detail"], entry["vm"]
     if outcome == "requested":
         tenant.add_vm(vm_from_request(entry))
         _remember_key(tenant, entry, 0, None)
     elif outcome == "succeeded":
-        vm = tenant.vms.get(vm_id)
+        vm = tenant.vm(vm_id)
         if vm is not None:
-            vm.state = vm.settled_state = sys.intern(detail["state"])
-            vm.doubt = None
+            state = sys.intern(detail["state"])
+            tenant.set_vm_state(vm_id, state, settled=True)
             if "idempotency_key" in detail:
-                _settle_key(tenant, detail, 201, spawn_response(vm, detail["state"]))
+                _settle_key(tenant, detail, 201, spawn_response(vm, state))
     elif outcome == "failed":
         tenant.remove_vm(vm_id)
         key = detail.get("idempotency_key")
         if key is not None:
-            tenant.idempotency.pop(key, None)
+            tenant.drop_key(key)
 
 
-def _apply_destroy(tenant: TenantState, entry: Entry) -> None:
+def _apply_destroy(tenant: TenantSlice, entry: Entry) -> None:
     outcome, detail, vm_id = entry["outcome"], entry["detail"], entry["vm"]
-    vm = tenant.vms.get(vm_id)
+    vm = tenant.vm(vm_id)
     if vm is None:
         return
     if outcome == "requested":
-        vm.state = "destroying"
+        tenant.set_vm_state(vm_id, "destroying")
     elif outcome == "succeeded":
         tenant.remove_vm(vm_id)
     elif outcome == "failed":
-        vm.state = vm.settled_state = detail.get("state", vm.settled_state)
-        vm.doubt = None
+        tenant.set_vm_state(vm_id, detail.get("state", vm.settled_state), settled=True)
 
 
-def _remember_key(tenant: TenantState, entry: Entry, status: int, body: Any) -> None:
+def _remember_key(tenant: TenantSlice, entry: Entry, status: int, body: Any) -> None:
     detail = entry["detail"]
     key = detail.get("idempotency_key")
     if key is not None:
-        tenant.idempotency[key] = IdempotencyRecord(
-            detail["request_hash"], status, body, entry["ts"]
-        )
+        tenant.set_key(key, IdempotencyRecord(detail["request_hash"], status, body, entry["ts"]))
 
 
 def _settle_key(
-    tenant: TenantState, detail: dict[str, Any], status: int, body: dict[str, Any]
+    tenant: TenantSlice, detail: dict[str, Any], status: int, body: dict[str, Any]
 ) -> None:
     key = detail.get("idempotency_key")
-    record = tenant.idempotency.get(key) if key is not None else None
-    if record is not None:
-        tenant.idempotency[key] = IdempotencyRecord(
-            record.request_hash, status, body, record.created
-        )
+    record = tenant.key(key) if key is not None else None
+    if key is not None and record is not None:
+        tenant.set_key(key, IdempotencyRecord(record.request_hash, status, body, record.created))

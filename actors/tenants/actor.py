@@ -34,7 +34,7 @@ import trio
 from actors.errors import Busy, Conflict, DomainError, InternalError
 from actors.fleet.client import FleetClient
 from actors.reply import send_reply
-from actors.store.file import FileStore
+from actors.store import Store
 from actors.tenants.decisions import (
     Answer,
     Context,
@@ -70,7 +70,7 @@ class TenantActor:
     def __init__(
         self,
         tenant_id: str,
-        store: FileStore,
+        store: Store,
         fleet: FleetClient,
         *,
         mailbox_size: int = 256,
@@ -107,7 +107,7 @@ class TenantActor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.last_active = trio.current_time()
-            for vm in await self.store.in_doubt(self.tenant_id):
+            for vm in await self.store.claim_in_doubt(self.tenant_id):
                 self._start(self._jobs.reconcile, Operation.in_doubt(vm))
             task_status.started()
             with self._receive:
@@ -187,10 +187,11 @@ class TenantActor:
     async def _handle(self, message: TenantMessage) -> None:
         match message:
             case Spawn():
-                await self._decide(partial(decide_spawn, cmd=message, ctx=self._context()), message)
+                decide = partial(decide_spawn, cmd=message, ctx=self._context())
+                await self._decide(decide, message, key=message.idempotency_key)
             case Destroy():
                 decide = partial(decide_destroy, cmd=message, ctx=self._context())
-                await self._decide(decide, message)
+                await self._decide(decide, message, vm_id=message.vm_id)
             case UpdateQuota():
                 await self._decide(partial(decide_quota, cmd=message, ctx=self._context()), message)
             case Retire(reply):
@@ -205,11 +206,20 @@ class TenantActor:
                 self.closing = False
 
     async def _decide(
-        self, decide: Callable[..., Decision], message: Spawn | Destroy | UpdateQuota
+        self,
+        decide: Callable[..., Decision],
+        message: Spawn | Destroy | UpdateQuota,
+        *,
+        vm_id: str | None = None,
+        key: str | None = None,
     ) -> None:
-        """Run one decision through the store and start what follows from it."""
+        """Run one decision through the store and start what follows from it.
+
+        An entry that cannot even be queued (``AuditUnavailable``) is answered here, once,
+        for every kind of command: nothing changed and nothing was forwarded.
+        """
         try:
-            decision, ticket = await self.store.decide(self.tenant_id, decide)
+            decision, ticket = await self.store.decide(self.tenant_id, decide, vm_id=vm_id, key=key)
         except DomainError as error:
             send_reply(message.reply, outcome.Error(error))
             return

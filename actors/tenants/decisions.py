@@ -36,7 +36,7 @@ from actors.errors import (
 )
 from actors.journal.entries import SYSTEM_SOURCE, Entry, draft, utc_now
 from actors.journal.fold import vm_from_request
-from actors.state import IN_DOUBT_STATES, TenantState, VmRecord, VmSpec
+from actors.state import IN_DOUBT_STATES, TenantSlice, VmRecord, VmSpec
 from actors.tenants.protocol import Destroy, Replay, Source, Spawn, UpdateQuota
 
 #: the longest VM id written to the audit log as given; longer ones are cut
@@ -129,7 +129,19 @@ def _refuse_write(ctx: Context) -> DomainError | None:
     return None
 
 
-def quota_problem(tenant: TenantState, dimension: str, spec: VmSpec) -> str:
+def over_quota(tenant: TenantSlice, spec: VmSpec) -> str | None:
+    """The first dimension a spawn of ``spec`` would push above the quota, if any."""
+    quota, allocated = tenant.quota, tenant.allocated
+    if allocated.vms + 1 > quota.vms:
+        return "vms"
+    if allocated.vcpus + spec.vcpus > quota.vcpus:
+        return "vcpus"
+    if allocated.memory_mib + spec.memory_mib > quota.memory_mib:
+        return "memory_mib"
+    return None
+
+
+def quota_problem(tenant: TenantSlice, dimension: str, spec: VmSpec) -> str:
     asked = {"vms": 1, "vcpus": spec.vcpus, "memory_mib": spec.memory_mib}[dimension]
     allocated = getattr(tenant.allocated, dimension)
     ceiling = getattr(tenant.quota, dimension)
@@ -139,10 +151,10 @@ def quota_problem(tenant: TenantState, dimension: str, spec: VmSpec) -> str:
     )
 
 
-def decide_spawn(tenant: TenantState, cmd: Spawn, ctx: Context) -> Decision:
+def decide_spawn(tenant: TenantSlice, cmd: Spawn, ctx: Context) -> Decision:
     """Replay or refuse a reused key, refuse over quota, or reserve the capacity."""
     spec, key = cmd.spec, cmd.idempotency_key
-    if key is not None and (record := tenant.idempotency.get(key)) is not None:
+    if key is not None and (record := tenant.key(key)) is not None:
         if record.request_hash != cmd.request_hash:
             return Answer(
                 outcome.Error(
@@ -166,7 +178,7 @@ def decide_spawn(tenant: TenantState, cmd: Spawn, ctx: Context) -> Decision:
     }
     now = ctx.now()
     source = cmd.source.to_json()
-    dimension = tenant.over_quota(spec.vcpus, spec.memory_mib)
+    dimension = over_quota(tenant, spec)
     if dimension is not None:
         text = quota_problem(tenant, dimension, spec)
         detail = {
@@ -185,10 +197,10 @@ def decide_spawn(tenant: TenantState, cmd: Spawn, ctx: Context) -> Decision:
     return Operate(entry, Operation("spawn", tenant.id, vm_id, spec, vm, key))
 
 
-def decide_destroy(tenant: TenantState, cmd: Destroy, ctx: Context) -> Decision:
+def decide_destroy(tenant: TenantSlice, cmd: Destroy, ctx: Context) -> Decision:
     """Refuse an unknown VM (audited), refuse one in flight, or mark it ``destroying``."""
     source = cmd.source.to_json()
-    vm = tenant.vms.get(cmd.vm_id)
+    vm = tenant.vm(cmd.vm_id)
     if vm is None:
         logged, detail = cmd.vm_id, {"reason": "not_found"}
         if len(logged) > MAX_LOGGED_ID:
@@ -208,7 +220,7 @@ def decide_destroy(tenant: TenantState, cmd: Destroy, ctx: Context) -> Decision:
     return Operate(entry, Operation("destroy", tenant.id, vm.id, previous_state=vm.state))
 
 
-def decide_quota(tenant: TenantState, cmd: UpdateQuota, ctx: Context) -> Decision:
+def decide_quota(tenant: TenantSlice, cmd: UpdateQuota, ctx: Context) -> Decision:
     """A new quota, applied once durable: an unacknowledged raise never admits a spawn."""
     if ctx.closing:
         return Answer(outcome.Error(Conflict("the tenant is being deleted")))

@@ -35,9 +35,8 @@ import trio
 from actors.errors import AuditUnavailable, DomainError, FleetError, FleetInDoubt, FleetUnavailable
 from actors.fleet.client import FleetClient
 from actors.journal.entries import Entry
-from actors.journal.writer import AuditTicket
 from actors.reply import Reply, send_reply
-from actors.store.file import FileStore
+from actors.store import Store, Ticket
 from actors.tenants.decisions import SYSTEM, Operation, outcome_entry
 from actors.tenants.protocol import Source
 from actors.views import Destroyed, Vm, vm_view
@@ -49,13 +48,13 @@ class TenantJobs:
     """The job coroutines of one tenant actor (started by it, in its nursery)."""
 
     def __init__(
-        self, store: FileStore, fleet: FleetClient, backoff: tuple[float, float] = (0.5, 30.0)
+        self, store: Store, fleet: FleetClient, backoff: tuple[float, float] = (0.5, 30.0)
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.backoff = backoff
 
-    async def refused(self, ticket: AuditTicket, error: DomainError, reply: Reply) -> None:
+    async def refused(self, ticket: Ticket, error: DomainError, reply: Reply) -> None:
         """Answer a refused write once its ``rejected`` entry is durable."""
         try:
             await ticket.wait()
@@ -64,7 +63,7 @@ class TenantJobs:
             return
         send_reply(reply, outcome.Error(error))
 
-    async def recorded(self, ticket: AuditTicket, reply: Reply) -> None:
+    async def recorded(self, ticket: Ticket, reply: Reply) -> None:
         """Answer once the entry is durable (and so folded into the state)."""
         try:
             await ticket.wait()
@@ -74,7 +73,7 @@ class TenantJobs:
         send_reply(reply, outcome.Value(None))
 
     async def operate(
-        self, ticket: AuditTicket, operation: Operation, source: Source, request_id: str,
+        self, ticket: Ticket, operation: Operation, source: Source, request_id: str,
         reply: Reply,
     ) -> None:  # fmt: skip
         """Carry out a spawn or a destroy once its ``requested`` entry is durable."""

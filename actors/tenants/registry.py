@@ -29,10 +29,9 @@ import trio
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
 from actors.fleet.client import FleetClient
 from actors.journal.entries import draft
-from actors.journal.writer import AuditTicket
 from actors.reply import Reply
 from actors.state import Quota
-from actors.store.file import FileStore
+from actors.store import Store, Ticket
 from actors.tenants.actor import TenantActor
 from actors.tenants.limits import LimitSettings, TenantLimits
 from actors.tenants.protocol import Reopen, Retire, Source
@@ -49,7 +48,7 @@ class TenantRegistry:
 
     def __init__(
         self,
-        store: FileStore,
+        store: Store,
         fleet: FleetClient,
         *,
         mailbox_size: int = 256,
@@ -267,7 +266,7 @@ class TenantRegistry:
 
     def _submit(
         self, op: str, tenant_id: str, source: Source, request_id: str, detail: dict[str, Any]
-    ) -> AuditTicket:
+    ) -> Ticket:
         """Write a tenant or token entry; the store folds it in once it is durable."""
         entry = draft(op, "succeeded", tenant_id, None, source.to_json(), request_id, detail)
         return self._store.record(entry)
