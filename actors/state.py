@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from sortedcontainers import SortedDict
@@ -36,12 +36,19 @@ class VmSpec:
     name: str | None
 
 
+#: the largest integer the API takes or gives (API.md: 0..2^31-1)
+MAX_INT = 2**31 - 1
+#: described as 0..MAX_INT in the API's document, not checked when a snapshot is read
+#: (the API refuses larger values before they reach the state)
+Count = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 0, "maximum": MAX_INT})]
+
+
 class Quota(msgspec.Struct, frozen=True, gc=False):
     """A capacity triple: a ceiling or an allocation."""
 
-    vcpus: int = 0
-    memory_mib: int = 0
-    vms: int = 0
+    vcpus: Count = 0
+    memory_mib: Count = 0
+    vms: Count = 0
 
     def to_json(self) -> dict[str, int]:
         return {"vcpus": self.vcpus, "memory_mib": self.memory_mib, "vms": self.vms}

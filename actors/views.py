@@ -14,15 +14,14 @@ from typing import Annotated, Literal
 import msgspec
 
 from actors.errors import NotFound
-from actors.state import Quota, TenantState, VmRecord
+from actors.state import MAX_INT, Quota, TenantState, VmRecord
 
-MAX_INT = 2**31 - 1
 Size = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]
 VmState = Literal["spawning", "pending", "running", "destroying", "unknown", "error"]
 Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
 
-class Vm(msgspec.Struct, frozen=True, gc=False):
+class Vm(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """A VM as the API shows it (API.md, "VM")."""
 
     id: str
@@ -35,14 +34,14 @@ class Vm(msgspec.Struct, frozen=True, gc=False):
     created_at: Timestamp
 
 
-class Destroyed(msgspec.Struct, frozen=True):
+class Destroyed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The answer to a destroy the fleet confirmed."""
 
     id: str
-    state: Literal["destroyed"] = "destroyed"
+    state: Literal["destroyed"]
 
 
-class Usage(msgspec.Struct, frozen=True):
+class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A tenant's ceiling and what it has allocated (``GET /v1/usage``)."""
 
     tenant: str
@@ -50,7 +49,7 @@ class Usage(msgspec.Struct, frozen=True):
     allocated: Quota
 
 
-class Tenant(msgspec.Struct, frozen=True):
+class Tenant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A tenant as the admin API shows it."""
 
     id: str

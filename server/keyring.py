@@ -19,11 +19,11 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
 from actors.store import KeyStorage, SigningKey
+from server.responses import SigningKey as KeyView
 
 log = logging.getLogger("vm_tenant.keys")
 
@@ -101,24 +101,18 @@ class Keyring:
         """Every verifying secret, oldest first: itsdangerous signs with the last."""
         return [key.secret for key in self._keys if key.state == "active" and key.secret]
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[KeyView]:
         """The keys as the admin API shows them: never a secret."""
         current = self.current.id
         return [self._view(key, current) for key in self._keys]
 
     @staticmethod
-    def _view(key: SigningKey, current: str) -> dict[str, Any]:
-        return {
-            "id": key.id,
-            "created_at": key.created_at,
-            "state": key.state,
-            "signing": key.id == current,
-            "retired_at": key.retired_at,
-        }
+    def _view(key: SigningKey, current: str) -> KeyView:
+        return KeyView(key.id, key.created_at, key.state, key.id == current, key.retired_at)
 
     # -- changes -----------------------------------------------------------------------------
 
-    async def rotate(self) -> dict[str, Any]:
+    async def rotate(self) -> KeyView:
         """Add a new key, which signs from now on; the older ones keep verifying."""
         async with self._lock:
             key = _new_key(self._clock)
@@ -126,7 +120,7 @@ class Keyring:
             log.info("signing key %s added; it signs from now on", key.id)
             return self._view(key, key.id)
 
-    async def retire(self, key_id: str) -> dict[str, Any]:
+    async def retire(self, key_id: str) -> KeyView:
         """Stop trusting a key and forget its secret; retiring a retired key changes nothing."""
         async with self._lock:
             index = next((i for i, key in enumerate(self._keys) if key.id == key_id), None)

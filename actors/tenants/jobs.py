@@ -107,7 +107,7 @@ class TenantJobs:
     def _answer(operation: Operation, state: str | None) -> Vm | Destroyed:
         if operation.vm is not None:
             return vm_view(operation.vm, state or "pending")
-        return Destroyed(operation.vm_id)
+        return Destroyed(operation.vm_id, "destroyed")
 
     async def _call_fleet(self, operation: Operation) -> str | None:
         """Spawn (returning the fleet's state) or destroy (returning None)."""
