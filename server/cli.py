@@ -49,9 +49,10 @@ async def _listen(
 ) -> list[str]:
     """Start one Hypercorn server in ``nursery``; a bind that fails is a StartupError."""
     try:
-        return await nursery.start(
+        binds: list[str] = await nursery.start(
             partial(hypercorn_serve, app, hconfig, shutdown_trigger=stop.wait)
         )
+        return binds
     except (OSError, ExceptionGroup) as error:
         reason = _only(error, OSError)
         if reason is None:

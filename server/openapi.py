@@ -108,7 +108,7 @@ def _operation(op: Operation) -> dict[str, Any]:
 def openapi_document(routes: Iterable[Routes]) -> dict[str, Any]:
     """The document of every operation of ``routes``."""
     operations = [op for group in routes for op in group.operations]
-    structs = [ProblemBody]
+    structs: list[type[msgspec.Struct]] = [ProblemBody]
     for op in operations:
         structs += [s for s in (op.body, op.request) if s is not None]
     _, components = msgspec.json.schema_components(

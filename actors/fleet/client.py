@@ -53,7 +53,7 @@ class FleetDriver(Protocol):
 class _Call:
     fn: Callable[..., Awaitable[Any]]
     args: tuple[Any, ...]
-    reply: Reply
+    reply: Reply[Any]
 
 
 class FleetClient:
@@ -123,7 +123,7 @@ class FleetClient:
         if not self.breaker.allows():
             self._count_refused(fn)
             raise FleetUnavailable("the fleet is unreachable (circuit open); try again shortly")
-        reply = Reply()
+        reply: Reply[Any] = Reply()
         try:
             self._send.send_nowait(_Call(fn, args, reply))
         except (trio.WouldBlock, trio.ClosedResourceError):
@@ -154,7 +154,8 @@ class FleetClient:
         return self.breaker.allows()
 
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
-        return await self._call(self.driver.spawn, vm_id, tenant, spec)
+        state: str = await self._call(self.driver.spawn, vm_id, tenant, spec)
+        return state
 
     async def destroy(self, vm_id: str) -> None:
         await self._call(self.driver.destroy, vm_id)
@@ -183,12 +184,13 @@ class FleetClient:
         finally:
             self._reads -= 1
         self._settled(self.driver.status, result, started, deadline.cancelled_caught)
-        return result.unwrap()
+        state: str | None = result.unwrap()
+        return state
 
 
 def _result_kind(result: outcome.Outcome[Any]) -> str:
     """The ``result`` label of a fleet call's outcome (see ``actors/metrics.py``)."""
-    if isinstance(result, outcome.Value):
+    if not isinstance(result, outcome.Error):
         return "ok"
     error = result.error
     if isinstance(error, FleetInDoubt):

@@ -62,8 +62,8 @@ def apply(state: ProxyState, entry: Entry) -> None:
     tenant_id = entry["tenant"]
     if op == "tenant.create":
         if outcome == "succeeded":
-            tenant = TenantState(tenant_id, quota_from(detail["quota"]))
-            state.add_tenant(tenant, {detail["token_id"]})
+            created = TenantState(tenant_id, quota_from(detail["quota"]))
+            state.add_tenant(created, {detail["token_id"]})
         return
     tenant = state.tenants.get(tenant_id)
     if tenant is None:

@@ -33,7 +33,7 @@ import trio
 
 from actors.errors import Busy, Conflict, DomainError, InternalError
 from actors.fleet.client import FleetClient
-from actors.reply import send_reply
+from actors.reply import Reply, send_reply
 from actors.store import Store
 from actors.tenants.decisions import (
     Answer,
@@ -124,8 +124,9 @@ class TenantActor:
         """Handle a crash of the loop; True when the restart budget is spent."""
         log.exception("tenant actor %s crashed", self.tenant_id, exc_info=error)
         message, self._current = self._current, None
-        reply = getattr(message, "reply", None)
-        send_reply(reply, outcome.Error(InternalError("internal error while handling request")))
+        reply: Reply[Any] | None = getattr(message, "reply", None)
+        if reply is not None and not reply.answered:
+            send_reply(reply, outcome.Error(InternalError("internal error while handling request")))
         now = trio.current_time()
         recent.append(now)
         while recent and recent[0] < now - RESTART_PERIOD:
@@ -143,7 +144,8 @@ class TenantActor:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             unavailable = InternalError("the tenant actor is restarting")
-            send_reply(getattr(queued, "reply", None), outcome.Error(unavailable))
+            queued_reply: Reply[Any] | None = getattr(queued, "reply", None)
+            send_reply(queued_reply, outcome.Error(unavailable))
         return True
 
     async def _loop(self) -> None:
@@ -151,7 +153,8 @@ class TenantActor:
             self.last_active = trio.current_time()
             self._current = message
             if self._stopping is not None and isinstance(message, WRITE_COMMANDS):
-                send_reply(message.reply, outcome.Error(self._stopping))
+                stopped: Reply[Any] = message.reply
+                send_reply(stopped, outcome.Error(self._stopping))
             else:
                 await self._handle(message)
             self._current = None
@@ -218,12 +221,12 @@ class TenantActor:
         An entry that cannot even be queued (``AuditUnavailable``) is answered here, once,
         for every kind of command: nothing changed and nothing was forwarded.
         """
+        reply: Reply[Any] = message.reply
         try:
             decision, ticket = await self.store.decide(self.tenant_id, decide, vm_id=vm_id, key=key)
-        except DomainError as error:
-            send_reply(message.reply, outcome.Error(error))
+        except DomainError as refused:
+            send_reply(reply, outcome.Error(refused))
             return
-        reply = message.reply
         match decision:
             case Answer(result):
                 send_reply(reply, result)

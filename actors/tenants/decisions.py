@@ -202,7 +202,8 @@ def decide_destroy(tenant: TenantSlice, cmd: Destroy, ctx: Context) -> Decision:
     source = cmd.source.to_json()
     vm = tenant.vm(cmd.vm_id)
     if vm is None:
-        logged, detail = cmd.vm_id, {"reason": "not_found"}
+        logged = cmd.vm_id
+        detail: dict[str, Any] = {"reason": "not_found"}
         if len(logged) > MAX_LOGGED_ID:
             logged, detail["vm_id_truncated"] = logged[:MAX_LOGGED_ID], True
         entry = draft("vm.destroy", "rejected", tenant.id, logged, source, cmd.request_id, detail)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import outcome
 import trio
@@ -54,7 +55,7 @@ class TenantJobs:
         self.fleet = fleet
         self.backoff = backoff
 
-    async def refused(self, ticket: Ticket, error: DomainError, reply: Reply) -> None:
+    async def refused(self, ticket: Ticket, error: DomainError, reply: Reply[Any]) -> None:
         """Answer a refused write once its ``rejected`` entry is durable."""
         try:
             await ticket.wait()
@@ -63,7 +64,7 @@ class TenantJobs:
             return
         send_reply(reply, outcome.Error(error))
 
-    async def recorded(self, ticket: Ticket, reply: Reply) -> None:
+    async def recorded(self, ticket: Ticket, reply: Reply[Any]) -> None:
         """Answer once the entry is durable (and so folded into the state)."""
         try:
             await ticket.wait()
@@ -74,7 +75,7 @@ class TenantJobs:
 
     async def operate(
         self, ticket: Ticket, operation: Operation, source: Source, request_id: str,
-        reply: Reply,
+        reply: Reply[Any],
     ) -> None:  # fmt: skip
         """Carry out a spawn or a destroy once its ``requested`` entry is durable."""
         try:
@@ -125,7 +126,7 @@ class TenantJobs:
             return False
         return True
 
-    async def _in_doubt(self, operation: Operation, reply: Reply, error: DomainError) -> None:
+    async def _in_doubt(self, operation: Operation, reply: Reply[Any], error: DomainError) -> None:
         await self.store.mark_in_doubt(operation.tenant, operation.vm_id, operation.kind)
         send_reply(reply, outcome.Error(error))
         await self.reconcile(operation)

@@ -17,6 +17,7 @@ from typing import Any
 
 from actors.reply import Reply
 from actors.state import Quota, VmSpec
+from actors.views import Destroyed, Vm
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ class Spawn:
     request_hash: str | None
     source: Source
     request_id: str
-    reply: Reply
+    reply: Reply[Vm | Replay]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,7 @@ class Destroy:
     vm_id: str
     source: Source
     request_id: str
-    reply: Reply
+    reply: Reply[Destroyed]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +65,14 @@ class UpdateQuota:
     quota: Quota
     source: Source
     request_id: str
-    reply: Reply
+    reply: Reply[None]
 
 
 @dataclass(frozen=True, slots=True)
 class Retire:
     """Prepare for deletion: refuse if the tenant has VMs, else refuse new spawns."""
 
-    reply: Reply
+    reply: Reply[None]
 
 
 @dataclass(frozen=True, slots=True)

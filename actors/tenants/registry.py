@@ -22,7 +22,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from math import inf
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -34,9 +34,11 @@ from actors.state import Quota
 from actors.store import Store, Ticket
 from actors.tenants.actor import TenantActor
 from actors.tenants.limits import LimitSettings, TenantLimits
-from actors.tenants.protocol import Reopen, Retire, Source
+from actors.tenants.protocol import Reopen, Retire, Source, TenantMessage
 
 log = logging.getLogger("vm_tenant.registry")
+
+T = TypeVar("T")
 
 
 def new_token_id() -> str:
@@ -157,13 +159,13 @@ class TenantRegistry:
         """Whether the tenant has a running actor now (not passivated, never started)."""
         return tenant_id in self._actors
 
-    async def call(self, tenant_id: str, make: Callable[[Reply], Any]) -> Any:
+    async def call(self, tenant_id: str, make: Callable[[Reply[T]], TenantMessage]) -> T:
         """Send ``make(reply)`` to the tenant's actor and wait for its answer.
 
         A full mailbox answers ``Busy`` at once rather than queueing without limit.
         """
         actor = self.actor(tenant_id)
-        reply = Reply()
+        reply: Reply[T] = Reply()
         try:
             actor.inbox.send_nowait(make(reply))
         except trio.WouldBlock:

@@ -30,10 +30,9 @@ class Gates:
 
     def principal(self) -> Principal:
         """The caller, from its bearer token (remembered for the request log)."""
-        g.principal = self._authority.authenticate(
-            request.headers.get("Authorization"), self._registry
-        )
-        return g.principal
+        who = self._authority.authenticate(request.headers.get("Authorization"), self._registry)
+        g.principal = who
+        return who
 
     def tenant(self) -> str:
         """The calling tenant's id; 403 for the admin token; 429 over the tenant's rate."""

@@ -60,7 +60,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
             if key is not None:
                 digest = hashlib.sha256(canonical(msgspec.structs.asdict(body))).hexdigest()
             source = gates.source()
-            result = await registry.call(
+            result: Vm | Replay = await registry.call(
                 tenant, lambda reply: Spawn(spec, key, digest, source, g.request_id, reply)
             )
         if isinstance(result, Replay):
