@@ -62,6 +62,8 @@ log = logging.getLogger("vm_tenant.tenant")
 
 MAX_RESTARTS = 5
 RESTART_PERIOD = 10.0
+#: the most messages one turn of the loop takes before it lets other tasks run
+TURN_MESSAGES = 32
 
 
 class TenantActor:
@@ -149,15 +151,29 @@ class TenantActor:
         return True
 
     async def _loop(self) -> None:
-        async for message in self._receive:
-            self.last_active = trio.current_time()
-            self._current = message
-            if self._stopping is not None and isinstance(message, WRITE_COMMANDS):
-                stopped: Reply[Any] = message.reply
-                send_reply(stopped, outcome.Error(self._stopping))
-            else:
-                await self._handle(message)
-            self._current = None
+        receive = self._receive
+        async for message in receive:
+            await self._take(message)
+            # What is queued already is taken in the same turn (up to TURN_MESSAGES): a
+            # busy tenant's decisions then reach the journal together, in one batch,
+            # rather than one per scheduling round, and other tasks still get the loop
+            # between two such turns.
+            for _ in range(TURN_MESSAGES - 1):
+                try:
+                    message = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                await self._take(message)
+
+    async def _take(self, message: TenantMessage) -> None:
+        self.last_active = trio.current_time()
+        self._current = message
+        if self._stopping is not None and isinstance(message, WRITE_COMMANDS):
+            stopped: Reply[Any] = message.reply
+            send_reply(stopped, outcome.Error(self._stopping))
+        else:
+            await self._handle(message)
+        self._current = None
 
     def passivate_if_idle(self, idle_since: float) -> bool:
         """End the actor if it took no message since ``idle_since`` and has nothing pending.
