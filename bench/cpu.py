@@ -11,6 +11,9 @@ report gives each tree's median and its ratio to the first tree.
 
     .venv/bin/python -m bench.cpu --tree before=/tmp/old --tree after=. --scenario spawn
 
+A tree named ``floor`` (``--tree floor=floor``) is the bare Quart-Trio app the bench
+compares against (``bench/floor_app.py``), for the proxy's CPU as a multiple of it.
+
 ``--profile`` adds a py-spy summary of each tree's last round (CPU samples by package and
 the busiest functions; ``.venv/bin/pip install py-spy``).
 """
@@ -25,12 +28,20 @@ import tempfile
 from pathlib import Path
 
 from bench.profile import find_py_spy, start_recording, summarise
-from bench.provision import provision, write_data_file
-from bench.servers import Server, detect_pinning, free_port, start_server
+from bench.provision import Entry, provision, write_data_file
+from bench.servers import Server, detect_pinning, free_port, start_floor, start_server
 from bench.wrk import find_wrk, run_wrk, wrk_command
+
+#: ``--tree floor=floor`` measures the bare Quart-Trio app of ``bench/floor_app.py``
+FLOOR = "floor"
 
 
 def start_tree(tree: Path, workdir: Path, name: str) -> Server:
+    if tree.name == FLOOR:
+        floor = start_floor(workdir, detect_pinning(), trace=False)
+        (workdir / name).mkdir()
+        (workdir / name / "admin.token").write_text("floor")
+        return floor
     port = free_port()
     argv = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(workdir / name)]
     argv += ["--bind", f"127.0.0.1:{port}", "--fleet", "embedded"]
@@ -56,7 +67,10 @@ def measure(
     server = start_tree(tree, workdir, name)
     try:
         admin = (workdir / name / "admin.token").read_text().strip()
-        entries = provision(server.url, admin, ["solo"], 20)
+        if tree.name == FLOOR:  # nothing to provision: it answers any token and id
+            entries = [Entry("solo", "floor", f"vm-{n}") for n in range(20)]
+        else:
+            entries = provision(server.url, admin, ["solo"], 20)
         data = write_data_file(workdir / f"{name}.txt", entries)
         command = wrk_command(
             wrk, scenario, server.url, connections, seconds, detect_pinning().load
