@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,55 @@ from server.app import create_app
 from server.auth import Authority
 
 QUOTA = {"vcpus": 8, "memory_mib": 8192, "vms": 4}
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant created through the admin API, with its first token."""
+
+    id: str
+    token: str
+    token_id: str
+    #: the whole answer (quota, expires_at, ...)
+    body: dict[str, Any]
+
+    @property
+    def bearer(self) -> str:
+        return f"Bearer {self.token}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": self.bearer}
+
+
+async def _provision(
+    client: Any,
+    admin: dict[str, str],
+    tenant_id: str,
+    quota: dict[str, int] | None = None,
+    **extra: Any,
+) -> Tenant:
+    response = await client.post(
+        "/v1/admin/tenants", json={"id": tenant_id, "quota": quota or QUOTA, **extra}, headers=admin
+    )
+    body = response.json() if isinstance(response, httpx.Response) else await response.get_json()
+    assert response.status_code == 201, body
+    return Tenant(tenant_id, body["token"], body["token_id"], body)
+
+
+Provision = Callable[..., Awaitable[Tenant]]
+
+
+@pytest.fixture
+def provision() -> Provision:
+    """How every test makes a tenant: ``await provision(client, admin, "acme", quota, **extra)``.
+
+    ``client`` is whatever the test talks through (the in-process test client, or httpx on a
+    live server), ``admin`` the operator's ``Authorization`` header; ``quota`` defaults to
+    :data:`QUOTA`, ``extra`` are more members of the body (``token_ttl_seconds``).
+    ``Api.provision`` is the same, bound to the in-process client.
+    """
+    return _provision
 
 
 class FlakyFsync:
@@ -85,13 +134,11 @@ class Api:
         assert isinstance(driver, EmbeddedFleet)
         return driver
 
-    async def create_tenant(self, tenant: str, quota: dict[str, int] | None = None) -> str:
-        response = await self.client.post(
-            "/v1/admin/tenants", json={"id": tenant, "quota": quota or QUOTA}, headers=self.admin
-        )
-        assert response.status_code == 201, await response.get_data()
-        body = await response.get_json()
-        return f"Bearer {body['token']}"
+    async def provision(
+        self, tenant: str, quota: dict[str, int] | None = None, **extra: Any
+    ) -> Tenant:
+        """The ``provision`` fixture, through this client."""
+        return await _provision(self.client, self.admin, tenant, quota, **extra)
 
     async def spawn(self, token: str, **spec: Any) -> Any:
         body = {"vcpus": 1, "memory_mib": 256, "image": "debian-12", **spec}

@@ -44,7 +44,7 @@ async def test_failed_fsync_answers_503_forwards_nothing_and_recovers_alone(
     autojump_clock: trio.testing.MockClock, clocked_api: Api
 ) -> None:
     api = clocked_api
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     flaky = FlakyFsync()
     api.service.audit._fsync = flaky
     before = audit_lines(api.service.config.data_dir)
@@ -107,7 +107,7 @@ async def test_confirmed_operations_answer_success_when_only_their_outcome_fails
 ) -> None:
     """API.md v1.1: the fleet confirmed, so it happened; its outcome is audited later."""
     api = clocked_api
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     auth = {"Authorization": token}
     failing = FailsAfterTheFleet(api.fleet)
     api.service.audit._fsync = failing
@@ -159,7 +159,7 @@ async def test_removed_segment_marks_the_journal_damaged(
     autojump_clock: trio.testing.MockClock, clocked_api: Api
 ) -> None:
     api = clocked_api
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     for segment in (api.service.config.data_dir / "audit").glob("*.jsonl"):
         segment.unlink()
     assert await problem_code(await api.spawn(token)) == (503, "audit_unavailable")
@@ -174,7 +174,7 @@ async def test_checkpoint_at_least_every_n_entries(
     autojump_clock: trio.testing.MockClock, clocked_api: Api
 ) -> None:
     api = clocked_api
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     for _ in range(4):
         vm = await (await api.spawn(token)).get_json()
         await api.client.delete(f"/v1/vms/{vm['id']}", headers={"Authorization": token})

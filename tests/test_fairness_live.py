@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from conftest import LiveServer, bearer
+from conftest import LiveServer, Provision, bearer
 
 FLOOD_SCRIPT = Path(__file__).with_name("flood.py")
 RATE, BURST, SPAWN_SLOTS = 10, 10, 1
@@ -67,14 +67,9 @@ class Lines:
         return line.decode()
 
 
-async def provision(client: httpx.AsyncClient, admin: str, tenant: str, vms: int) -> str:
-    quota = {"vcpus": vms, "memory_mib": vms * 256, "vms": vms}
-    response = await client.post(
-        "/v1/admin/tenants", json={"id": tenant, "quota": quota}, headers=bearer(admin)
-    )
-    assert response.status_code == 201, response.text
-    token: str = response.json()["token"]
-    return token
+def room_for(vms: int) -> dict[str, int]:
+    """A quota of ``vms`` VMs of the flood's size."""
+    return {"vcpus": vms, "memory_mib": vms * 256, "vms": vms}
 
 
 async def latencies(client: httpx.AsyncClient, tokens: list[str], count: int) -> list[float]:
@@ -92,7 +87,9 @@ def p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100)[98]
 
 
-async def test_a_flood_does_not_raise_another_tenants_p99(tmp_path: Path) -> None:
+async def test_a_flood_does_not_raise_another_tenants_p99(
+    tmp_path: Path, provision: Provision
+) -> None:
     env = {
         "VM_TENANT_RATE_LIMIT": str(RATE),
         "VM_TENANT_RATE_BURST": str(BURST),
@@ -102,9 +99,10 @@ async def test_a_flood_does_not_raise_another_tenants_p99(tmp_path: Path) -> Non
     try:
         with trio.fail_after(120):  # a guard against a hang, not a measurement
             async with server.client() as client:
-                flooder = await provision(client, server.admin_token, "flooder", 100_000)
+                admin = bearer(server.admin_token)
+                flooder = (await provision(client, admin, "flooder", room_for(100_000))).token
                 bystanders = [
-                    await provision(client, server.admin_token, f"bystander-{i}", 4)
+                    (await provision(client, admin, f"bystander-{i}", room_for(4))).token
                     for i in range(BYSTANDERS)
                 ]
                 flood = await trio.lowlevel.open_process(

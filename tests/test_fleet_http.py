@@ -26,7 +26,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import LiveServer, bearer
+from conftest import LiveServer, Provision, bearer
 
 FLEET_SERVER = Path(__file__).with_name("fleet_server.py")
 FLEET_LISTEN_RE = re.compile(r"fleet-server listening on (http://\S+)")
@@ -98,6 +98,7 @@ class Rig:
     proxy: LiveServer
     api: httpx.AsyncClient
     ctl: httpx.AsyncClient
+    provision: Provision
 
     @property
     def admin(self) -> dict[str, str]:
@@ -111,12 +112,8 @@ class Rig:
         self.ctl = httpx.AsyncClient(base_url=self.fleet.url, timeout=30.0)
 
     async def tenant(self, tenant: str, quota: dict[str, int]) -> str:
-        response = await self.api.post(
-            "/v1/admin/tenants", json={"id": tenant, "quota": quota}, headers=self.admin
-        )
-        assert response.status_code == 201, response.text
-        token: str = response.json()["token"]
-        return token
+        """A tenant through the proxy (the ``provision`` fixture); its token."""
+        return (await self.provision(self.api, self.admin, tenant, quota)).token
 
     async def spawn(self, token: str, **spec: Any) -> httpx.Response:
         return await self.api.post("/v1/vms", json={**SPEC, **spec}, headers=bearer(token))
@@ -245,8 +242,8 @@ def proxy(tmp_path: Path, fleet: FleetServer) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-async def rig(fleet: FleetServer, proxy: LiveServer) -> AsyncIterator[Rig]:
-    rig = Rig(fleet, proxy, proxy.client(), httpx.AsyncClient(base_url=fleet.url))
+async def rig(fleet: FleetServer, proxy: LiveServer, provision: Provision) -> AsyncIterator[Rig]:
+    rig = Rig(fleet, proxy, proxy.client(), httpx.AsyncClient(base_url=fleet.url), provision)
     try:
         yield rig
     finally:

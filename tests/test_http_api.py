@@ -24,7 +24,7 @@ from quart import Response
 
 from actors.journal.checkpoint import load_public_key, public_key_path, signature_valid
 from actors.service import open_service
-from conftest import QUOTA, Api, audit_lines, service_config
+from conftest import QUOTA, Api, Tenant, audit_lines, service_config
 from server.app import create_app
 from server.auth import Authority
 
@@ -45,28 +45,6 @@ AUDIT_OUTCOMES = {"requested", "succeeded", "failed", "rejected"}
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """A provisioned tenant and its first token."""
-
-    id: str
-    token: str
-    token_id: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
-async def provision(api: Api, tenant_id: str, quota: dict[str, int] | None = None) -> Tenant:
-    response = await api.client.post(
-        "/v1/admin/tenants", json={"id": tenant_id, "quota": quota or QUOTA}, headers=api.admin
-    )
-    assert response.status_code == 201, await response.get_data()
-    body = await response.get_json()
-    return Tenant(tenant_id, body["token"], body["token_id"])
 
 
 async def spawn(
@@ -272,7 +250,7 @@ async def test_openapi_document_states_the_limits_the_server_enforces(api: Api) 
     body = _resolve(doc, {"$ref": "#/components/schemas/SpawnBody"})
     image = re.compile(body["properties"]["image"]["pattern"])
     assert image.search("debian-12") and not image.search("deb\x1bian")
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     refused = await spawn(api, acme, image="deb\x1bian")
     assert refused.status_code == 400
     audit = doc["paths"]["/v1/admin/audit"]["get"]["parameters"]
@@ -291,7 +269,7 @@ async def test_openapi_document_states_the_limits_the_server_enforces(api: Api) 
 
 
 async def test_spawn_get_usage_and_audit_of_a_vm(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     response = await spawn(api, acme, {"X-Request-Id": "spawn-1"}, name="web-1")
     assert response.status_code == 201
     assert response.headers["X-Request-Id"] == "spawn-1"
@@ -325,7 +303,7 @@ async def test_spawn_get_usage_and_audit_of_a_vm(api: Api) -> None:
 
 
 async def test_spawn_accepts_the_optional_forms_of_a_valid_body(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     explicit_null = await spawned(api, acme, name=None)
     assert explicit_null["name"] is None
     longest = await spawned(api, acme, name="n" * 63, image="i" * 256)
@@ -342,8 +320,8 @@ async def test_spawn_accepts_the_optional_forms_of_a_valid_body(api: Api) -> Non
 
 
 async def test_list_pages_through_only_the_callers_vms(api: Api) -> None:
-    acme = await provision(api, "acme")
-    other = await provision(api, "other")
+    acme = await api.provision("acme")
+    other = await api.provision("other")
     mine = {(await spawned(api, acme))["id"] for _ in range(4)}
     theirs = (await spawned(api, other))["id"]
 
@@ -380,8 +358,8 @@ async def test_list_pages_through_only_the_callers_vms(api: Api) -> None:
 
 
 async def test_cursors_from_another_tenant_or_forged_are_rejected(api: Api) -> None:
-    acme = await provision(api, "acme")
-    other = await provision(api, "other")
+    acme = await api.provision("acme")
+    other = await api.provision("other")
     for _ in range(2):
         await spawned(api, acme)
         await spawned(api, other)
@@ -402,7 +380,7 @@ async def test_cursors_from_another_tenant_or_forged_are_rejected(api: Api) -> N
 
 
 async def test_destroy_answers_destroyed_and_releases_capacity(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     keep = await spawned(api, acme, vcpus=2)
     vm = await spawned(api, acme, vcpus=3, memory_mib=1024)
     response = await destroy(api, acme, vm["id"])
@@ -432,8 +410,8 @@ async def test_destroy_answers_destroyed_and_releases_capacity(api: Api) -> None
 
 
 async def test_unknown_and_foreign_vms_are_indistinguishable(api: Api) -> None:
-    acme = await provision(api, "acme")
-    mallory = await provision(api, "mallory")
+    acme = await api.provision("acme")
+    mallory = await api.provision("mallory")
     target = await spawned(api, acme)
     own = await spawned(api, mallory)
     unknown = "vm-" + "0" * 32
@@ -481,7 +459,7 @@ async def test_quota_exceeded_names_the_dimension(
     api: Api, dimension: str, first: dict[str, int], second: dict[str, int]
 ) -> None:
     quota = {"vcpus": 4, "memory_mib": 1024, "vms": 1 if dimension == "vms" else 4}
-    acme = await provision(api, "acme", quota)
+    acme = await api.provision("acme", quota)
     vm = await spawned(api, acme, **first)
     before_usage = await usage(api, acme)
     before_seq = api.service.audit.seq
@@ -510,7 +488,7 @@ async def test_quota_exceeded_names_the_dimension(
 
 
 async def test_spawning_exactly_up_to_the_quota_is_allowed(api: Api) -> None:
-    acme = await provision(api, "acme", {"vcpus": 3, "memory_mib": 768, "vms": 2})
+    acme = await api.provision("acme", {"vcpus": 3, "memory_mib": 768, "vms": 2})
     await spawned(api, acme, vcpus=2, memory_mib=512)
     await spawned(api, acme, vcpus=1, memory_mib=256)
     assert (await usage(api, acme))["allocated"] == allocation(3, 768, 2)
@@ -520,7 +498,7 @@ async def test_spawning_exactly_up_to_the_quota_is_allowed(api: Api) -> None:
 
 
 async def test_idempotency_key_replays_the_first_answer(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     key = {"Idempotency-Key": "create web-1 #1"}
     first = await spawn(api, acme, key, name="web-1")
     assert first.status_code == 201
@@ -541,7 +519,7 @@ async def test_idempotency_key_replays_the_first_answer(api: Api) -> None:
 
 
 async def test_idempotency_key_with_another_body_conflicts(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     key = {"Idempotency-Key": "k-1"}
     await spawned_with_key(api, acme, key)
     charged = await usage(api, acme)
@@ -559,7 +537,7 @@ async def spawned_with_key(api: Api, tenant: Tenant, key: dict[str, str]) -> dic
 
 
 async def test_idempotent_replay_works_at_the_quota_ceiling(api: Api) -> None:
-    acme = await provision(api, "acme", {"vcpus": 1, "memory_mib": 256, "vms": 1})
+    acme = await api.provision("acme", {"vcpus": 1, "memory_mib": 256, "vms": 1})
     key = {"Idempotency-Key": "only-one"}
     first = await spawned_with_key(api, acme, key)
     replay = await spawn(api, acme, key)
@@ -571,8 +549,8 @@ async def test_idempotent_replay_works_at_the_quota_ceiling(api: Api) -> None:
 
 
 async def test_idempotency_keys_are_scoped_to_the_tenant(api: Api) -> None:
-    acme = await provision(api, "acme")
-    other = await provision(api, "other")
+    acme = await api.provision("acme")
+    other = await api.provision("other")
     key = {"Idempotency-Key": "shared-key"}
     mine = await spawned_with_key(api, acme, key)
     theirs = await spawned_with_key(api, other, key)
@@ -583,7 +561,7 @@ async def test_idempotency_keys_are_scoped_to_the_tenant(api: Api) -> None:
 
 
 async def test_idempotent_replay_of_a_refused_spawn_replays_the_refusal(api: Api) -> None:
-    acme = await provision(api, "acme", {"vcpus": 1, "memory_mib": 256, "vms": 1})
+    acme = await api.provision("acme", {"vcpus": 1, "memory_mib": 256, "vms": 1})
     key = {"Idempotency-Key": "too-big"}
     first = await spawn(api, acme, key, vcpus=2)
     first_body = await assert_problem(first, 403, "quota_exceeded")
@@ -643,7 +621,7 @@ def tenant_auth(body: dict[str, Any]) -> dict[str, str]:
 
 
 async def test_admin_routes_naming_an_unknown_tenant_answer_404(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     seq = api.service.audit.seq
     quota = {"quota": QUOTA}
     requests = [
@@ -662,7 +640,7 @@ async def test_admin_routes_naming_an_unknown_tenant_answer_404(api: Api) -> Non
 
 
 async def test_patch_quota_and_lowering_it_below_the_allocation(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     first = await spawned(api, acme, vcpus=2)
     second = await spawned(api, acme, vcpus=2)
     seq = api.service.audit.seq
@@ -702,7 +680,7 @@ async def test_patch_quota_and_lowering_it_below_the_allocation(api: Api) -> Non
 
 
 async def test_delete_tenant_refused_while_it_has_vms_then_tokens_die(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     vm = await spawned(api, acme)
     seq = api.service.audit.seq
     refused = await api.client.delete("/v1/admin/tenants/acme", headers=api.admin)
@@ -733,21 +711,21 @@ async def test_delete_tenant_refused_while_it_has_vms_then_tokens_die(api: Api) 
     await assert_problem(await spawn(api, acme), 401, "unauthorized")
 
     # A new tenant of the same name does not revive the old tokens.
-    reborn = await provision(api, "acme")
+    reborn = await api.provision("acme")
     await assert_problem(await api.client.get("/v1/usage", headers=acme.auth), 401, "unauthorized")
     assert (await usage(api, reborn))["allocated"] == allocation()
     assert await vm_ids(api, reborn) == []
 
 
 async def test_issue_and_revoke_tokens(api: Api, data_dir: Path) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     seq = api.service.audit.seq
     issued = await api.client.post("/v1/admin/tenants/acme/tokens", headers=api.admin)
     assert issued.status_code == 201
     body = await issued.get_json()
     assert set(body) == {"token", "token_id", "expires_at"}
     assert body["token_id"] != acme.token_id
-    second = Tenant("acme", body["token"], body["token_id"])
+    second = Tenant("acme", body["token"], body["token_id"], body)
     vm = await spawned(api, second)
     assert vm["tenant"] == "acme"
     assert await vm_ids(api, acme) == [vm["id"]]  # both tokens act for the same tenant
@@ -780,7 +758,7 @@ async def test_issue_and_revoke_tokens(api: Api, data_dir: Path) -> None:
 
 
 async def test_audit_listing_returns_the_stored_lines(api: Api, data_dir: Path) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     vm = await spawned(api, acme)
     await destroy(api, acme, vm["id"])
     await destroy(api, acme, "vm-nope")
@@ -820,7 +798,7 @@ async def test_audit_listing_returns_the_stored_lines(api: Api, data_dir: Path) 
 
 
 async def test_audit_head_is_the_latest_signed_checkpoint(api: Api, data_dir: Path) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     await spawned(api, acme)
     await api.service.write_checkpoint()
     response = await api.client.get("/v1/admin/audit/head", headers=api.admin)
@@ -845,8 +823,8 @@ async def test_audit_head_is_the_latest_signed_checkpoint(api: Api, data_dir: Pa
 
 
 async def test_every_bad_token_gets_the_same_401(api: Api) -> None:
-    acme = await provision(api, "acme")
-    gone = await provision(api, "gone")
+    acme = await api.provision("acme")
+    gone = await api.provision("gone")
     assert (await api.client.delete("/v1/admin/tenants/gone", headers=api.admin)).status_code == 204
     spare = await (
         await api.client.post("/v1/admin/tenants/acme/tokens", headers=api.admin)
@@ -884,7 +862,7 @@ async def test_every_bad_token_gets_the_same_401(api: Api) -> None:
 
 
 async def test_tokens_are_confined_to_their_kind_of_endpoint(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     vm = await spawned(api, acme)
     seq = api.service.audit.seq
     admin_calls: list[tuple[str, str, Any]] = [
@@ -940,7 +918,7 @@ async def test_tokens_are_confined_to_their_kind_of_endpoint(api: Api) -> None:
 async def test_method_not_allowed_carries_allow(
     api: Api, method: str, path: str, allowed: set[str]
 ) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     seq = api.service.audit.seq
     response = await api.client.open(path, method=method, headers=acme.auth)
     await assert_problem(response, 405, "method_not_allowed")
@@ -951,7 +929,7 @@ async def test_method_not_allowed_carries_allow(
 
 
 async def test_body_size_and_media_type_are_enforced(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     json_headers = {**acme.auth, "Content-Type": "application/json"}
     valid = json.dumps(SPEC).encode()
     limit = 64 * 1024
@@ -1008,7 +986,7 @@ async def test_sane_request_ids_are_echoed(api: Api, given: str) -> None:
     ids=["129", "space", "semicolon", "slash", "latin1", "empty"],
 )
 async def test_insane_request_ids_are_replaced(api: Api, given: str) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     seq = api.service.audit.seq
     response = await spawn(api, acme, {"X-Request-Id": given})
     assert response.status_code == 201
@@ -1027,7 +1005,7 @@ async def test_insane_request_ids_are_replaced(api: Api, given: str) -> None:
 
 
 async def test_fleet_error_on_spawn_releases_the_capacity(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     seq = api.service.audit.seq
     api.fleet.knobs.fail_next = 1
     response = await spawn(api, acme, vcpus=4)
@@ -1047,7 +1025,7 @@ async def test_fleet_error_on_spawn_releases_the_capacity(api: Api) -> None:
 
 
 async def test_fleet_error_on_destroy_keeps_the_vm(api: Api) -> None:
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     vm = await spawned(api, acme)
     seq = api.service.audit.seq
     api.fleet.knobs.fail_next = 1
@@ -1076,7 +1054,7 @@ async def tiny_mailbox(data_dir: Path) -> AsyncIterator[Api]:
 
 async def test_per_tenant_limit_answers_429_with_retry_after(tiny_mailbox: Api) -> None:
     api = tiny_mailbox
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     seq = api.service.audit.seq
     # The tenant's actor starts on first use, so the first request finds nobody waiting.
     response = await spawn(api, acme)
@@ -1096,7 +1074,7 @@ async def test_destroy_while_destroying_conflicts(
 ) -> None:
     api, clock = clocked.api, mock_clock
     assert clocked.clock is mock_clock  # the test itself must ask for it to be used
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     vm = await spawned(api, acme)
     api.fleet.knobs.latency = 0.25
     calls = api.fleet.calls
@@ -1123,7 +1101,7 @@ async def test_destroy_while_spawning_conflicts(
 ) -> None:
     api, clock = clocked.api, mock_clock
     assert clocked.clock is mock_clock  # the test itself must ask for it to be used
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     api.fleet.knobs.latency = 0.25
     first: list[Response] = []
     async with trio.open_nursery() as nursery:
@@ -1145,7 +1123,7 @@ async def test_concurrent_duplicate_idempotency_key_never_spawns_twice(
 ) -> None:
     api, clock = clocked.api, mock_clock
     assert clocked.clock is mock_clock  # the test itself must ask for it to be used
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     api.fleet.knobs.latency = 0.25
     key = {"Idempotency-Key": "once"}
     first: list[Response] = []
@@ -1186,7 +1164,7 @@ async def test_fleet_timeout_on_spawn_keeps_the_vm_counted_until_reconciled(
 ) -> None:
     api, clock = clocked.api, mock_clock
     assert clocked.clock is mock_clock  # the test itself must ask for it to be used
-    acme = await provision(api, "acme", {"vcpus": 8, "memory_mib": 8192, "vms": 1})
+    acme = await api.provision("acme", {"vcpus": 8, "memory_mib": 8192, "vms": 1})
     api.fleet.knobs.hang = True
     seq = api.service.audit.seq
     answer: list[Response] = []
@@ -1232,7 +1210,7 @@ async def test_fleet_timeout_on_destroy_is_reconciled_against_the_fleet(
 ) -> None:
     api, clock = clocked.api, mock_clock
     assert clocked.clock is mock_clock  # the test itself must ask for it to be used
-    acme = await provision(api, "acme")
+    acme = await api.provision("acme")
     vm = await spawned(api, acme)
     api.fleet.knobs.hang = True
     calls = api.fleet.calls

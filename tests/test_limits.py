@@ -238,7 +238,7 @@ async def get_usage(api: Api, token: str) -> Response:
 
 async def test_http_429_changes_nothing(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
     async with limited(tmp_path / "data", rate_limit=1.0, rate_burst=3) as api:
-        acme = await api.create_tenant("acme")
+        acme = (await api.provision("acme")).bearer
         assert (await api.spawn(acme)).status_code == 201
         assert (await get_usage(api, acme)).status_code == 200
         assert (await get_usage(api, acme)).status_code == 200
@@ -270,8 +270,8 @@ async def test_http_other_tenant_unaffected(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     async with limited(tmp_path / "data", rate_limit=0.5, rate_burst=2) as api:
-        acme = await api.create_tenant("acme")
-        globex = await api.create_tenant("globex")
+        acme = (await api.provision("acme")).bearer
+        globex = (await api.provision("globex")).bearer
         for _ in range(2):
             assert (await get_usage(api, acme)).status_code == 200
         await assert_rate_limited(await get_usage(api, acme), 2)
@@ -285,7 +285,7 @@ async def test_http_retry_after_counts_down(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     async with limited(tmp_path / "data", rate_limit=0.1, rate_burst=1) as api:
-        acme = await api.create_tenant("acme")
+        acme = (await api.provision("acme")).bearer
         assert (await get_usage(api, acme)).status_code == 200
         await assert_rate_limited(await get_usage(api, acme), 10)
         mock_clock.jump(6.5)
@@ -298,13 +298,13 @@ async def test_http_deleted_tenant_starts_afresh(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     async with limited(tmp_path / "data", rate_limit=1.0, rate_burst=1) as api:
-        acme = await api.create_tenant("acme")
+        acme = (await api.provision("acme")).bearer
         assert (await get_usage(api, acme)).status_code == 200
         await assert_rate_limited(await get_usage(api, acme), 1)
         deleted = await api.client.delete("/v1/admin/tenants/acme", headers=api.admin)
         assert deleted.status_code == 204
         assert (await get_usage(api, acme)).status_code == 401  # auth comes first
-        acme = await api.create_tenant("acme")
+        acme = (await api.provision("acme")).bearer
         assert (await get_usage(api, acme)).status_code == 200
 
 
@@ -312,8 +312,8 @@ async def test_http_inflight_spawn_limit(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     async with limited(tmp_path / "data", rate_limit=0.0, max_inflight_spawns=2) as api:
-        acme = await api.create_tenant("acme")
-        globex = await api.create_tenant("globex")
+        acme = (await api.provision("acme")).bearer
+        globex = (await api.provision("globex")).bearer
         api.fleet.knobs.latency = 1.0  # the fleet holds every spawn until the clock jumps
         held: list[Response] = []
 

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import UNLIMITED, LiveServer, bearer
+from conftest import UNLIMITED, LiveServer, Provision, bearer
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 BIG_QUOTA = {"vcpus": 1000, "memory_mib": 1_000_000, "vms": 1000}
@@ -38,19 +38,6 @@ TERMINAL = frozenset({"succeeded", "failed"})
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-async def create_tenant(
-    client: httpx.AsyncClient, server: LiveServer, tenant: str, quota: dict[str, int]
-) -> dict[str, Any]:
-    response = await client.post(
-        "/v1/admin/tenants",
-        json={"id": tenant, "quota": quota},
-        headers=bearer(server.admin_token),
-    )
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 async def spawn(client: httpx.AsyncClient, token: str, **spec: Any) -> httpx.Response:
@@ -195,10 +182,14 @@ STORMS = [
 @pytest.mark.parametrize("live_server", [UNLIMITED], indirect=True, ids=["unlimited"])
 @pytest.mark.parametrize(("dimension", "quota", "spec"), STORMS)
 async def test_spawn_storm_admits_exactly_the_quota(
-    live_server: LiveServer, dimension: str, quota: dict[str, int], spec: dict[str, Any]
+    live_server: LiveServer,
+    dimension: str,
+    quota: dict[str, int],
+    spec: dict[str, Any],
+    provision: Provision,
 ) -> None:
     async with live_server.client() as client:
-        token = (await create_tenant(client, live_server, "storm", quota))["token"]
+        token = (await provision(client, bearer(live_server.admin_token), "storm", quota)).token
         responses: list[httpx.Response] = []
 
         async def one(i: int) -> None:
@@ -249,11 +240,11 @@ async def test_spawn_storm_admits_exactly_the_quota(
 
 
 async def test_other_tenants_vms_are_indistinguishable_from_missing_ones(
-    live_server: LiveServer,
+    live_server: LiveServer, provision: Provision
 ) -> None:
     async with live_server.client() as client:
-        alpha = (await create_tenant(client, live_server, "alpha", BIG_QUOTA))["token"]
-        beta = (await create_tenant(client, live_server, "beta", BIG_QUOTA))["token"]
+        alpha = (await provision(client, bearer(live_server.admin_token), "alpha", BIG_QUOTA)).token
+        beta = (await provision(client, bearer(live_server.admin_token), "beta", BIG_QUOTA)).token
         vm_a = await spawn_ok(client, alpha, name="alpha-vm")
         vm_b = await spawn_ok(client, beta, name="beta-vm")
         usage_a = await usage(client, alpha)
@@ -354,13 +345,14 @@ async def assert_chain_continues(
     assert gone.status_code == 200
 
 
-async def test_restart_keeps_state_and_the_audit_chain(live_server: LiveServer) -> None:
+async def test_restart_keeps_state_and_the_audit_chain(
+    live_server: LiveServer, provision: Provision
+) -> None:
     admin = bearer(live_server.admin_token)
     async with live_server.client() as client:
-        keep = await create_tenant(
-            client, live_server, "keep", {"vcpus": 8, "memory_mib": 4096, "vms": 5}
-        )
-        other = await create_tenant(client, live_server, "other", BIG_QUOTA)
+        quota = {"vcpus": 8, "memory_mib": 4096, "vms": 5}
+        keep = (await provision(client, admin, "keep", quota)).body
+        other = (await provision(client, admin, "other", BIG_QUOTA)).body
         token = keep["token"]
         issued = []
         for _ in range(2):
@@ -439,10 +431,12 @@ async def test_restart_keeps_state_and_the_audit_chain(live_server: LiveServer) 
 
 
 @pytest.mark.parametrize("live_server", [UNLIMITED], indirect=True, ids=["unlimited"])
-async def test_kill_during_a_burst_loses_no_acknowledged_write(live_server: LiveServer) -> None:
+async def test_kill_during_a_burst_loses_no_acknowledged_write(
+    live_server: LiveServer, provision: Provision
+) -> None:
     spawns, kill_after = 40, 20
     async with live_server.client() as client:
-        token = (await create_tenant(client, live_server, "burst", BIG_QUOTA))["token"]
+        token = (await provision(client, bearer(live_server.admin_token), "burst", BIG_QUOTA)).token
         existing = [await spawn_ok(client, token, name=f"pre-{i}") for i in range(20)]
 
         spawned: set[str] = set()
@@ -570,12 +564,14 @@ async def listener_closed(host: str, port: int, attempts: int = 200) -> bool:
     return False
 
 
-async def test_sigterm_finishes_requests_in_flight(live_server: LiveServer) -> None:
+async def test_sigterm_finishes_requests_in_flight(
+    live_server: LiveServer, provision: Provision
+) -> None:
     parts = urlsplit(live_server.url)
     host, port = parts.hostname, parts.port
     assert host is not None and port is not None
     async with live_server.client() as client:
-        token = (await create_tenant(client, live_server, "drain", BIG_QUOTA))["token"]
+        token = (await provision(client, bearer(live_server.admin_token), "drain", BIG_QUOTA)).token
 
     # Requests whose headers the server has parsed (it answered "100 Continue") and
     # whose bodies are still on their way: in flight by any definition.

@@ -256,7 +256,7 @@ async def test_request_log_carries_the_audit_seq(
     api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vm_tenant.request")
-    token = await api.create_tenant("acme", SMALL)
+    token = (await api.provision("acme", SMALL)).bearer
     await api.spawn(token)
     refused = await api.spawn(token)
     assert refused.status_code == 403
@@ -340,7 +340,7 @@ def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
 
 
 async def test_a_429_is_counted_as_rate_limited(api: Api) -> None:
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     api.service.registry.close()  # the tenant's actor was never started: it now answers busy
     spec = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
     response = await api.client.post("/v1/vms", json=spec, headers={"Authorization": token})
@@ -353,7 +353,7 @@ async def test_a_shared_request_id_does_not_mix_callers_seqs(
     api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vm_tenant.request")
-    tokens = {tenant: await api.create_tenant(tenant) for tenant in ("acme", "umbrella")}
+    tokens = {tenant: (await api.provision(tenant)).bearer for tenant in ("acme", "umbrella")}
 
     async def spawn(tenant: str) -> None:
         headers = {"Authorization": tokens[tenant], "X-Request-Id": "same-id"}

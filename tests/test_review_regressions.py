@@ -151,7 +151,7 @@ async def test_commands_racing_tenant_deletion_never_answer_500(data_dir: Path) 
         statuses: list[int] = []
         for round_ in range(8):
             tenant = f"t{round_}"
-            token = await api.create_tenant(tenant)
+            token = (await api.provision(tenant)).bearer
 
             async def record(coro: Any) -> None:
                 statuses.append((await coro).status_code)

@@ -6,7 +6,7 @@ from conftest import Api, LiveServer
 
 
 async def test_spawn_list_destroy(api: Api) -> None:
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     response = await api.spawn(token, name="web")
     assert response.status_code == 201
     vm = await response.get_json()

@@ -71,14 +71,6 @@ async def problem(response: Response, status: int, code: str) -> dict[str, Any]:
     return body
 
 
-async def create(api: Api, tenant: str, **extra: Any) -> dict[str, Any]:
-    response = await api.client.post(
-        "/v1/admin/tenants", json={"id": tenant, "quota": QUOTA, **extra}, headers=api.admin
-    )
-    assert response.status_code == 201, await response.get_data()
-    return await response.get_json()
-
-
 async def issue(api: Api, tenant: str, body: Any = None) -> dict[str, Any]:
     path = f"/v1/admin/tenants/{tenant}/tokens"
     if body is None:  # no body at all, as before lifetimes existed
@@ -104,7 +96,7 @@ async def unauthorized_body(api: Api, token: str) -> bytes:
 
 
 async def test_tokens_expire_by_the_injected_wall_clock(api: Api, clock: FakeClock) -> None:
-    first = await create(api, "acme", token_ttl_seconds=60)
+    first = (await api.provision("acme", token_ttl_seconds=60)).body
     assert first["expires_at"] == rfc3339(START + 60) == "2030-03-17T17:47:40Z"
     later = await issue(api, "acme", {"ttl_seconds": 120})
     assert later["expires_at"] == rfc3339(START + 120)
@@ -128,7 +120,7 @@ async def test_tokens_expire_by_the_injected_wall_clock(api: Api, clock: FakeClo
 
 
 async def test_expiry_is_recorded_in_the_audit_log_never_the_token(api: Api) -> None:
-    first = await create(api, "acme", token_ttl_seconds=300)
+    first = (await api.provision("acme", token_ttl_seconds=300)).body
     plain = await issue(api, "acme")
     timed = await issue(api, "acme", {"ttl_seconds": 5})
     entries = await api.audit()
@@ -148,7 +140,7 @@ async def test_expiry_is_recorded_in_the_audit_log_never_the_token(api: Api) -> 
 
 @pytest.mark.parametrize("body", [None, {}, {"ttl_seconds": None}])
 async def test_no_lifetime_keeps_the_token_issue_as_it_was(api: Api, body: Any) -> None:
-    await create(api, "acme")
+    await api.provision("acme")
     token = await issue(api, "acme", body)
     assert token["expires_at"] is None
     assert await usage_status(api.client, token["token"]) == 200
@@ -159,7 +151,7 @@ BAD_TTLS = [0, -1, 2**31, 1.5, "60", True, [60], {"s": 1}]
 
 @pytest.mark.parametrize("ttl", BAD_TTLS)
 async def test_bad_lifetimes_are_400_and_change_nothing(api: Api, ttl: Any) -> None:
-    await create(api, "acme")
+    await api.provision("acme")
     seq = api.service.audit.seq
     response = await api.client.post(
         "/v1/admin/tenants/acme/tokens", json={"ttl_seconds": ttl}, headers=api.admin
@@ -175,7 +167,7 @@ async def test_bad_lifetimes_are_400_and_change_nothing(api: Api, ttl: Any) -> N
 
 
 async def test_unknown_members_next_to_a_lifetime_are_400(api: Api) -> None:
-    await create(api, "acme")
+    await api.provision("acme")
     seq = api.service.audit.seq
     for path, body in [
         ("/v1/admin/tenants/acme/tokens", {"ttl": 60}),
@@ -189,7 +181,7 @@ async def test_unknown_members_next_to_a_lifetime_are_400(api: Api) -> None:
 
 async def test_expiry_survives_a_restart(data_dir: Path, clock: FakeClock) -> None:
     async with running(data_dir, clock) as api:
-        timed = await create(api, "acme", token_ttl_seconds=100)
+        timed = (await api.provision("acme", token_ttl_seconds=100)).body
     async with running(data_dir, clock) as api:
         assert await usage_status(api.client, timed["token"]) == 200
         clock.now = START + 100
@@ -223,7 +215,7 @@ async def test_rotate_keeps_old_tokens_and_retire_refuses_them(
         assert first_key["signing"] and first_key["state"] == "active"
         assert stat.S_IMODE(keyring_path.stat().st_mode) == 0o600
         old_secret = json.loads(keyring_path.read_text())["keys"][0]["secret"]
-        old = await create(api, "acme")
+        old = (await api.provision("acme")).body
         cursor = await vm_cursor(api, old["token"])
         bad = await unauthorized_body(api, "not-a-token")
 
@@ -275,7 +267,7 @@ async def test_rotate_keeps_old_tokens_and_retire_refuses_them(
 
 
 async def test_key_endpoints_are_for_the_operator_only(api: Api) -> None:
-    tenant = await create(api, "acme")
+    tenant = (await api.provision("acme")).body
     for method, path in [
         ("GET", "/v1/admin/keys"),
         ("POST", "/v1/admin/keys"),
@@ -298,7 +290,7 @@ async def test_a_legacy_single_key_becomes_the_first_key(data_dir: Path, clock: 
     legacy = Authority(legacy_secret, "adm-x")
     async with running(data_dir, clock) as api:
         assert not (keys_dir / LEGACY_KEY_FILE).exists()
-        created = await create(api, "acme")
+        created = (await api.provision("acme")).body
         # What the server signed before the keyring existed still works.
         before = legacy.issue("acme", created["token_id"])
         assert await usage_status(api.client, before) == 200
@@ -321,7 +313,7 @@ async def list_page(api: Api, query: str = "") -> Response:
 async def test_tenants_are_listed_by_id_in_signed_pages(api: Api) -> None:
     tokens = {}
     for tenant in ["delta", "alpha", "echo", "bravo", "charlie"]:
-        tokens[tenant] = (await create(api, tenant))["token"]
+        tokens[tenant] = ((await api.provision(tenant)).body)["token"]
     response = await api.client.post("/v1/vms", json=SPEC, headers=auth(tokens["charlie"]))
     assert response.status_code == 201
 
@@ -353,7 +345,7 @@ async def test_tenants_are_listed_by_id_in_signed_pages(api: Api) -> None:
 
 async def test_a_cursor_continues_after_a_deleted_tenant(api: Api) -> None:
     for tenant in ["a", "b", "c"]:
-        await create(api, tenant)
+        await api.provision(tenant)
     first = await (await list_page(api, "?limit=2")).get_json()
     assert [t["id"] for t in first["tenants"]] == ["a", "b"]
     assert (await api.client.delete("/v1/admin/tenants/b", headers=api.admin)).status_code == 204
@@ -362,7 +354,7 @@ async def test_a_cursor_continues_after_a_deleted_tenant(api: Api) -> None:
 
 
 async def test_bad_tenant_list_queries_are_400(api: Api) -> None:
-    acme = await create(api, "acme")
+    acme = (await api.provision("acme")).body
     vm_list_cursor = await vm_cursor(api, acme["token"])
     foreign = Authority("another-key", "adm-x").cursor(":tenants", "acme")
     for query in [
@@ -377,7 +369,7 @@ async def test_bad_tenant_list_queries_are_400(api: Api) -> None:
     ]:
         await problem(await list_page(api, query), 400, "invalid_request")
     # ...and a tenant-list cursor does not page VMs either.
-    await create(api, "beta")
+    await api.provision("beta")
     tenant_cursor = (await (await list_page(api, "?limit=1")).get_json())["next"]
     response = await api.client.get(f"/v1/vms?cursor={tenant_cursor}", headers=auth(acme["token"]))
     await problem(response, 400, "invalid_request")
@@ -392,7 +384,7 @@ async def test_deleting_a_tenant_revokes_its_tokens_for_good(
     data_dir: Path, clock: FakeClock
 ) -> None:
     async with running(data_dir, clock) as api:
-        first = await create(api, "acme")
+        first = (await api.provision("acme")).body
         second = await issue(api, "acme", {"ttl_seconds": 3600})
         revoked = await issue(api, "acme")
         response = await api.client.delete(
@@ -414,7 +406,7 @@ async def test_deleting_a_tenant_revokes_its_tokens_for_good(
         for token in old_tokens:
             assert await usage_status(api.client, token) == 401
 
-        again = await create(api, "acme")
+        again = (await api.provision("acme")).body
         for token in old_tokens:
             assert await usage_status(api.client, token) == 401
         assert await usage_status(api.client, again["token"]) == 200
