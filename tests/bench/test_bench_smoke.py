@@ -18,7 +18,7 @@ from prometheus_client.exposition import generate_latest
 
 from actors.metrics import Metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # bench/ is not an installed package; `python -m pytest` from the root finds it anyway,
 # a bare `pytest` needs the root on the path.
 if str(ROOT) not in sys.path:

@@ -18,7 +18,7 @@ import httpx
 
 from conftest import LiveServer, bearer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "fuzz" / "schemathesis.toml"
 ST = Path(sys.executable).with_name("st")
 #: the tenant the fuzzer spawns VMs as; its quota bounds how many can exist at once

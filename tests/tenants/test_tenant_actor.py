@@ -17,7 +17,7 @@ from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, open_service
 from actors.state import Quota, TenantState, VmSpec
 from actors.tenants import actor as tenant_module
-from actors.tenants.protocol import Destroy, Source, Spawn
+from actors.tenants.protocol import Destroy, Source, Spawn, UpdateQuota
 from conftest import audit_lines, service_config
 
 ADMIN = Source("127.0.0.1", "admin")
@@ -332,3 +332,23 @@ async def test_a_commit_lingers_for_outcomes_due_soon(
     assert await usage(svc, "acme") == {"vcpus": 64, "memory_mib": 64 * 256, "vms": 64}
     assert svc.audit.stats.lingered > lingered
     assert (svc.audit.stats.fsyncs - before) / 64 < 0.2
+
+
+async def test_racing_quota_changes_end_as_the_log_says(data_dir: Path) -> None:
+    config = service_config(data_dir)
+    async with open_service(config) as service:
+        await service.registry.create_tenant("acme", Quota(1, 1, 1), ADMIN, "r")
+        for round_ in range(10):
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    quota = Quota(100 * round_ + n, 1024, 4)
+                    nursery.start_soon(
+                        service.registry.call,
+                        "acme",
+                        lambda reply, q=quota: UpdateQuota(q, ADMIN, "r", reply),
+                    )
+        live = msgspec.to_builtins((await service.reads.usage("acme")).quota)
+    updates = [e for e in map(json.loads, audit_lines(data_dir)) if e["op"] == "tenant.update"]
+    assert live == updates[-1]["detail"]["quota"]
+    async with open_service(config) as service:
+        assert msgspec.to_builtins((await service.reads.usage("acme")).quota) == live

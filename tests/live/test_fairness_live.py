@@ -41,7 +41,7 @@ import trio
 
 from conftest import LiveServer, Provision, bearer
 
-FLOOD_SCRIPT = Path(__file__).with_name("flood.py")
+FLOOD_SCRIPT = Path(__file__).parents[1] / "flood.py"
 RATE, BURST, SPAWN_SLOTS = 10, 10, 1
 BYSTANDERS = 12  # B's requests rotate over these tenants, each under its own limit
 FLOOD_CONCURRENCY, FLOOD_RATE = 2, 200.0

@@ -14,13 +14,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
+from actors.errors import FleetInDoubt
 from actors.fleet.embedded import EmbeddedFleet
 from actors.journal.checkpoint import read_checkpoints
-from actors.service import open_service
+from actors.service import Service, open_service
+from actors.state import Quota, VmSpec
+from actors.tenants.protocol import Source, Spawn
 from conftest import Api, FlakyFsync, audit_lines, service_config
 from server.app import create_app
 from server.auth import Authority
@@ -188,3 +192,76 @@ async def test_checkpoint_at_least_every_n_entries(
     assert all(b - a <= 2 * 5 for a, b in zip([0, *seqs], seqs, strict=False))
     head = await (await api.client.get("/v1/admin/audit/head", headers=api.admin)).get_json()
     assert head == stored[-1]
+
+
+ADMIN = Source("127.0.0.1", "admin")
+USER = Source("127.0.0.1", "tok-user")
+
+
+def fleet_of(service: Service) -> EmbeddedFleet:
+    driver = service.fleet.driver
+    assert isinstance(driver, EmbeddedFleet)
+    return driver
+
+
+async def spawn(service: Service) -> Any:
+    spec = VmSpec(1, 256, "debian-12", None)
+    vm = await service.registry.call(
+        "acme", lambda reply: Spawn(spec, None, None, USER, "req", reply)
+    )
+    return msgspec.to_builtins(vm)
+
+
+class FailNthFsync:
+    """Real fsyncs, except that call number ``n`` (counted from arming) raises EIO."""
+
+    def __init__(self) -> None:
+        self.countdown = -1
+
+    def __call__(self, fd: int) -> None:
+        if self.countdown == 0:
+            self.countdown = -1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if self.countdown > 0:
+            self.countdown -= 1
+        os.fsync(fd)
+
+
+async def test_unrecorded_outcome_is_not_acknowledged_and_restart_agrees(
+    autojump_clock: trio.testing.MockClock, data_dir: Path
+) -> None:
+    config = service_config(data_dir, inline_io=True)
+    async with open_service(config) as service:
+        await service.registry.create_tenant("acme", Quota(4, 4096, 4), ADMIN, "r")
+        fsync = FailNthFsync()
+        service.audit._fsync = fsync
+        fleet_of(service).knobs.fail_next = 1  # the fleet refuses the spawn...
+        fsync.countdown = 1  # ...and the fsync of that `failed` outcome fails
+        # The requested entry is durable, so not 503 audit_unavailable (API.md v1.1); the
+        # refusal is not on record, so not a definite 502 either: in doubt.
+        with pytest.raises(FleetInDoubt):
+            await spawn(service)
+        # Not released, not acknowledged as failed: in doubt, still counted.
+        usage = await service.reads.usage("acme")
+        assert usage.allocated.vms == 1
+        # The reconciler repeats the spawn; the fleet takes it this time.
+        with trio.fail_after(120):
+            while True:
+                page, _ = await service.reads.vms("acme", None, 10)
+                if page[0].state in ("pending", "running"):
+                    break
+                await trio.sleep(0.5)
+        live = (page, await service.reads.usage("acme"))
+        assert fleet_of(service).vm_ids() == {page[0].id}
+    outcomes = [
+        (e["op"], e["outcome"], e["source"]["token_id"])
+        for e in map(json.loads, audit_lines(data_dir))
+        if e["op"] == "vm.spawn"
+    ]
+    assert outcomes == [
+        ("vm.spawn", "requested", USER.token_id),
+        ("vm.spawn", "succeeded", "system"),
+    ]
+    async with open_service(config) as service:
+        page, _ = await service.reads.vms("acme", None, 10)
+        assert (page, await service.reads.usage("acme")) == live

@@ -28,7 +28,7 @@ import trio
 
 from conftest import LiveServer, Provision, bearer
 
-FLEET_SERVER = Path(__file__).with_name("fleet_server.py")
+FLEET_SERVER = Path(__file__).parents[1] / "fleet_server.py"
 FLEET_LISTEN_RE = re.compile(r"fleet-server listening on (http://\S+)")
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 BIG_QUOTA = {"vcpus": 1000, "memory_mib": 1_000_000, "vms": 1000}

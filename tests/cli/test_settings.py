@@ -26,7 +26,7 @@ from conftest import LISTEN_RE
 from server import settings
 from server.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV_NAMES = [option.env for option in settings.OPTIONS] + [settings.CONFIG_ENV]
 
 

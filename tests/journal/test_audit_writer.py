@@ -15,7 +15,10 @@ import trio
 from actors.errors import AuditUnavailable
 from actors.journal.chain import GENESIS
 from actors.journal.writer import AuditWriter
-from conftest import audit_lines
+from actors.service import open_service
+from actors.state import Quota
+from actors.tenants.protocol import Source
+from conftest import audit_lines, service_config
 
 SOURCE = {"ip": "127.0.0.1", "token_id": "tok-test"}
 
@@ -209,3 +212,25 @@ async def test_damaged_journal_refuses_writes(audit_dir: Path) -> None:
         assert not writer.healthy
         writer.close()
     assert len(audit_lines(audit_dir.parent)) == 1
+
+
+USER = {"ip": "127.0.0.1", "token_id": "tok-user"}
+
+
+# -- through the service ---------------------------------------------------------------------
+
+
+async def test_unencodable_entry_fails_alone(data_dir: Path) -> None:
+    async with open_service(service_config(data_dir)) as service:
+        bad = service.audit.submit(
+            op="vm.spawn", outcome="failed", tenant="acme", vm="vm-x", source=USER,
+            request_id="r", detail={"reason": "bad \ud800 text"},
+        )  # fmt: skip
+        with pytest.raises(AuditUnavailable):
+            await bad.wait()
+        await service.registry.create_tenant(
+            "acme", Quota(4, 4096, 4), Source("127.0.0.1", "admin"), "r"
+        )
+        assert service.audit.healthy
+    lines = audit_lines(data_dir)
+    assert [json.loads(line)["op"] for line in lines] == ["tenant.create"]
