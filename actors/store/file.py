@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
-from actors.errors import NotFound, StartupError
+from actors.errors import AuditUnavailable, NotFound, StartupError
 from actors.fsutil import atomic_write, create_private, fsync_dir
 from actors.journal import fold, snapshot
 from actors.journal.chain import ChainBroken
@@ -197,9 +197,14 @@ class FileStore:
         entry = decision.entry
         if entry is None:
             return decision, None
-        ticket = self.writer.append(entry)
-        if fold.reserves(entry):
-            fold.apply_to_tenant(tenant, entry)
+        if not fold.reserves(entry):
+            return decision, self.writer.append(entry)
+        fold.apply_to_tenant(tenant, entry)
+        try:
+            ticket = self.writer.append(entry)
+        except AuditUnavailable:
+            fold.undo(tenant, entry)  # not even queued: nothing was reserved after all
+            raise
         return decision, ticket
 
     def record(self, entry: Entry) -> AuditTicket:
@@ -301,7 +306,12 @@ class FileStore:
         state = self.state
         for entry in entries:
             if not fold.reserves(entry):
-                fold.apply(state, entry)
+                try:
+                    fold.apply(state, entry)
+                except Exception:
+                    # A bug: the state no longer is the fold of the log; a restart
+                    # (which replays the log) repairs it. The batch itself is durable.
+                    log.exception("folding durable entry %s failed", entry.get("seq"))
 
     def _lost(self, drafts: list[Entry]) -> None:
         tenants = self.state.tenants
