@@ -70,14 +70,18 @@ class ServiceConfig:
 
 @dataclass(slots=True)
 class Service:
-    """Handles to the running core, for the edge: the store and the actors."""
+    """Handles to the running core, for the edge: the store (as the interface) and the
+    actors."""
 
     config: ServiceConfig
-    store: FileStore
+    store: Store
     fleet: FleetClient
     registry: TenantRegistry
     metrics: Metrics = field(default_factory=Metrics)
     recovered: bool = False
+    #: the same store when it is the file store, for what only it has (the tests, the
+    #: bench): the edge sees ``store``, the interface, only
+    file_store: FileStore | None = None
 
     @property
     def reads(self) -> Store:
@@ -88,28 +92,33 @@ class Service:
     def ready(self) -> bool:
         return self.recovered and self.store.ready
 
-    # The file store's own pieces, for the CLI, the tests and the bench (never the edge).
+    # -- the file store's own pieces ---------------------------------------------------------
+
+    def _file(self) -> FileStore:
+        if self.file_store is None:
+            raise RuntimeError("this service does not run on the file store")
+        return self.file_store
 
     @property
     def audit(self) -> AuditWriter:
-        return self.store.writer
+        return self._file().writer
 
     @property
     def checkpoints(self) -> CheckpointSigner:
-        return self.store.checkpoints
+        return self._file().checkpoints
 
     @property
     def snapshot_anchor(self) -> snapshot.Anchor:
-        return self.store.snapshot_anchor
+        return self._file().snapshot_anchor
 
     async def write_checkpoint(self) -> None:
-        await self.store.write_checkpoint()
+        await self._file().write_checkpoint()
 
     async def write_snapshot(self) -> snapshot.Anchor:
-        return await self.store.write_snapshot()
+        return await self._file().write_snapshot()
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
-        return self.store.checkpoints.latest
+        return self._file().checkpoints.latest
 
 
 def read_state(registry: TenantRegistry, store: Store) -> StateReading:
@@ -164,7 +173,7 @@ async def open_service(
             passivate_after=config.passivate_after,
         )
         metrics.watch(lambda: read_state(registry, store))
-        service = Service(config, store, fleet, registry, metrics)
+        service = Service(config, store, fleet, registry, metrics, file_store=store)
         async with trio.open_nursery() as fleet_nursery:
             await fleet_nursery.start(fleet.run)
             async with trio.open_nursery() as tenants_nursery:
