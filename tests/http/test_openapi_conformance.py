@@ -257,3 +257,12 @@ async def test_every_documented_response_is_given_and_validates(
 
     missing = sorted(s.documented() - s.seen)
     assert not missing, f"documented but never given: {missing}"
+
+
+async def test_every_operation_has_a_unique_id_and_a_tag(session: Session) -> None:
+    operations = [op for item in session.doc["paths"].values() for op in item.values()]
+    ids = [op["operationId"] for op in operations]
+    assert len(ids) == len(set(ids)) == len(operations)
+    declared = {tag["name"] for tag in session.doc["tags"]}
+    for op in operations:
+        assert op["tags"] and set(op["tags"]) <= declared, op["operationId"]
