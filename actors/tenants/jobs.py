@@ -44,6 +44,9 @@ from actors.views import Destroyed, Vm, vm_view
 
 log = logging.getLogger("vm_tenant.tenant")
 
+#: seconds between attempts to record an outcome the journal could not take at once
+RECORD_RETRY = 1.0
+
 
 class TenantJobs:
     """The job coroutines of one tenant actor (started by it, in its nursery)."""
@@ -133,14 +136,19 @@ class TenantJobs:
 
     async def _record_late(self, operation: Operation, state: str | None, request_id: str) -> None:
         """Record a confirmed outcome whose entry failed, as ``system``, once the journal
-        takes writes again; the fleet is not asked again."""
-        delay, ceiling = self.backoff
+        takes writes again; the fleet is not asked again.
+
+        Only the local journal is retried here, so it is retried every
+        ``RECORD_RETRY`` seconds once the store is ready again, not with the fleet's
+        backoff: the VM leaves ``spawning`` / ``destroying`` soon after the disk is back.
+        """
         while True:
-            await trio.sleep(delay * (0.5 + random.random()))
+            await trio.sleep(RECORD_RETRY)
+            if not self.store.ready:
+                continue
             entry = outcome_entry(operation, True, state, "", SYSTEM, request_id, "recorded_late")
             if await self._durable(entry):
                 return
-            delay = min(delay * 2, ceiling)
 
     async def reconcile(self, operation: Operation) -> None:
         """Repeat the operation in doubt until its outcome is definite and durable.
