@@ -47,7 +47,8 @@ def main() -> int:
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "serve":
         os.execv(str(BIN / "vm-tenant"), [str(BIN / "vm-tenant"), "serve", *rest])
-    for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+    checks = (["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"])
+    for check in checks:
         if code := run([str(BIN / check[0]), *check[1:]]):
             return code
     return run([str(BIN / "python"), "-m", "pytest", *rest])

@@ -114,12 +114,14 @@ class Metrics:
         self.audit_write_failed = self.audit_io_failures.labels("write")
         self.audit_fsync_failed = self.audit_io_failures.labels("fsync")
         # Every known (operation, result) exists from the start, so a scrape shows zeros.
-        self._fleet_calls = {
+        self._fleet_calls: dict[tuple[str, ...], Any] = {
             (op, result): self.fleet_calls.labels(op, result)
             for op in FLEET_OPERATIONS
             for result in FLEET_RESULTS
         }
-        self._fleet_duration = {(op,): self.fleet_duration.labels(op) for op in FLEET_OPERATIONS}
+        self._fleet_duration: dict[tuple[str, ...], Any] = {
+            (op,): self.fleet_duration.labels(op) for op in FLEET_OPERATIONS
+        }
         self._rate_limited: dict[tuple[str, ...], Any] = {}
         self._quota: dict[tuple[str, ...], Any] = {}
 

@@ -6,37 +6,46 @@ actor answers with exactly one :class:`outcome.Outcome` and never waits itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Generic, TypeVar
 
 import outcome
 import trio
 
+T = TypeVar("T")
 
-class Reply:
-    """A one-shot answer slot: the first outcome put in wins, later ones are dropped.
+
+class Reply(Generic[T]):
+    """A one-shot answer slot for a value of type ``T`` (or an error).
 
     Cheaper than a memory-channel pair per call (no channel state, no close), which
-    matters because every request makes at least one call.
+    matters because every request makes at least one call. A second answer is a bug
+    (two parts of an actor think they own the call) and raises.
     """
 
     __slots__ = ("_done", "_result")
 
     def __init__(self) -> None:
         self._done = trio.Event()
-        self._result: outcome.Outcome[Any] | None = None
+        self._result: outcome.Outcome[T] | None = None
 
-    def send_nowait(self, result: outcome.Outcome[Any]) -> None:
-        if self._result is None:
-            self._result = result
-            self._done.set()
+    @property
+    def answered(self) -> bool:
+        return self._result is not None
 
-    async def receive(self) -> outcome.Outcome[Any]:
+    def send_nowait(self, result: outcome.Outcome[T]) -> None:
+        """Answer; never blocks (a caller that gave up simply never reads it)."""
+        if self._result is not None:
+            raise RuntimeError("this call was answered already")
+        self._result = result
+        self._done.set()
+
+    async def receive(self) -> outcome.Outcome[T]:
         await self._done.wait()
         assert self._result is not None
         return self._result
 
 
-def send_reply(reply: Reply | None, result: outcome.Outcome[Any]) -> None:
-    """Answer a call without ever blocking; a caller that gave up loses the answer."""
+def send_reply(reply: Reply[T] | None, result: outcome.Outcome[T]) -> None:
+    """Answer a call, if it has a reply slot (a cast has none)."""
     if reply is not None:
         reply.send_nowait(result)

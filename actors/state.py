@@ -1,15 +1,16 @@
-"""The proxy's state model: quotas, VM specs and records, idempotency records, tenants.
+"""The proxy's state model: quotas, VM specs and records, idempotency records, tenants,
+and the directory of tenants and their tokens.
 
 These are the shapes only. Every durable change is an audit entry, and the state is the
-fold of the log over them (``actors/journal/fold.py``). The live tenant actors own their
-:class:`TenantState` once the proxy runs.
+fold of the log over them (``actors/journal/fold.py``), the only code that changes it.
+Readers get immutable views (``actors/views.py``), never these live objects.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from sortedcontainers import SortedDict
@@ -35,12 +36,19 @@ class VmSpec:
     name: str | None
 
 
+#: the largest integer the API takes or gives (API.md: 0..2^31-1)
+MAX_INT = 2**31 - 1
+#: described as 0..MAX_INT in the API's document, not checked when a snapshot is read
+#: (the API refuses larger values before they reach the state)
+Count = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 0, "maximum": MAX_INT})]
+
+
 class Quota(msgspec.Struct, frozen=True, gc=False):
     """A capacity triple: a ceiling or an allocation."""
 
-    vcpus: int = 0
-    memory_mib: int = 0
-    vms: int = 0
+    vcpus: Count = 0
+    memory_mib: Count = 0
+    vms: Count = 0
 
     def to_json(self) -> dict[str, int]:
         return {"vcpus": self.vcpus, "memory_mib": self.memory_mib, "vms": self.vms}
@@ -90,8 +98,42 @@ class IdempotencyRecord(msgspec.Struct, frozen=True, gc=False):
     created: str  # the audit ts of the decision, for the 24-hour retention
 
 
+class TenantSlice(Protocol):
+    """What a decision reads and the fold changes about one tenant.
+
+    :class:`TenantState` is the whole tenant, in memory. A store that keeps its state
+    elsewhere gives a decision only the part it names (the tenant's quota and allocation,
+    one VM, one idempotency key), loaded inside its transaction, with mutators that
+    record what the fold changed (``actors/store/__init__.py``).
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    quota: Quota
+
+    @property
+    def allocated(self) -> Quota: ...
+
+    def vm(self, vm_id: str) -> VmRecord | None: ...
+
+    def key(self, key: str) -> IdempotencyRecord | None: ...
+
+    def add_vm(self, vm: VmRecord) -> None: ...
+
+    def remove_vm(self, vm_id: str) -> VmRecord | None: ...
+
+    def set_vm_state(
+        self, vm_id: str, state: str, *, settled: bool = False, doubt: str | None = None
+    ) -> None: ...
+
+    def set_key(self, key: str, record: IdempotencyRecord) -> None: ...
+
+    def drop_key(self, key: str) -> None: ...
+
+
 class TenantState:
-    """A tenant's quota, tokens, VMs (by id, with the ids in order for cursors), idempotency keys.
+    """A tenant's quota, VMs (by id, with the ids in order for cursors), idempotency keys.
 
     ``vms`` is a plain dict; the sorted order lives in a list of ids beside it, appended to
     (VM ids grow with time, so a new one almost always sorts last) and sorted again only
@@ -107,14 +149,12 @@ class TenantState:
         "id",
         "idempotency",
         "quota",
-        "tokens",
         "vms",
     )
 
-    def __init__(self, tenant_id: str, quota: Quota, tokens: set[str] | None = None) -> None:
+    def __init__(self, tenant_id: str, quota: Quota) -> None:
         self.id = tenant_id
         self.quota = quota
-        self.tokens: set[str] = tokens or set()
         #: mutate only through add_vm/remove_vm/load_vms, which keep the id order
         self.vms: dict[str, VmRecord] = {}
         self._ids: list[str] = []
@@ -170,22 +210,91 @@ class TenantState:
             self._ids_sorted = True
         return self._ids
 
-    def over_quota(self, vcpus: int, memory_mib: int) -> str | None:
-        """The first dimension a spawn of this size would push above the quota, if any."""
-        if len(self.vms) + 1 > self.quota.vms:
-            return "vms"
-        if self.allocated_vcpus + vcpus > self.quota.vcpus:
-            return "vcpus"
-        if self.allocated_memory + memory_mib > self.quota.memory_mib:
-            return "memory_mib"
-        return None
+    # -- the slice (see TenantSlice) -------------------------------------------------------
+
+    def vm(self, vm_id: str) -> VmRecord | None:
+        return self.vms.get(vm_id)
+
+    def key(self, key: str) -> IdempotencyRecord | None:
+        return self.idempotency.get(key)
+
+    def set_vm_state(
+        self, vm_id: str, state: str, *, settled: bool = False, doubt: str | None = None
+    ) -> None:
+        """Move a VM to ``state`` (also its settled state when ``settled``)."""
+        vm = self.vms.get(vm_id)
+        if vm is not None:
+            vm.state = state
+            if settled:
+                vm.settled_state = state
+            vm.doubt = doubt
+
+    def set_key(self, key: str, record: IdempotencyRecord) -> None:
+        self.idempotency[key] = record
+
+    def drop_key(self, key: str) -> None:
+        self.idempotency.pop(key, None)
+
+
+class Directory:
+    """Which tenants exist and which token ids each of them has issued and not revoked.
+
+    The edge asks it, synchronously, whether a verified token is still good, so a
+    revocation or a deletion takes effect with the entry that records it.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def exists(self, tenant_id: str) -> bool:
+        return tenant_id in self._tokens
+
+    def token_valid(self, tenant_id: str, token_id: str) -> bool:
+        tokens = self._tokens.get(tenant_id)
+        return tokens is not None and token_id in tokens
+
+    def tokens(self, tenant_id: str) -> frozenset[str]:
+        """The tenant's valid token ids (none for an unknown tenant)."""
+        return frozenset(self._tokens.get(tenant_id, ()))
+
+    # -- changed by the fold only ----------------------------------------------------------
+
+    def add_tenant(self, tenant_id: str, tokens: set[str]) -> None:
+        self._tokens[tenant_id] = tokens
+
+    def remove_tenant(self, tenant_id: str) -> None:
+        self._tokens.pop(tenant_id, None)
+
+    def add_token(self, tenant_id: str, token_id: str) -> None:
+        tokens = self._tokens.get(tenant_id)
+        if tokens is not None:
+            tokens.add(token_id)
+
+    def remove_token(self, tenant_id: str, token_id: str) -> None:
+        tokens = self._tokens.get(tenant_id)
+        if tokens is not None:
+            tokens.discard(token_id)
 
 
 class ProxyState:
-    """All tenants, keyed by id."""
+    """All tenants' states, keyed by id, and the directory of tenants and tokens."""
 
-    __slots__ = ("tenants",)
+    __slots__ = ("directory", "tenants")
 
     def __init__(self) -> None:
         # sorted by id: the admin API lists tenants in pages
-        self.tenants: dict[str, TenantState] = SortedDict()
+        self.tenants: SortedDict[str, TenantState] = SortedDict()
+        self.directory = Directory()
+
+    def add_tenant(self, tenant: TenantState, tokens: set[str]) -> None:
+        self.tenants[tenant.id] = tenant
+        self.directory.add_tenant(tenant.id, tokens)
+
+    def remove_tenant(self, tenant_id: str) -> None:
+        self.tenants.pop(tenant_id, None)
+        self.directory.remove_tenant(tenant_id)

@@ -73,16 +73,6 @@ def prepare_data(proxy: Server, data_dir: Path, plan: Plan, workdir: Path) -> di
     return files
 
 
-def attach_audit_batches(runs: list[Run], data_dir: Path) -> None:
-    """Audit batches (= audit fsyncs) and entries inside each proxy run's window."""
-    batches = fsyncs.audit_batches(data_dir / "audit")
-    for run in runs:
-        if run["server"] == "proxy":
-            run["audit_batches"], run["audit_entries"] = fsyncs.batches_in(
-                batches, run["start"], run["end"]
-            )
-
-
 def attach_syncs(runs: list[Run], server: Server) -> None:
     """Every sync call strace saw inside each run's window."""
     if server.trace_path is None or not server.trace_path.exists():
@@ -183,7 +173,6 @@ class Bench:
         finally:
             proxy.stop()
         attach_syncs(runs, proxy)
-        attach_audit_batches(runs, data_dir)
         return runs
 
 

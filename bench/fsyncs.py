@@ -9,22 +9,20 @@ measured window ``[start, end]``:
   that starts such a call carries its wall-clock time (and, once finished, how long it
   took). This counts *every* sync of the process: audit batches, new segments'
   directory, checkpoints, snapshots.
-* **the audit log** (:func:`audit_batches`): the writer stamps every entry of one group
-  commit with the same ``ts`` and makes the batch durable with one fsync, so the number
-  of distinct ``ts`` values in a window is the number of audit batches (audit fsyncs),
-  and the entries per batch show how well group commit works.
+
+The audit log itself no longer shows group commits: every entry carries the time it
+was drafted (the decision's time), not the time of the batch that made it durable, so
+batches are counted by the proxy's own counters only. Results of earlier runs still
+carry the log-derived ``audit_batches`` column, and ``bench/report.py`` still renders it.
 
 Acknowledged writes come from wrk (``writes_acked``: 201 answers and 200 answers of a
-destroy). Both sources need the time windows only, so they add nothing to the hot path.
+destroy). strace needs the time windows only, so it adds nothing to the hot path.
 """
 
 from __future__ import annotations
 
 import bisect
-import datetime as dt
-import json
 import re
-from collections import Counter
 from pathlib import Path
 
 _SYNC_LINE = re.compile(r"^(?:\d+\s+)?(\d+\.\d+)\s+(?:fsync|fdatasync|syncfs|sync)\(")
@@ -69,27 +67,3 @@ def mean_duration_in(durations: list[tuple[float, float]], start: float, end: fl
 def count_in(times: list[float], start: float, end: float) -> int:
     """How many of the sorted ``times`` fall in ``[start, end)``."""
     return bisect.bisect_left(times, end) - bisect.bisect_left(times, start)
-
-
-def _epoch(ts: str) -> float:
-    stamp = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
-    return stamp.timestamp()
-
-
-def audit_batches(audit_dir: Path) -> Counter[float]:
-    """Entries per batch timestamp (epoch seconds) over every segment of the log."""
-    batches: Counter[float] = Counter()
-    for segment in sorted(audit_dir.glob("*.jsonl")):
-        with segment.open(encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                try:
-                    batches[_epoch(json.loads(line)["ts"])] += 1
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line: not durable, not counted
-    return batches
-
-
-def batches_in(batches: Counter[float], start: float, end: float) -> tuple[int, int]:
-    """(batches, entries) whose timestamp falls in ``[start, end)``."""
-    stamps = [ts for ts in batches if start <= ts < end]
-    return len(stamps), sum(batches[ts] for ts in stamps)

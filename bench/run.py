@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, scale_report
-from bench.drive import Bench, Plan, attach_audit_batches, keep_profiles, prepare_data
+from bench.drive import Bench, Plan, keep_profiles, prepare_data
 from bench.profile import find_py_spy
 from bench.servers import STRACE_HINT, Pinning, Server, detect_pinning, start_floor, start_proxy
 from bench.wrk import INSTALL_HINT, find_wrk, wrk_version
@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                 code = server.stop()
                 if code not in (0, -15):
                     print(f"{server.name} exited {code}:\n{server.log_tail()}", file=sys.stderr)
-        attach_audit_batches(runs, data_dir)
         if plan.fsync_probe:
             probe_runs = bench.fsync_probe()
         if py_spy is not None:

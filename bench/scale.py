@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
 from actors.journal import snapshot
 from actors.journal.chain import GENESIS, seal
 from actors.journal.segments import segment_name
 from actors.journal.verify import verify_data_dir
 from actors.service import ServiceConfig, open_service
-from actors.tenants.protocol import GetUsage, ListVms
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 SOURCE = {"ip": "127.0.0.1", "token_id": "tok-0123456789abcdef"}
@@ -205,12 +205,13 @@ def measure_memory(data_dir: Path, big: str, passivate_after: float) -> dict[str
             result["startup_s"] = round(time.perf_counter() - started, 3)
             registry = service.registry
             result["rss_loaded"] = rss()
-            tenants = list(registry._tenants)
+            tenants = await all_tenants(service)
             result["tenants"] = len(tenants)
-            result["vms"] = sum(len(t.vms) for t in registry._tenants.values())
+            result["vms"] = sum(service.store.vms_by_state().values())
             started = time.perf_counter()
             for tenant in tenants:
-                await registry.call(tenant, GetUsage)
+                registry.actor(tenant)
+            await trio.testing.wait_all_tasks_blocked()  # every actor at its mailbox
             result["activate_all_s"] = round(time.perf_counter() - started, 3)
             result["active_actors"] = sum(map(registry.is_active, tenants))
             result["rss_all_active"] = rss()
@@ -222,25 +223,44 @@ def measure_memory(data_dir: Path, big: str, passivate_after: float) -> dict[str
             result["rss_passivated"] = rss()
             # Last: by now the background check of the chain before the snapshot is done
             # and no longer competes for the interpreter.
-            big_tenant = registry._tenants.get(big)
-            if big_tenant is not None and len(big_tenant.vms) > 200:
+            if registry.exists(big) and (await service.reads.usage(big)).allocated.vms > 200:
                 result["listing"] = await measure_listing(service, big)
 
     trio.run(main)
     return result
 
 
+async def all_tenants(service: Any) -> list[str]:
+    """Every tenant id, through the read surface, a page at a time."""
+    ids: list[str] = []
+    after = None
+    while True:
+        page, after = await service.reads.tenants(after, 1000)
+        ids.extend(tenant.id for tenant in page)
+        if after is None:
+            return ids
+
+
 async def measure_listing(service: Any, tenant: str, rounds: int = 200) -> dict[str, Any]:
-    """Median microseconds for one page of 100 with the cursor at start, middle and end."""
-    registry = service.registry
-    ids = list(registry.actor(tenant).state.vms.keys())
+    """Median microseconds for one page of 100 with the cursor at start, middle and end.
+
+    Through the read surface the HTTP edge uses (no mailbox hop).
+    """
+    reads = service.reads
+    ids: list[str] = []
+    after = None
+    while True:
+        page, after = await reads.vms(tenant, after, 1000)
+        ids.extend(vm.id for vm in page)
+        if after is None:
+            break
     cursors = {"start": None, "middle": ids[len(ids) // 2], "end": ids[-101]}
     figures: dict[str, Any] = {"tenant_vms": len(ids)}
     for where, after in cursors.items():
         samples = []
         for _ in range(rounds):
             started = time.perf_counter()
-            page, _ = await registry.call(tenant, lambda reply, a=after: ListVms(a, 100, reply))
+            page, _ = await reads.vms(tenant, after, 100)
             samples.append(time.perf_counter() - started)
             assert len(page) == 100
         figures[f"page_{where}_us"] = round(statistics.median(samples) * 1e6, 1)

@@ -152,8 +152,9 @@ def start_server(
     *,
     trace: bool,
     timeout: float = 60.0,
+    cwd: Path = ROOT,
 ) -> Server:
-    """Start ``argv`` pinned (and traced), and wait until ``ready_path`` answers 200."""
+    """Start ``argv`` pinned (and traced) in ``cwd``, and wait until ``ready_path`` answers 200."""
     log_path = workdir / f"{name}.log"
     trace_path = workdir / f"{name}.strace" if trace else None
     command = [*pinning.server, *argv]
@@ -163,7 +164,7 @@ def start_server(
         command = [*pinning.load, *strace, *command]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + timeout
     pid = _child_of(process.pid, deadline) if trace_path is not None else process.pid

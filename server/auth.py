@@ -6,23 +6,23 @@ Tenant tokens are itsdangerous signatures (fixed salt, SHA-256 HMAC) over
 restarts). A token is accepted only while it has not expired, one of the keyring's active
 keys signed it (:mod:`server.keyring`), and the registry still lists that token id for that
 tenant, so revocation and tenant deletion take effect at once and survive restarts (both
-are audit entries, replayed at start). The operator's token is a random secret kept in
-``<data-dir>/admin.token``. Every kind of bad token gets the same 401.
+are audit entries, replayed at start). The operator's token is a random secret the store
+keeps (the file store: ``<data-dir>/admin.token``); the store says whether a token is it.
+Every kind of bad token gets the same 401.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
-from actors.fsutil import create_private
+from actors.store import Store
 from actors.tenants.registry import TenantRegistry
 from server.keyring import Clock, Keyring, rfc3339
 from server.problems import Problem
@@ -32,17 +32,6 @@ TOKEN_SALT = "vm-tenant.token.v1"
 VERIFIED_CACHE_SIZE = 65536
 CURSOR_SALT = "vm-tenant.cursor.v1"
 UNAUTHORIZED = "a valid bearer token is required"
-
-
-def load_or_create_secret(path: Path, make: str) -> str:
-    """Read a secret file, creating it (mode 0600) first when it does not exist yet."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    create_private(path, (make + "\n").encode())
-    return path.read_text().strip()
-
-
-def admin_token_path(data_dir: Path) -> Path:
-    return data_dir / "admin.token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +46,26 @@ class Principal:
 class Authority:
     """Issues and checks tenant tokens and list cursors; checks the admin token.
 
-    ``signing_key`` is the data dir's keyring, or a single secret (a keyring kept in memory).
-    ``clock`` gives wall-clock seconds, injectable so that tests can let tokens expire.
+    ``signing_key`` is the store's keyring, or a single secret (a keyring kept in memory).
+    ``admin`` is the admin token itself, or the store's check of one. ``clock`` gives
+    wall-clock seconds, injectable so that tests can let tokens expire.
     """
 
     def __init__(
-        self, signing_key: str | Keyring, admin_token: str, *, clock: Clock = time.time
+        self,
+        signing_key: str | Keyring,
+        admin: str | Callable[[str], bool],
+        *,
+        clock: Clock = time.time,
     ) -> None:
         if isinstance(signing_key, str):
             signing_key = Keyring.in_memory(signing_key, clock)
         self.keyring = signing_key
         self._clock = clock
-        self._admin = admin_token.encode()
+        if isinstance(admin, str):
+            expected = admin.encode()
+            admin = lambda token: hmac.compare_digest(token.encode(), expected)  # noqa: E731
+        self._is_admin = admin
         # token -> (tenant, token_id, expires): what a good signature said. Verifying
         # costs an HMAC key derivation, a MAC and a JSON decode per request; a token
         # string always verifies the same way under the same keys, so the answer is kept
@@ -89,12 +86,9 @@ class Authority:
         self._built = self.keyring.version
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path, *, clock: Clock = time.time) -> Authority:
-        keyring = Keyring.open(data_dir / "keys", clock)
-        admin = load_or_create_secret(
-            admin_token_path(data_dir), "adm-" + secrets.token_urlsafe(32)
-        )
-        return cls(keyring, admin, clock=clock)
+    def for_store(cls, store: Store, *, clock: Clock = time.time) -> Authority:
+        """The store's keyring and admin token (``KeyringError``: the keyring is unusable)."""
+        return cls(Keyring.open(store.token_keys, clock), store.admin_token_valid, clock=clock)
 
     def expiry(self, ttl_seconds: int | None) -> int | None:
         """When a token issued now with this lifetime expires (None: never)."""
@@ -115,7 +109,7 @@ class Authority:
     def authenticate(self, header: str | None, registry: TenantRegistry) -> Principal:
         """The principal behind an ``Authorization`` header, or a 401 problem."""
         token = _bearer(header)
-        if hmac.compare_digest(token.encode(), self._admin):
+        if self._is_admin(token):
             return Principal("admin", None, "admin")
         self._rebuild()
         claims = self._verified.get(token)

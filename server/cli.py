@@ -20,10 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from actors.errors import StartupError
 from actors.journal.verify import verify_data_dir
-from actors.service import ServiceConfig, open_service
+from actors.service import Service, ServiceConfig, open_service
+from actors.store.file import admin_token_path
 from server import serving, settings
 from server.app import create_app
-from server.auth import Authority, admin_token_path
+from server.auth import Authority
 from server.keyring import KeyringError
 from server.logs import configure_logging, direct_request_logger
 from server.metrics_http import metrics_app
@@ -52,11 +53,12 @@ async def _listen(
 ) -> list[str]:
     """Start serving ``endpoints`` in ``nursery``; a bind that fails is a StartupError."""
     try:
-        return await nursery.start(
+        urls: list[str] = await nursery.start(
             partial(
                 serving.serve, endpoints, options, shutdown_trigger=stop.wait, registry=registry
             )
         )
+        return urls
     except (OSError, ExceptionGroup) as error:
         reason = _only(error, OSError)
         if reason is None:
@@ -81,9 +83,8 @@ async def serve(
 ) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        authority = _authority(config.data_dir)
         async with open_service(config) as service:
-            app = create_app(service, authority, direct_request_logger(log_format))
+            app = create_app(service, _authority(service), direct_request_logger(log_format))
             # What is alive now (modules, the recovered state) lives as long as the
             # process: keep it out of every later full collection, which would scan it
             # all while the event loop stands still.
@@ -115,13 +116,12 @@ async def serve(
             log.info("HTTP drained; stopping actors")
 
 
-def _authority(data_dir: Path) -> Authority:
-    """The data dir's keyring and admin token; an unusable keyring stops the start."""
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _authority(service: Service) -> Authority:
+    """The store's keyring and admin token; an unusable keyring stops the start."""
     try:
-        return Authority.for_data_dir(data_dir)
+        return Authority.for_store(service.store)
     except KeyringError as error:
-        raise StartupError(f"cannot start on {data_dir}: {error}") from None
+        raise StartupError(f"cannot start on {service.config.data_dir}: {error}") from None
 
 
 def _settings(args: argparse.Namespace) -> settings.Resolved | None:

@@ -60,7 +60,7 @@ async def _problem(
 ) -> None:
     body = problem_body(code, detail)
     headers = [(b"content-type", b"application/problem+json"), *(extra or [])]
-    await _respond(send, body["status"], headers, msgspec.json.encode(body))
+    await _respond(send, body.status, headers, msgspec.json.encode(body))
 
 
 async def _respond(

@@ -106,7 +106,7 @@ def instrument(
 ) -> None:
     """Count, time and log every request ``app`` answers."""
     seqs = AuditSeqs()
-    service.audit.observe_durable(seqs.record)
+    service.store.observe(seqs.record)
     measure = _RequestMetrics(service.metrics)
     log = log or request_logger()
 

@@ -1,46 +1,40 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
 
-Request schemas come from the msgspec structs that validate the bodies, so the document
-cannot drift from what the server accepts; responses and problems are described here.
+Generated, never written by hand: the paths from the operations the blueprints declare
+(``server/routes/spec.py``), every schema from the msgspec structs that decode the
+requests (``server/schemas.py``) and encode the responses (``server/responses.py``, the
+core's views), and each problem code's status from ``server/problems.py``. So the
+document describes exactly what the server accepts and sends.
+
+Problems an operation may answer beyond the ones it names: 401 ``unauthorized`` and 403
+``forbidden`` with a token; 400 ``invalid_request`` (an unknown query parameter); 429
+``rate_limited`` with a tenant token (the tenant's limits); and with a body 400, 413
+``payload_too_large`` and 415 ``unsupported_media_type``.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
-from server.problems import CODES
-from server.schemas import (
-    IDEMPOTENCY_KEY_RE,
-    MAX_INT,
-    REQUEST_ID_RE,
-    TENANT_ID_RE,
-    CreateTenantBody,
-    EmptyBody,
-    IssueTokenBody,
-    QuotaBody,
-    SpawnBody,
-    UpdateTenantBody,
-)
+from server.problems import CODES, ProblemBody
+from server.routes.spec import Operation, Routes
+from server.schemas import REQUEST_ID_RE
 
 REF = "#/components/schemas/"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": REF + name}
-
-
-def _header(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"required": True, "schema": schema, "description": description}
+def _header(schema: dict[str, Any], description: str, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "schema": schema, "description": description}
 
 
 #: on every response; the caller's own when it sent a sane one
 _REQUEST_ID = _header(
     {"type": "string", "pattern": f"^{REQUEST_ID_RE.pattern}$"}, "the caller's, or a fresh one"
 )
-#: headers that a problem code always carries (see server/problems.py and server/app.py)
+#: headers that a problem code always carries (``server/problems.py``)
 _PROBLEM_HEADERS: dict[str, dict[str, Any]] = {
     "unauthorized": {"WWW-Authenticate": _header({"const": "Bearer"}, "the scheme to use")},
     "rate_limited": {
@@ -49,26 +43,28 @@ _PROBLEM_HEADERS: dict[str, dict[str, Any]] = {
 }
 
 
-def _json(
-    schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    return {
-        "description": description,
-        "headers": {"X-Request-Id": _REQUEST_ID, **(headers or {})},
-        "content": {"application/json": {"schema": schema}},
-    }
+def problem_codes(op: Operation) -> tuple[str, ...]:
+    """Every problem ``op`` may answer (see the module docstring), each once."""
+    codes: list[str] = []
+    if op.auth != "none":
+        codes += ["invalid_request", "unauthorized", "forbidden"]
+    if op.auth == "tenant":
+        codes.append("rate_limited")
+    if op.request is not None:
+        codes += ["invalid_request", "payload_too_large", "unsupported_media_type"]
+    return tuple(dict.fromkeys([*codes, *op.problems]))
 
 
-def _problems(*codes: str) -> dict[str, Any]:
+def _problems(codes: Iterable[str]) -> dict[str, Any]:
     responses: dict[str, Any] = {}
-    for code in ("unauthorized", "rate_limited", *codes):
+    for code in codes:
         status = str(CODES[code][0])
         entry = responses.setdefault(
             status,
             {
                 "description": "",
                 "headers": {"X-Request-Id": _REQUEST_ID},
-                "content": {"application/problem+json": {"schema": _ref("Problem")}},
+                "content": {"application/problem+json": {"schema": {"$ref": REF + "Problem"}}},
             },
         )
         entry["description"] = ", ".join(filter(None, [entry["description"], code]))
@@ -76,375 +72,58 @@ def _problems(*codes: str) -> dict[str, Any]:
     return responses
 
 
-_VM_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_TENANT_ID = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": f"^{TENANT_ID_RE.pattern}$"},
-}
-_INT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
-_SIZE = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
-_LOCATION = {"Location": _header({"type": "string"}, "the new resource")}
+def _success(op: Operation) -> dict[str, Any]:
+    headers = {"X-Request-Id": _REQUEST_ID}
+    for name, description in op.headers.items():
+        # Location is on every such answer; the others only on some (a replay)
+        headers[name] = _header({"type": "string"}, description, required=name == "Location")
+    response: dict[str, Any] = {"description": op.summary, "headers": headers}
+    if op.body is not None:
+        schema = {"$ref": REF + op.body.__name__}
+        response["content"] = {"application/json": {"schema": schema}}
+    if op.links:
+        response["links"] = op.links
+    return response
 
 
-def _object(properties: dict[str, Any]) -> dict[str, Any]:
-    """A response object: every member always present, no others."""
-    return {
-        "type": "object",
-        "required": list(properties),
-        "properties": properties,
-        "additionalProperties": False,
+def _operation(op: Operation) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "tags": [op.tag],
+        "summary": op.summary,
+        "responses": {str(op.status): _success(op), **_problems(problem_codes(op))},
     }
-
-
-def _op(summary: str, ok: dict[str, Any], *codes: str, **extra: Any) -> dict[str, Any]:
-    # Every authenticated route refuses unknown query parameters with a 400.
-    codes = ("invalid_request", *codes)
-    if "requestBody" in extra:
-        codes = (*codes, "payload_too_large", "unsupported_media_type")
-    operation = {"summary": summary, "responses": {**ok, **_problems(*dict.fromkeys(codes))}}
-    operation.update(extra)
-    return operation
-
-
-@cache
-def openapi_document() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(
-        [SpawnBody, CreateTenantBody, UpdateTenantBody, QuotaBody, IssueTokenBody, EmptyBody],
-        ref_template=REF + "{name}",
-    )
-    quota = _ref("QuotaBody")
-    expires_at = {
-        "type": ["string", "null"],
-        "format": "date-time",
-        "description": "when the token stops working; null: never",
-    }
-    page = {"type": ["string", "null"]}
-    components.update(
-        {
-            "Vm": _object(
-                {
-                    "id": {"type": "string"},
-                    "tenant": {"type": "string"},
-                    "state": {
-                        "enum": ["spawning", "pending", "running", "destroying", "unknown", "error"]
-                    },
-                    "vcpus": _SIZE,
-                    "memory_mib": _SIZE,
-                    "image": {"type": "string", "minLength": 1, "maxLength": 256},
-                    "name": {"type": ["string", "null"], "minLength": 1, "maxLength": 63},
-                    "created_at": {"type": "string", "format": "date-time"},
-                }
-            ),
-            "VmList": _object(
-                {
-                    "vms": {"type": "array", "items": _ref("Vm")},
-                    "next": {"type": ["string", "null"]},
-                }
-            ),
-            "Destroyed": _object({"id": {"type": "string"}, "state": {"const": "destroyed"}}),
-            "Usage": _object({"tenant": {"type": "string"}, "quota": quota, "allocated": quota}),
-            "Tenant": _object({"id": {"type": "string"}, "quota": quota, "allocated": quota}),
-            "CreatedTenant": _object(
-                {
-                    "id": {"type": "string"},
-                    "quota": quota,
-                    "token": {"type": "string"},
-                    "token_id": {"type": "string"},
-                    "expires_at": expires_at,
-                }
-            ),
-            "Token": _object(
-                {
-                    "token": {"type": "string"},
-                    "token_id": {"type": "string"},
-                    "expires_at": expires_at,
-                }
-            ),
-            "TenantList": _object(
-                {"tenants": {"type": "array", "items": _ref("Tenant")}, "next": page}
-            ),
-            "SigningKey": _object(
-                {
-                    "id": {"type": "string"},
-                    "created_at": {"type": "string", "format": "date-time"},
-                    "state": {"enum": ["active", "retired"]},
-                    "signing": {"type": "boolean"},
-                    "retired_at": {"type": ["string", "null"], "format": "date-time"},
-                }
-            ),
-            "KeyList": _object({"keys": {"type": "array", "items": _ref("SigningKey")}}),
-            "AuditPage": _object(
-                {
-                    # entries exactly as stored: see API.md, "Audit log"
-                    "entries": {"type": "array", "items": {"type": "object"}},
-                    "head": _object(
-                        {
-                            "seq": {"type": "integer", "minimum": 0},
-                            "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                        }
-                    ),
-                }
-            ),
-            "Checkpoint": _object(
-                {
-                    "seq": {"type": "integer", "minimum": 1},
-                    "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                    "ts": {"type": "string"},
-                    "signature": {"type": "string", "description": "base64 Ed25519"},
-                }
-            ),
-            "Status": _object({"status": {"type": "string"}}),
-            "Problem": _object(
-                {
-                    "type": {"type": "string", "format": "uri"},
-                    "title": {"type": "string"},
-                    "status": {"type": "integer", "minimum": 400, "maximum": 599},
-                    "detail": {"type": "string"},
-                    "code": {"enum": sorted(CODES)},
-                }
-            ),
+    if op.params:
+        document["parameters"] = [param.document() for param in op.params]
+    if op.request is not None:
+        document["requestBody"] = {
+            "required": op.request_required,
+            "content": {"application/json": {"schema": {"$ref": REF + op.request.__name__}}},
         }
+    if op.auth == "none":
+        document["security"] = []
+    return document
+
+
+def openapi_document(routes: Iterable[Routes]) -> dict[str, Any]:
+    """The document of every operation of ``routes``."""
+    operations = [op for group in routes for op in group.operations]
+    structs: list[type[msgspec.Struct]] = [ProblemBody]
+    for op in operations:
+        structs += [s for s in (op.body, op.request) if s is not None]
+    _, components = msgspec.json.schema_components(
+        list(dict.fromkeys(structs)), ref_template=REF + "{name}"
     )
-    idem = {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "required": False,
-        "schema": {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY_RE.pattern}$"},
-        "description": "replays the first answer for 24 hours; another body answers 409",
-    }
-    body = lambda name: {  # noqa: E731
-        "required": True,
-        "content": {"application/json": {"schema": _ref(name)}},
-    }
-    optional_body = lambda name: {  # noqa: E731
-        "required": False,
-        "content": {"application/json": {"schema": _ref(name)}},
-    }
-    no_content = {"204": {"description": "done", "headers": {"X-Request-Id": _REQUEST_ID}}}
-    page_params = [
-        {
-            "name": "limit",
-            "in": "query",
-            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-        },
-        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-    ]
-    paths = {
-        "/v1/vms": {
-            "post": _op(
-                "Spawn a VM",
-                {"201": _json(_ref("Vm"), "spawned", _LOCATION)},
-                "invalid_request",
-                "forbidden",
-                "quota_exceeded",
-                "conflict",
-                "idempotency_conflict",
-                "payload_too_large",
-                "unsupported_media_type",
-                "fleet_error",
-                "fleet_unavailable",
-                "audit_unavailable",
-                parameters=[idem],
-                requestBody=body("SpawnBody"),
-            ),
-            "get": _op(
-                "List the caller's VMs",
-                {"200": _json(_ref("VmList"), "a page of VMs")},
-                "invalid_request",
-                "forbidden",
-                parameters=page_params,
-            ),
-        },
-        "/v1/vms/{id}": {
-            "get": _op(
-                "A VM, with its live state",
-                {"200": _json(_ref("Vm"), "the VM")},
-                "forbidden",
-                "not_found",
-                parameters=[_VM_ID],
-            ),
-            "delete": _op(
-                "Destroy a VM",
-                {"200": _json(_ref("Destroyed"), "destroyed")},
-                "forbidden",
-                "not_found",
-                "conflict",
-                "fleet_error",
-                "fleet_unavailable",
-                "audit_unavailable",
-                parameters=[_VM_ID],
-            ),
-        },
-        "/v1/usage": {
-            "get": _op("Quota and allocation", {"200": _json(_ref("Usage"), "usage")}, "forbidden")
-        },
-        "/v1/admin/tenants": {
-            "post": _op(
-                "Provision a tenant",
-                {"201": _json(_ref("CreatedTenant"), "created, with its first token", _LOCATION)},
-                "invalid_request",
-                "forbidden",
-                "conflict",
-                "audit_unavailable",
-                requestBody=body("CreateTenantBody"),
-            ),
-            "get": _op(
-                "List tenants by id",
-                {"200": _json(_ref("TenantList"), "a page of tenants")},
-                "invalid_request",
-                "forbidden",
-                parameters=page_params,
-            ),
-        },
-        "/v1/admin/tenants/{id}": {
-            "get": _op(
-                "A tenant",
-                {"200": _json(_ref("Tenant"), "the tenant")},
-                "forbidden",
-                "not_found",
-                parameters=[_TENANT_ID],
-            ),
-            "patch": _op(
-                "Change a tenant's quota",
-                {"200": _json(_ref("Tenant"), "updated")},
-                "invalid_request",
-                "forbidden",
-                "not_found",
-                "audit_unavailable",
-                parameters=[_TENANT_ID],
-                requestBody=body("UpdateTenantBody"),
-            ),
-            "delete": _op(
-                "Deprovision a tenant without VMs; revokes all its tokens",
-                no_content,
-                "forbidden",
-                "not_found",
-                "conflict",
-                "audit_unavailable",
-                parameters=[_TENANT_ID],
-            ),
-        },
-        "/v1/admin/tenants/{id}/tokens": {
-            "post": _op(
-                "Issue a token (optionally with a lifetime)",
-                {
-                    "201": {
-                        **_json(_ref("Token"), "issued"),
-                        "links": {
-                            "RevokeToken": {
-                                "operationRef": "#/paths/~1v1~1admin~1tenants~1{id}~1tokens"
-                                "~1{token_id}/delete",
-                                "parameters": {
-                                    "id": "$request.path.id",
-                                    "token_id": "$response.body#/token_id",
-                                },
-                            }
-                        },
-                    }
-                },
-                "forbidden",
-                "not_found",
-                "audit_unavailable",
-                parameters=[_TENANT_ID],
-                requestBody=optional_body("IssueTokenBody"),
-            ),
-        },
-        "/v1/admin/tenants/{id}/tokens/{token_id}": {
-            "delete": _op(
-                "Revoke a token",
-                no_content,
-                "forbidden",
-                "not_found",
-                "audit_unavailable",
-                parameters=[
-                    _TENANT_ID,
-                    {
-                        "name": "token_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    },
-                ],
-            )
-        },
-        "/v1/admin/keys": {
-            "get": _op(
-                "The token signing keys (never a secret)",
-                {"200": _json(_ref("KeyList"), "the keys, oldest first")},
-                "forbidden",
-            ),
-            "post": _op(
-                "Add a signing key; it signs from now on, older keys keep verifying",
-                {"201": _json(_ref("SigningKey"), "the new key")},
-                "forbidden",
-                "internal_error",
-                requestBody=optional_body("EmptyBody"),
-            ),
-        },
-        "/v1/admin/keys/{key_id}": {
-            "delete": _op(
-                "Retire a key: what only it signed answers 401 (tokens) or 400 (cursors)",
-                no_content,
-                "forbidden",
-                "not_found",
-                "conflict",
-                "internal_error",
-                parameters=[
-                    {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
-            )
-        },
-        "/v1/admin/audit": {
-            "get": _op(
-                "Read audit entries as stored",
-                {"200": _json(_ref("AuditPage"), "entries after `after`")},
-                "invalid_request",
-                "forbidden",
-                parameters=[
-                    {
-                        "name": "after",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                    },
-                ],
-            )
-        },
-        "/v1/admin/audit/head": {
-            "get": _op(
-                "The latest signed checkpoint",
-                {"200": _json(_ref("Checkpoint"), "checkpoint")},
-                "forbidden",
-                "not_found",
-            ),
-        },
-        "/healthz": {
-            "get": {
-                "summary": "Process up",
-                "security": [],
-                "responses": {"200": _json(_ref("Status"), "up")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "summary": "State recovered and audit writable",
-                "security": [],
-                "responses": {
-                    "200": _json(_ref("Status"), "ready"),
-                    "503": _problems("audit_unavailable")["503"],
-                },
-            }
-        },
-    }
+    components["Problem"] = components.pop(ProblemBody.__name__)
+    paths: dict[str, dict[str, Any]] = {}
+    tags: dict[str, None] = {}
+    for op in operations:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
+        tags[op.tag] = None
     return {
         "openapi": "3.1.0",
         "info": {"title": "service-vm-tenant", "version": "1"},
+        "tags": [{"name": tag} for tag in tags],
         "components": {
             "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
 import msgspec
 from quart import Response
@@ -66,6 +66,16 @@ INTERNAL_DETAIL = "the request could not be completed"
 _FIXED_DETAILS = {"not_found": NOT_FOUND_DETAIL, "internal_error": INTERNAL_DETAIL}
 
 
+class ProblemBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An RFC 9457 problem document with the stable ``code`` (API.md): every error's body."""
+
+    type: Annotated[str, msgspec.Meta(extra_json_schema={"format": "uri"})]
+    title: str
+    status: Annotated[int, msgspec.Meta(ge=400, le=599)]
+    detail: str
+    code: Annotated[str, msgspec.Meta(extra_json_schema={"enum": sorted(CODES)})]
+
+
 class Problem(Exception):
     """An error raised at the edge that already knows its problem ``code``."""
 
@@ -76,21 +86,15 @@ class Problem(Exception):
         self.headers = headers or {}
 
 
-def problem_body(code: str, detail: str) -> dict[str, Any]:
+def problem_body(code: str, detail: str) -> ProblemBody:
     status, title = CODES[code]
-    return {
-        "type": PROBLEM_TYPE + code.replace("_", "-"),
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
+    return ProblemBody(PROBLEM_TYPE + code.replace("_", "-"), title, status, detail, code)
 
 
 def problem_response(code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
     body = problem_body(code, detail)
     response = Response(
-        msgspec.json.encode(body), status=body["status"], content_type="application/problem+json"
+        msgspec.json.encode(body), status=body.status, content_type="application/problem+json"
     )
     if code == "unauthorized":
         response.headers["WWW-Authenticate"] = "Bearer"

@@ -7,6 +7,7 @@ a subprocess on 127.0.0.1 (port 0) and talks to it over real sockets.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,68 @@ from server.app import create_app
 from server.auth import Authority
 
 QUOTA = {"vcpus": 8, "memory_mib": 8192, "vms": 4}
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant created through the admin API, with its first token."""
+
+    id: str
+    token: str
+    token_id: str
+    #: the whole answer (quota, expires_at, ...)
+    body: dict[str, Any]
+
+    @property
+    def bearer(self) -> str:
+        return f"Bearer {self.token}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": self.bearer}
+
+
+async def _provision(
+    client: Any,
+    admin: dict[str, str],
+    tenant_id: str,
+    quota: dict[str, int] | None = None,
+    **extra: Any,
+) -> Tenant:
+    response = await client.post(
+        "/v1/admin/tenants", json={"id": tenant_id, "quota": quota or QUOTA, **extra}, headers=admin
+    )
+    body = response.json() if isinstance(response, httpx.Response) else await response.get_json()
+    assert response.status_code == 201, body
+    return Tenant(tenant_id, body["token"], body["token_id"], body)
+
+
+Provision = Callable[..., Awaitable[Tenant]]
+
+
+@pytest.fixture
+def provision() -> Provision:
+    """How every test makes a tenant: ``await provision(client, admin, "acme", quota, **extra)``.
+
+    ``client`` is whatever the test talks through (the in-process test client, or httpx on a
+    live server), ``admin`` the operator's ``Authorization`` header; ``quota`` defaults to
+    :data:`QUOTA`, ``extra`` are more members of the body (``token_ttl_seconds``).
+    ``Api.provision`` is the same, bound to the in-process client.
+    """
+    return _provision
+
+
+class FlakyFsync:
+    """``os.fsync`` that fails with a real errno (EIO, what a failing disk gives) while
+    ``failing`` is set; the audit writer takes it as its fsync."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def __call__(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.fsync(fd)
 
 
 def service_config(data_dir: Path, **overrides: Any) -> ServiceConfig:
@@ -73,13 +136,11 @@ class Api:
         assert isinstance(driver, EmbeddedFleet)
         return driver
 
-    async def create_tenant(self, tenant: str, quota: dict[str, int] | None = None) -> str:
-        response = await self.client.post(
-            "/v1/admin/tenants", json={"id": tenant, "quota": quota or QUOTA}, headers=self.admin
-        )
-        assert response.status_code == 201, await response.get_data()
-        body = await response.get_json()
-        return f"Bearer {body['token']}"
+    async def provision(
+        self, tenant: str, quota: dict[str, int] | None = None, **extra: Any
+    ) -> Tenant:
+        """The ``provision`` fixture, through this client."""
+        return await _provision(self.client, self.admin, tenant, quota, **extra)
 
     async def spawn(self, token: str, **spec: Any) -> Any:
         body = {"vcpus": 1, "memory_mib": 256, "image": "debian-12", **spec}
@@ -95,7 +156,7 @@ class Api:
 
 @pytest.fixture
 async def api(core: Service, data_dir: Path) -> Api:
-    authority = Authority.for_data_dir(data_dir)
+    authority = Authority.for_store(core.store)  # as `vm-tenant serve` builds it
     app = create_app(core, authority)
     token = (data_dir / "admin.token").read_text().strip()
     return Api(app.test_client(), core, token)

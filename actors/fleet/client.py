@@ -1,12 +1,17 @@
-"""The fleet client actor and the small interface its drivers implement.
+"""The fleet client and the small interface its drivers implement.
 
-The :class:`FleetClient` owns the driver (opened and closed inside its own nursery) and a
-fixed pool of worker tasks reading one bounded mailbox, so the number of calls in flight
-to the fleet is bounded and each call has a deadline. Its :class:`CircuitBreaker` turns
-a fleet that keeps failing into fast refusals for a cool-down. Callers get a definite
-answer, a :class:`~actors.errors.FleetError` (the fleet said no) or
-:class:`~actors.errors.FleetUnavailable` (the call was not made: nothing happened), or a
-:class:`~actors.errors.FleetInDoubt` (the call may or may not have taken effect).
+The :class:`FleetClient` owns the driver (open while :meth:`FleetClient.run` runs, closed
+after the tenant actors drained) and its :class:`CircuitBreaker`, which turns a fleet that
+keeps failing into fast refusals for a cool-down. A call runs in the caller's own task
+(a tenant's job, a GET): there is nothing to order between calls (each is idempotent by
+VM id, and a VM has one operation at a time), so a hand-off to a worker pool would only
+add a scheduling round and a reply to every spawn and destroy. What a pool gave is kept:
+at most ``concurrency`` writes in flight (further ones wait their turn, at most
+``queue`` of them; beyond that the fleet is overloaded and the call is refused) and a
+deadline per call. Callers get a definite answer, a :class:`~actors.errors.FleetError`
+(the fleet said no) or :class:`~actors.errors.FleetUnavailable` (the call was not made:
+nothing happened), or a :class:`~actors.errors.FleetInDoubt` (the call may or may not
+have taken effect).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import outcome
@@ -22,7 +26,6 @@ import trio
 
 from actors.errors import FleetError, FleetInDoubt, FleetUnavailable
 from actors.fleet.breaker import CircuitBreaker
-from actors.reply import Reply
 from actors.state import VmSpec
 
 if TYPE_CHECKING:
@@ -49,21 +52,14 @@ class FleetDriver(Protocol):
     async def aclose(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    fn: Callable[..., Awaitable[Any]]
-    args: tuple[Any, ...]
-    reply: Reply
-
-
 class FleetClient:
-    """The actor in front of the fleet driver: bounded in-flight calls, per-call deadline."""
+    """The fleet driver behind a breaker, bounded calls in flight, and a deadline per call."""
 
     def __init__(
         self,
         driver: FleetDriver,
         *,
-        workers: int = 64,
+        concurrency: int = 64,
         timeout: float = 10.0,
         queue: int = 1024,
         breaker: CircuitBreaker | None = None,
@@ -76,119 +72,110 @@ class FleetClient:
         #: a status read is an answer to a GET: it gives up sooner than a write would
         self.status_timeout = min(status_timeout, timeout)
         self.breaker = breaker or CircuitBreaker()
-        self._workers = workers
+        self._concurrency = concurrency
+        self._queue = queue
+        self._writes = trio.Semaphore(concurrency)
         self._reads = 0
-        self._send, self._receive = trio.open_memory_channel[_Call](queue)
+        self._closed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve calls until :meth:`close`; then finish the queued ones and close the driver."""
+        """Keep the driver open until :meth:`close`, then close it."""
+        task_status.started()
         try:
-            async with trio.open_nursery() as nursery:
-                with self._receive:
-                    for _ in range(self._workers):
-                        nursery.start_soon(self._worker, self._receive.clone())
-                task_status.started()
+            await self._closed.wait()
         finally:
             with trio.CancelScope(shield=True):
                 await self.driver.aclose()
 
     def close(self) -> None:
-        self._send.close()
-
-    async def _worker(self, receive: trio.MemoryReceiveChannel[_Call]) -> None:
-        with receive:
-            async for call in receive:
-                result: outcome.Outcome[Any] = outcome.Error(
-                    FleetInDoubt("the fleet did not answer in time")
-                )
-                started = time.perf_counter()
-                with trio.move_on_after(self.timeout) as deadline:
-                    result = await self._invoke(call.fn, *call.args)
-                self._settled(call.fn, result, started, deadline.cancelled_caught)
-                # A caller that gave up is gone; its reconciler will ask again.
-                call.reply.send_nowait(result)
-
-    async def _invoke(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> outcome.Outcome[Any]:
-        try:
-            return outcome.Value(await fn(*args))
-        except (FleetError, FleetUnavailable, FleetInDoubt) as error:
-            return outcome.Error(error)
-        except Exception:
-            # A driver bug must not crash the pool; the caller cannot know what happened,
-            # so the outcome is in doubt.
-            log.exception("fleet driver failed")
-            return outcome.Error(FleetInDoubt("the fleet driver failed"))
-
-    async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        if not self.breaker.allows():
-            self._count_refused(fn)
-            raise FleetUnavailable("the fleet is unreachable (circuit open); try again shortly")
-        reply = Reply()
-        try:
-            self._send.send_nowait(_Call(fn, args, reply))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self._count_refused(fn)
-            raise FleetUnavailable("the fleet client is overloaded") from None
-        # The worker answers within its own deadline; this one only guards against a
-        # worker pool that stopped while the call was queued.
-        with trio.move_on_after(self.timeout * 2 + 1) as scope:
-            result = await reply.receive()
-        if scope.cancelled_caught:
-            raise FleetInDoubt("the fleet did not answer in time")
-        return result.unwrap()
-
-    def _settled(
-        self, fn: Callable[..., Any], result: outcome.Outcome[Any], started: float, late: bool
-    ) -> None:
-        self.breaker.record(result)
-        if self._metrics is not None:
-            kind = "timeout" if late else _result_kind(result)
-            self._metrics.fleet_call(fn.__name__, kind, time.perf_counter() - started)
-
-    def _count_refused(self, fn: Callable[..., Any]) -> None:
-        if self._metrics is not None:
-            self._metrics.fleet_call(fn.__name__, "refused", None)
+        """The callers are done (the tenant actors drained): close the driver."""
+        self._closed.set()
 
     def accepting(self) -> bool:
         """False while the circuit is open: calls would fail fast, so reserve nothing."""
         return self.breaker.allows()
 
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
-        return await self._call(self.driver.spawn, vm_id, tenant, spec)
+        state: str = await self._write(self.driver.spawn, vm_id, tenant, spec)
+        return state
 
     async def destroy(self, vm_id: str) -> None:
-        await self._call(self.driver.destroy, vm_id)
+        await self._write(self.driver.destroy, vm_id)
 
     async def status(self, vm_id: str) -> str | None:
-        """The fleet's view of one VM, asked in the caller's own task.
+        """The fleet's view of one VM.
 
-        A read changes nothing and needs no ordering, so it skips the workers' mailbox
-        (a hand-off that costs more than the embedded fleet's whole answer); reads in
-        flight have their own bound, and their failures count toward the breaker alike.
+        A read answers a GET: beyond ``concurrency`` reads in flight it is refused at once
+        rather than queued, and it gives up after ``status_timeout``.
         """
-        if not self.breaker.allows():
-            self._count_refused(self.driver.status)
-            raise FleetUnavailable("the fleet is unreachable (circuit open); try again shortly")
-        if self._reads >= self._workers:
+        self._admit(self.driver.status)
+        if self._reads >= self._concurrency:
             self._count_refused(self.driver.status)
             raise FleetUnavailable("too many status reads in flight")
+        self._reads += 1
+        try:
+            result = await self._timed(self.driver.status, self.status_timeout, vm_id)
+        finally:
+            self._reads -= 1
+        state: str | None = result.unwrap()
+        return state
+
+    async def _write(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        self._admit(fn)
+        try:
+            self._writes.acquire_nowait()
+        except trio.WouldBlock:
+            if self._writes.statistics().tasks_waiting >= self._queue:
+                self._count_refused(fn)
+                raise FleetUnavailable("the fleet client is overloaded") from None
+            await self._writes.acquire()
+        try:
+            result = await self._timed(fn, self.timeout, *args)
+        finally:
+            self._writes.release()
+        return result.unwrap()
+
+    def _admit(self, fn: Callable[..., Any]) -> None:
+        if not self.breaker.allows():
+            self._count_refused(fn)
+            raise FleetUnavailable("the fleet is unreachable (circuit open); try again shortly")
+
+    async def _timed(
+        self, fn: Callable[..., Awaitable[Any]], seconds: float, *args: Any
+    ) -> outcome.Outcome[Any]:
+        """Call ``fn`` with a deadline of ``seconds``; the breaker and metrics count it."""
         result: outcome.Outcome[Any] = outcome.Error(
             FleetInDoubt("the fleet did not answer in time")
         )
-        self._reads += 1
         started = time.perf_counter()
+        with trio.move_on_after(seconds) as deadline:
+            result = await self._invoke(fn, *args)
+        self.breaker.record(result)
+        if self._metrics is not None:
+            kind = "timeout" if deadline.cancelled_caught else _result_kind(result)
+            self._metrics.fleet_call(fn.__name__, kind, time.perf_counter() - started)
+        return result
+
+    @staticmethod
+    async def _invoke(fn: Callable[..., Awaitable[Any]], *args: Any) -> outcome.Outcome[Any]:
         try:
-            with trio.move_on_after(self.status_timeout) as deadline:
-                result = await self._invoke(self.driver.status, vm_id)
-        finally:
-            self._reads -= 1
-        self._settled(self.driver.status, result, started, deadline.cancelled_caught)
-        return result.unwrap()
+            return outcome.Value(await fn(*args))
+        except (FleetError, FleetUnavailable, FleetInDoubt) as error:
+            return outcome.Error(error)
+        except Exception:
+            # A driver bug must not crash the caller; it cannot know what happened, so
+            # the outcome is in doubt.
+            log.exception("fleet driver failed")
+            return outcome.Error(FleetInDoubt("the fleet driver failed"))
+
+    def _count_refused(self, fn: Callable[..., Any]) -> None:
+        if self._metrics is not None:
+            self._metrics.fleet_call(fn.__name__, "refused", None)
 
 
 def _result_kind(result: outcome.Outcome[Any]) -> str:
     """The ``result`` label of a fleet call's outcome (see ``actors/metrics.py``)."""
-    if isinstance(result, outcome.Value):
+    if not isinstance(result, outcome.Error):
         return "ok"
     error = result.error
     if isinstance(error, FleetInDoubt):

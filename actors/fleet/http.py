@@ -1,7 +1,7 @@
 """The ``http`` fleet driver: a remote fleet controller speaking ``docs/fleet-api.md``.
 
 One ``httpx.AsyncClient`` (a bounded connection pool, per-phase timeouts) lives as long as
-the fleet client actor that owns this driver. Every call is idempotent by VM id, so a
+the fleet client that owns this driver. Every call is idempotent by VM id, so a
 call whose connection could not be made, or that the fleet answered ``503``, is retried
 with jittered exponential backoff; the fleet client's per-call deadline bounds the whole
 (and its circuit breaker turns a dead fleet into fast 503s).

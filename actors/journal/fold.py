@@ -1,9 +1,21 @@
-"""The fold: how one durable audit entry changes the proxy's state.
+"""The fold: how one audit entry changes the proxy's state. The only code that does.
 
 Every durable change is an audit entry, so tenants, quotas, tokens, VM records,
 allocations and idempotency records are rebuilt by applying the entries in order to an
-empty :class:`~actors.state.ProxyState` (or to a snapshot's). The same :func:`apply` runs
-at start (replay) and when a snapshot is compacted, so the two can never disagree.
+empty :class:`~actors.state.ProxyState` (or to a snapshot's). :func:`apply` reads only the
+fields an entry has before it is sequenced (``ts``, ``op``, ``outcome``, ``tenant``,
+``vm``, ``source``, ``request_id``, ``detail``), never ``seq``, ``prev`` or ``hash``, so the
+same call works on a *draft* (an entry not yet in the chain) and on a stored entry.
+
+Who calls it, and when (the store decides, see ``actors/store/``):
+
+- replay at start and snapshot compaction: every stored entry, in chain order;
+- the running service: a *reserving* entry (:func:`reserves`: a ``requested`` operation, a
+  ``rejected`` one that takes an ``Idempotency-Key``) the moment it is drafted, so the
+  next decision sees the reservation; every other entry once it is durable, in chain
+  order. A reserving draft that never becomes durable is taken back by :func:`undo`,
+  which restores exactly what :func:`apply` changed, so the state is again the fold of
+  the durable log.
 """
 
 from __future__ import annotations
@@ -11,7 +23,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from actors.state import IdempotencyRecord, ProxyState, Quota, TenantState, VmRecord
+from actors.journal.entries import Entry
+from actors.state import (
+    IdempotencyRecord,
+    ProxyState,
+    Quota,
+    TenantSlice,
+    TenantState,
+    VmRecord,
+)
 
 
 def quota_from(data: dict[str, Any]) -> Quota:
@@ -23,97 +43,136 @@ def spawn_response(vm: VmRecord, state: str) -> dict[str, Any]:
     return vm.to_json(state)
 
 
-def apply(state: ProxyState, entry: dict[str, Any]) -> None:
-    """Fold one durable audit entry into ``state``."""
+def reserves(entry: Entry) -> bool:
+    """Whether the running service applies ``entry`` when it is drafted (see the module doc).
+
+    A ``requested`` entry reserves capacity (spawn) or marks the VM (destroy); a
+    ``rejected`` entry with an ``Idempotency-Key`` takes the key. Both must be seen by the
+    tenant's next decision, before they are durable.
+    """
+    outcome = entry["outcome"]
+    return outcome == "requested" or (
+        outcome == "rejected" and "idempotency_key" in entry["detail"]
+    )
+
+
+def apply(state: ProxyState, entry: Entry) -> None:
+    """Fold one audit entry into ``state``."""
     op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
     tenant_id = entry["tenant"]
     if op == "tenant.create":
         if outcome == "succeeded":
-            state.tenants[tenant_id] = TenantState(
-                tenant_id, quota_from(detail["quota"]), {detail["token_id"]}
-            )
+            created = TenantState(tenant_id, quota_from(detail["quota"]))
+            state.add_tenant(created, {detail["token_id"]})
         return
     tenant = state.tenants.get(tenant_id)
     if tenant is None:
         return
+    succeeded = outcome == "succeeded"
+    if op == "tenant.delete":
+        if succeeded:
+            state.remove_tenant(tenant_id)
+    elif op == "token.issue":
+        if succeeded:
+            state.directory.add_token(tenant_id, detail["token_id"])
+    elif op == "token.revoke":
+        if succeeded:
+            state.directory.remove_token(tenant_id, detail["token_id"])
+    else:
+        apply_to_tenant(tenant, entry)
+
+
+def apply_to_tenant(tenant: TenantSlice, entry: Entry) -> None:
+    """Fold one entry about a tenant's quota or VMs into that tenant's state."""
+    op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
     if outcome == "rejected":
         _remember_key(tenant, entry, 403, detail.get("problem"))
-        return
-    if op == "tenant.update" and outcome == "succeeded":
-        tenant.quota = quota_from(detail["quota"])
-    elif op == "tenant.delete" and outcome == "succeeded":
-        del state.tenants[tenant_id]
-    elif op == "token.issue" and outcome == "succeeded":
-        tenant.tokens.add(detail["token_id"])
-    elif op == "token.revoke" and outcome == "succeeded":
-        tenant.tokens.discard(detail["token_id"])
     elif op == "vm.spawn":
         _apply_spawn(tenant, entry)
     elif op == "vm.destroy":
         _apply_destroy(tenant, entry)
+    elif op == "tenant.update" and outcome == "succeeded":
+        tenant.quota = quota_from(detail["quota"])
 
 
-def _apply_spawn(tenant: TenantState, entry: dict[str, Any]) -> None:
+def undo(tenant: TenantSlice, entry: Entry) -> None:
+    """Take back a reserving entry (:func:`reserves`) that never became durable.
+
+    The decision that drafted it checked that the VM id was new (spawn), that the VM was
+    settled (destroy) and that the key was free, and nothing changes a reserved VM or key
+    until the entry is durable; so putting that back restores the state exactly.
+    """
+    detail = entry["detail"]
+    if entry["outcome"] == "requested" and entry["op"] == "vm.destroy":
+        tenant.set_vm_state(entry["vm"], detail["previous_state"])
+        return
+    if entry["outcome"] == "requested":
+        tenant.remove_vm(entry["vm"])
+    key = detail.get("idempotency_key")
+    if key is not None:
+        tenant.drop_key(key)
+
+
+def vm_from_request(entry: Entry) -> VmRecord:
+    """The VM record a ``vm.spawn`` ``requested`` entry reserves."""
+    detail = entry["detail"]
+    spec = detail["spec"]
+    return VmRecord(
+        id=entry["vm"],
+        tenant=entry["tenant"],
+        vcpus=spec["vcpus"],
+        memory_mib=spec["memory_mib"],
+        image=sys.intern(spec["image"]),
+        name=spec.get("name"),
+        created_at=detail["created_at"],
+        state="spawning",
+        idempotency_key=detail.get("idempotency_key"),
+    )
+
+
+def _apply_spawn(tenant: TenantSlice, entry: Entry) -> None:
     outcome, detail, vm_id = entry["outcome"], entry["detail"], entry["vm"]
     if outcome == "requested":
-        spec = detail["spec"]
-        tenant.add_vm(
-            VmRecord(
-                id=vm_id,
-                tenant=tenant.id,
-                vcpus=spec["vcpus"],
-                memory_mib=spec["memory_mib"],
-                image=sys.intern(spec["image"]),
-                name=spec.get("name"),
-                created_at=detail["created_at"],
-                state="spawning",
-                idempotency_key=detail.get("idempotency_key"),
-            )
-        )
+        tenant.add_vm(vm_from_request(entry))
         _remember_key(tenant, entry, 0, None)
     elif outcome == "succeeded":
-        vm = tenant.vms.get(vm_id)
+        vm = tenant.vm(vm_id)
         if vm is not None:
-            vm.state = vm.settled_state = sys.intern(detail["state"])
+            state = sys.intern(detail["state"])
+            tenant.set_vm_state(vm_id, state, settled=True)
             if "idempotency_key" in detail:
-                _settle_key(tenant, detail, 201, spawn_response(vm, detail["state"]))
+                _settle_key(tenant, detail, 201, spawn_response(vm, state))
     elif outcome == "failed":
         tenant.remove_vm(vm_id)
         key = detail.get("idempotency_key")
         if key is not None:
-            tenant.idempotency.pop(key, None)
+            tenant.drop_key(key)
 
 
-def _apply_destroy(tenant: TenantState, entry: dict[str, Any]) -> None:
+def _apply_destroy(tenant: TenantSlice, entry: Entry) -> None:
     outcome, detail, vm_id = entry["outcome"], entry["detail"], entry["vm"]
-    vm = tenant.vms.get(vm_id)
+    vm = tenant.vm(vm_id)
     if vm is None:
         return
     if outcome == "requested":
-        vm.state = "destroying"
+        tenant.set_vm_state(vm_id, "destroying")
     elif outcome == "succeeded":
         tenant.remove_vm(vm_id)
     elif outcome == "failed":
-        vm.state = vm.settled_state = detail.get("state", vm.settled_state)
+        tenant.set_vm_state(vm_id, detail.get("state", vm.settled_state), settled=True)
 
 
-def _remember_key(
-    tenant: TenantState, entry: dict[str, Any], status: int, body: dict[str, Any] | None
-) -> None:
+def _remember_key(tenant: TenantSlice, entry: Entry, status: int, body: Any) -> None:
     detail = entry["detail"]
     key = detail.get("idempotency_key")
     if key is not None:
-        tenant.idempotency[key] = IdempotencyRecord(
-            detail["request_hash"], status, body, entry["ts"]
-        )
+        tenant.set_key(key, IdempotencyRecord(detail["request_hash"], status, body, entry["ts"]))
 
 
 def _settle_key(
-    tenant: TenantState, detail: dict[str, Any], status: int, body: dict[str, Any]
+    tenant: TenantSlice, detail: dict[str, Any], status: int, body: dict[str, Any]
 ) -> None:
     key = detail.get("idempotency_key")
-    record = tenant.idempotency.get(key) if key is not None else None
-    if record is not None:
-        tenant.idempotency[key] = IdempotencyRecord(
-            record.request_hash, status, body, record.created
-        )
+    record = tenant.key(key) if key is not None else None
+    if key is not None and record is not None:
+        tenant.set_key(key, IdempotencyRecord(record.request_hash, status, body, record.created))

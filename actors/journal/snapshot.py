@@ -113,7 +113,7 @@ def _load(data_dir: Path) -> tuple[ProxyState, Anchor]:
         raise SnapshotError(f"{path}: unknown snapshot version {snap.version}")
     intern = sys.intern
     for t in snap.tenants:
-        tenant = TenantState(t.id, t.quota, set(t.tokens))
+        tenant = TenantState(t.id, t.quota)
         vms = t.vms
         # The decoder gives every record its own copy of strings that repeat across a
         # million VMs; sharing them is most of a record's size.
@@ -124,7 +124,7 @@ def _load(data_dir: Path) -> tuple[ProxyState, Anchor]:
             vm.settled_state = intern(vm.settled_state)
         tenant.load_vms(vms)
         tenant.idempotency = t.idempotency
-        state.tenants[t.id] = tenant
+        state.add_tenant(tenant, set(t.tokens))
     return state, snap.anchor
 
 
@@ -135,7 +135,11 @@ def save(data_dir: Path, state: ProxyState, anchor: Anchor) -> None:
         anchor,
         [
             _TenantSnapshot(
-                t.id, t.quota, sorted(t.tokens), list(t.vms.values()), dict(t.idempotency)
+                t.id,
+                t.quota,
+                sorted(state.directory.tokens(t.id)),
+                list(t.vms.values()),
+                dict(t.idempotency),
             )
             for t in state.tenants.values()
         ],

@@ -1,11 +1,12 @@
 """The audit writer: the single owner of the hash chain's head and of the segment files.
 
-Callers :meth:`AuditWriter.submit` an entry without waiting; it lands in a bounded
-mailbox and the caller gets an :class:`AuditTicket`. The writer's loop is a group commit:
-it takes everything that piled up in the mailbox, gives each entry its ``seq``, ``ts``,
-``prev`` and ``hash``, writes all lines with one ``write`` and makes them durable with one
-``fsync`` (in a worker thread, so the event loop keeps serving), and only then sets every
-ticket. Under load one fsync covers many entries; alone, an entry costs exactly one.
+Callers :meth:`AuditWriter.append` a draft (``actors/journal/entries.py``) without
+waiting; it lands in a bounded mailbox and the caller gets an :class:`AuditTicket`. The
+writer's loop is a group commit: it takes everything that piled up in the mailbox, gives
+each entry its ``seq``, ``prev`` and ``hash``, writes all lines with one ``write`` and
+makes them durable with one ``fsync`` (in a worker thread, so the event loop keeps
+serving), tells its observers, and only then sets every ticket. Under load one fsync
+covers many entries; alone, an entry costs exactly one.
 
 The writer knows one thing about the protocol above it: a VM operation's ``requested``
 entry is followed by its outcome entry as soon as the fleet answers. While such an outcome
@@ -16,8 +17,9 @@ due, as for a lone caller, it commits at once. (Under steady load with a fleet s
 the window, requests keep becoming durable, so most batches wait the whole ``linger``:
 at most 5 ms added to a write that already waits for the fleet.)
 
-When a write or an fsync fails, the batch is not durable: its tickets fail with
-:class:`~actors.errors.AuditUnavailable`, the head goes back to the last durable entry,
+When a write or an fsync fails, the batch is not durable: its *lost* observers hear of
+its drafts, its tickets fail with :class:`~actors.errors.AuditUnavailable`, the head
+stays at the last durable entry,
 and the file is cut back to its last durable size before anything else is appended. The
 cut happens through a freshly opened descriptor, and an fsync that failed is never
 retried on the same pages and then trusted: the lines are written again in a new batch.
@@ -26,7 +28,6 @@ retried on the same pages and then trusted: the lines are written again in a new
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
 import logging
 import os
@@ -42,17 +43,17 @@ import trio.testing
 
 from actors.errors import AuditUnavailable
 from actors.journal.chain import GENESIS, seal
+from actors.journal.entries import Entry, draft
 from actors.journal.segments import segment_name
 
 if TYPE_CHECKING:
     from actors.metrics import Metrics
 
-#: called with the entries of each batch once they are durable, before any waiter runs
-DurableObserver = Callable[[list[dict[str, Any]]], None]
+#: called with the entries of each batch once they are durable (or with the drafts that
+#: were not made durable), before any of their waiters runs
+Observer = Callable[[list[Entry]], None]
 
 log = logging.getLogger("vm_tenant.audit")
-
-SYSTEM_SOURCE: dict[str, Any] = {"ip": None, "token_id": "system"}
 #: operations whose ``requested`` entry announces an outcome entry to follow
 _ANNOUNCING_OPS = frozenset({"vm.spawn", "vm.destroy"})
 _OUTCOMES = frozenset({"succeeded", "failed"})
@@ -60,11 +61,6 @@ _OUTCOMES = frozenset({"succeeded", "failed"})
 DUE_WINDOW = 0.05
 #: how often a writer whose file needs repair retries on its own (seconds)
 REPAIR_INTERVAL = 1.0
-
-
-def utc_now() -> str:
-    """An RFC 3339 UTC timestamp with microseconds, as the audit lines carry them."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class AuditTicket:
@@ -117,7 +113,7 @@ class _Segment:
 
 @dataclass(slots=True)
 class _Pending:
-    fields: dict[str, Any]
+    draft: Entry
     ticket: AuditTicket = field(default_factory=AuditTicket)
 
 
@@ -164,7 +160,8 @@ class AuditWriter:
         self._send, self._receive = trio.open_memory_channel[_Pending](max_queue)
         self._durable = trio.Condition()
         self._metrics = metrics
-        self._observers: list[DurableObserver] = []
+        self._durable_observers: list[Observer] = []
+        self._lost_observers: list[Observer] = []
 
     # -- the caller's side ---------------------------------------------------------------
 
@@ -178,6 +175,26 @@ class AuditWriter:
         self._damaged = reason
         log.error("audit log damaged, refusing writes: %s", reason)
 
+    def append(self, entry: Entry) -> AuditTicket:
+        """Queue one draft (``actors/journal/entries.py``) and return its ticket at once.
+
+        Raises ``AuditUnavailable`` at once when the journal is damaged, the writer has
+        stopped, or its mailbox is full (the caller answers 503 rather than queue forever).
+        """
+        if self._damaged is not None:
+            raise AuditUnavailable("the audit log is damaged; writes are refused")
+        vm = entry["vm"]
+        if entry["outcome"] in _OUTCOMES and entry["op"] in _ANNOUNCING_OPS and vm is not None:
+            self._outcomes_due.pop(vm, None)
+        pending = _Pending(entry)
+        try:
+            self._send.send_nowait(pending)
+        except trio.WouldBlock:
+            raise AuditUnavailable("the audit writer is overloaded") from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise AuditUnavailable("the audit writer has stopped") from None
+        return pending.ticket
+
     def submit(
         self,
         *,
@@ -189,33 +206,8 @@ class AuditWriter:
         request_id: str | None,
         detail: dict[str, Any],
     ) -> AuditTicket:
-        """Queue one entry and return its ticket without waiting.
-
-        Raises ``AuditUnavailable`` at once when the journal is damaged, the writer has
-        stopped, or its mailbox is full (the caller answers 503 rather than queue forever).
-        """
-        if self._damaged is not None:
-            raise AuditUnavailable("the audit log is damaged; writes are refused")
-        if outcome in _OUTCOMES and op in _ANNOUNCING_OPS and vm is not None:
-            self._outcomes_due.pop(vm, None)
-        pending = _Pending(
-            {
-                "op": op,
-                "outcome": outcome,
-                "tenant": tenant,
-                "vm": vm,
-                "source": source,
-                "request_id": request_id,
-                "detail": detail,
-            }
-        )
-        try:
-            self._send.send_nowait(pending)
-        except trio.WouldBlock:
-            raise AuditUnavailable("the audit writer is overloaded") from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise AuditUnavailable("the audit writer has stopped") from None
-        return pending.ticket
+        """:meth:`append` a draft made of these fields, stamped now."""
+        return self.append(draft(op, outcome, tenant, vm, source, request_id, detail))
 
     async def wait_durable(self, seq: int) -> None:
         """Return once every entry up to ``seq`` is durable."""
@@ -228,13 +220,34 @@ class AuditWriter:
         """Entries submitted and not yet taken into a batch."""
         return self._send.statistics().current_buffer_used
 
-    def observe_durable(self, observer: DurableObserver) -> None:
-        """Call ``observer`` with every batch of entries once it is durable.
+    def observe_durable(self, observer: Observer) -> None:
+        """Call ``observer`` with every batch of entries once it is durable, in chain order.
 
         It runs on the writer's task before the batch's waiters wake up, so it must be
         quick and must not raise.
         """
-        self._observers.append(observer)
+        self._durable_observers.append(observer)
+
+    def observe_lost(self, observer: Observer) -> None:
+        """Call ``observer`` with the drafts of every batch that was not made durable.
+
+        Like :meth:`observe_durable`: on the writer's task, before the waiters wake up.
+        """
+        self._lost_observers.append(observer)
+
+    def _notify(self, observers: list[Observer], entries: list[Entry]) -> None:
+        for observer in observers:
+            try:
+                observer(entries)
+            except Exception:
+                # The batch's fate is decided: an observer's bug must not change it.
+                log.exception("an audit observer failed")
+
+    def _fail(self, batch: list[_Pending], error: str) -> None:
+        """Tell the lost observers, then every waiter of ``batch``: nothing is durable."""
+        self._notify(self._lost_observers, [pending.draft for pending in batch])
+        for pending in batch:
+            pending.ticket._resolve(None, error)
 
     def close(self) -> None:
         """Stop taking entries; :meth:`run` writes what is queued and then returns."""
@@ -266,8 +279,7 @@ class AuditWriter:
                         # A bug here must not take the whole service down: fail the
                         # batch's waiters (nothing of theirs was acknowledged) and go on.
                         log.exception("audit writer failed on a batch")
-                        for pending in batch:
-                            pending.ticket._resolve(None, "internal error in the audit writer")
+                        self._fail(batch, "internal error in the audit writer")
         finally:
             if self._segment is not None and self._segment.fd >= 0:
                 os.close(self._segment.fd)
@@ -315,22 +327,20 @@ class AuditWriter:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         if self._damaged is not None:
-            for pending in batch:
-                pending.ticket._resolve(None, "the audit log is damaged; writes are refused")
+            self._fail(batch, "the audit log is damaged; writes are refused")
             return
         seq, head = self.seq, self.head
         lines: list[bytes] = []
-        entries: list[dict[str, Any]] = []
+        entries: list[Entry] = []
         sealed: list[_Pending] = []
-        ts = utc_now()
         for pending in batch:
-            entry = {"seq": seq + 1, "ts": ts, **pending.fields, "prev": head}
+            entry = {"seq": seq + 1, **pending.draft, "prev": head}
             try:
                 line = seal(entry)
             except (TypeError, ValueError, UnicodeError) as error:
                 # An entry that cannot be encoded fails alone; the chain skips it.
-                log.error("audit entry %s refused: %s", pending.fields.get("op"), error)
-                pending.ticket._resolve(None, "the audit entry could not be encoded")
+                log.error("audit entry %s refused: %s", pending.draft.get("op"), error)
+                self._fail([pending], "the audit entry could not be encoded")
                 continue
             seq += 1
             lines.append(line)
@@ -349,8 +359,7 @@ class AuditWriter:
         except OSError as error:
             self.stats.failures += 1
             log.error("audit batch of %d entries not durable: %s", len(batch), error)
-            for pending in batch:
-                pending.ticket._resolve(None, f"the audit entry could not be made durable: {error}")
+            self._fail(batch, f"the audit entry could not be made durable: {error}")
             return
         self.seq, self.head = seq, head
         now = trio.current_time()
@@ -363,12 +372,7 @@ class AuditWriter:
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         if self._metrics is not None:
             self._metrics.audit_batch_size.observe(len(batch))
-        for observer in self._observers:
-            try:
-                observer(entries)
-            except Exception:
-                # The batch is durable: an observer's bug must not turn it into a failure.
-                log.exception("an audit observer failed")
+        self._notify(self._durable_observers, entries)
         for pending, entry in zip(batch, entries, strict=True):
             pending.ticket._resolve(entry)
         async with self._durable:

@@ -1,17 +1,27 @@
-"""The waiting half of a tenant actor: jobs that wait for the audit fsync and the fleet.
+"""The waiting half of a tenant actor: jobs that wait for the journal and the fleet.
 
-A job runs in its actor's nursery with a clone of the actor's inbox, and it never touches
-the tenant's state: everything it learns goes back to the actor as a message (see
-``actors/tenants/protocol.py``), so the actor stays the only owner of that state.
+A job runs in its actor's nursery, so it outlives the request that started it (a caller
+that goes away never leaves an operation half done). It changes no state itself: it
+writes entries through the store, and the store folds them into the state once they are
+durable (``actors/store/``). So the state in memory and the state a replay of the log
+rebuilds never disagree, and nothing is acknowledged that a restart could undo.
 
-Outcomes are settled in two phases. The job reports the fleet's definite answer
-(:class:`~actors.messages.RecordOutcome`); the actor submits the outcome entry; once that
-entry is durable the job asks the actor to apply it (:class:`~actors.messages.ApplyOutcome`)
-and only then answers its caller. An outcome that cannot be made durable leaves the VM
-``unknown``, still counted, and the job turns into a reconciler: it repeats the
-operation (idempotent by VM id) with backoff until both the fleet's answer and its
-record are definite. So the state in memory and the state a replay of the log rebuilds
-never disagree, and nothing is acknowledged that a restart could undo.
+An operation (spawn, destroy) goes: its ``requested`` entry durable, the fleet's answer,
+its outcome entry. What the caller hears:
+
+- ``requested`` not durable: 503 ``audit_unavailable``; the store took the reservation
+  back and nothing reached the fleet;
+- the fleet confirmed: success, also when the outcome entry cannot be made durable at
+  once (the operation happened; API.md v1.1, "Faults, clarified"): the outcome is then
+  recorded later with source ``system``, and until it is the VM stays ``spawning`` or
+  ``destroying``, still counted;
+- the fleet refused: its error once the ``failed`` entry is durable. If that entry cannot
+  be made durable, the refusal is not on record, and after a crash the operation would be
+  repeated and might then be carried out: so the caller hears 503 (in doubt), the VM is
+  ``unknown``, still counted, and a reconciler settles it;
+- no answer from the fleet: 503 (in doubt), and the reconciler repeats the operation
+  (idempotent by VM id) with backoff until both the fleet's answer and its record are
+  definite.
 """
 
 from __future__ import annotations
@@ -23,156 +33,141 @@ from typing import Any
 import outcome
 import trio
 
-from actors.errors import (
-    AuditUnavailable,
-    DomainError,
-    FleetError,
-    FleetInDoubt,
-    FleetUnavailable,
-)
+from actors.errors import AuditUnavailable, DomainError, FleetError, FleetInDoubt, FleetUnavailable
 from actors.fleet.client import FleetClient
-from actors.journal.writer import AuditTicket
+from actors.journal.entries import Entry
 from actors.reply import Reply, send_reply
-from actors.state import Quota, VmSpec
-from actors.tenants.protocol import (
-    ApplyOutcome,
-    ForgetKey,
-    MarkInDoubt,
-    QuotaApplied,
-    RecordOutcome,
-    Rollback,
-    Settle,
-    Source,
-)
+from actors.store import Store, Ticket
+from actors.tenants.decisions import SYSTEM, Operation, outcome_entry
+from actors.tenants.protocol import Source
+from actors.views import Destroyed, Vm, vm_view
 
 log = logging.getLogger("vm_tenant.tenant")
 
-Inbox = trio.MemorySendChannel[Any]
+#: seconds between attempts to record an outcome the journal could not take at once
+RECORD_RETRY = 1.0
 
 
 class TenantJobs:
-    """The job coroutines of one tenant actor (started by it, reporting to it)."""
+    """The job coroutines of one tenant actor (started by it, in its nursery)."""
 
     def __init__(
-        self,
-        tenant_id: str,
-        fleet: FleetClient,
-        system: Source,
-        backoff: tuple[float, float] = (0.5, 30.0),
+        self, store: Store, fleet: FleetClient, backoff: tuple[float, float] = (0.5, 30.0)
     ) -> None:
-        self.tenant_id = tenant_id
+        self.store = store
         self.fleet = fleet
-        self.system = system
         self.backoff = backoff
 
-    async def rejected(
-        self, inbox: Inbox, ticket: AuditTicket, error: DomainError, key: str | None, reply: Reply
-    ) -> None:
+    async def refused(self, ticket: Ticket, error: DomainError, reply: Reply[Any]) -> None:
         """Answer a refused write once its ``rejected`` entry is durable."""
         try:
             await ticket.wait()
         except AuditUnavailable as exc:
-            if key is not None:
-                # Nothing durable says this key was answered: let a retry decide anew.
-                await inbox.send(ForgetKey(key))
             send_reply(reply, outcome.Error(exc))
             return
         send_reply(reply, outcome.Error(error))
 
-    async def operate(
-        self, inbox: Inbox, ticket: AuditTicket, vm_id: str, spec: VmSpec | None,
-        previous: str | None, source: Source, request_id: str, reply: Reply,
-    ) -> None:  # fmt: skip
-        """Carry out a spawn (``spec`` given) or a destroy once its request is durable."""
-        kind = "spawn" if spec is not None else "destroy"
+    async def recorded(self, ticket: Ticket, reply: Reply[Any]) -> None:
+        """Answer once the entry is durable (and so folded into the state)."""
         try:
             await ticket.wait()
         except AuditUnavailable as exc:
-            await inbox.send(Rollback(vm_id, kind, previous))
             send_reply(reply, outcome.Error(exc))
             return
-        failure: DomainError | None = None
+        send_reply(reply, outcome.Value(None))
+
+    async def operate(
+        self, ticket: Ticket, operation: Operation, source: Source, request_id: str,
+        reply: Reply[Any],
+    ) -> None:  # fmt: skip
+        """Carry out a spawn or a destroy once its ``requested`` entry is durable."""
         try:
-            state = await self._call_fleet(vm_id, spec)
-            settle = Settle(vm_id, kind, True, state, "", source, request_id)
+            await ticket.wait()
+        except AuditUnavailable as exc:
+            send_reply(reply, outcome.Error(exc))
+            return
+        try:
+            state = await self._call_fleet(operation)
         except FleetInDoubt as exc:
-            await self._in_doubt(inbox, vm_id, spec, reply, exc)
+            await self._in_doubt(operation, reply, exc)
             return
         except (FleetError, FleetUnavailable) as exc:
-            failure = exc
-            settle = Settle(vm_id, kind, False, previous, str(exc), source, request_id)
-        await self._finish(inbox, settle, spec, reply, failure)
+            entry = outcome_entry(operation, False, None, str(exc), source, request_id)
+            if await self._durable(entry):
+                send_reply(reply, outcome.Error(exc))
+            else:
+                unrecorded = FleetInDoubt(
+                    "the fleet's answer could not be recorded; the operation is being reconciled"
+                )
+                await self._in_doubt(operation, reply, unrecorded)
+            return
+        entry = outcome_entry(operation, True, state, "", source, request_id)
+        recorded = await self._durable(entry)
+        send_reply(reply, outcome.Value(self._answer(operation, state)))
+        if not recorded:
+            await self._record_late(operation, state, request_id)
 
-    async def _call_fleet(self, vm_id: str, spec: VmSpec | None) -> str | None:
+    @staticmethod
+    def _answer(operation: Operation, state: str | None) -> Vm | Destroyed:
+        if operation.vm is not None:
+            return vm_view(operation.vm, state or "pending")
+        return Destroyed(operation.vm_id, "destroyed")
+
+    async def _call_fleet(self, operation: Operation) -> str | None:
         """Spawn (returning the fleet's state) or destroy (returning None)."""
-        if spec is not None:
-            return await self.fleet.spawn(vm_id, self.tenant_id, spec)
-        await self.fleet.destroy(vm_id)
+        if operation.spec is not None:
+            return await self.fleet.spawn(operation.vm_id, operation.tenant, operation.spec)
+        await self.fleet.destroy(operation.vm_id)
         return None
 
-    async def _finish(
-        self, inbox: Inbox, settle: Settle, spec: VmSpec | None, reply: Reply,
-        failure: DomainError | None,
-    ) -> None:  # fmt: skip
+    async def _durable(self, entry: Entry) -> bool:
+        """Write ``entry`` and wait until it is durable; False when it could not be."""
         try:
-            body = await self._settle(inbox, settle)
-        except AuditUnavailable as exc:
-            await self._in_doubt(inbox, settle.vm_id, spec, reply, exc)
-            return
-        send_reply(reply, outcome.Error(failure) if failure else outcome.Value(body))
+            await self.store.record(entry).wait()
+        except AuditUnavailable as error:
+            log.warning("outcome of %s not recorded yet: %s", entry["vm"], error)
+            return False
+        return True
 
-    async def _in_doubt(
-        self, inbox: Inbox, vm_id: str, spec: VmSpec | None, reply: Reply, error: DomainError
-    ) -> None:
-        kind = "spawn" if spec is not None else "destroy"
-        await inbox.send(MarkInDoubt(vm_id, kind))
+    async def _in_doubt(self, operation: Operation, reply: Reply[Any], error: DomainError) -> None:
+        await self.store.mark_in_doubt(operation.tenant, operation.vm_id, operation.kind)
         send_reply(reply, outcome.Error(error))
-        await self.reconcile(inbox, vm_id, spec)
+        await self.reconcile(operation)
 
-    async def reconcile(self, inbox: Inbox, vm_id: str, spec: VmSpec | None) -> None:
+    async def _record_late(self, operation: Operation, state: str | None, request_id: str) -> None:
+        """Record a confirmed outcome whose entry failed, as ``system``, once the journal
+        takes writes again; the fleet is not asked again.
+
+        Only the local journal is retried here, so it is retried every
+        ``RECORD_RETRY`` seconds once the store is ready again, not with the fleet's
+        backoff: the VM leaves ``spawning`` / ``destroying`` soon after the disk is back.
+        """
+        while True:
+            await trio.sleep(RECORD_RETRY)
+            if not self.store.ready:
+                continue
+            entry = outcome_entry(operation, True, state, "", SYSTEM, request_id, "recorded_late")
+            if await self._durable(entry):
+                return
+
+    async def reconcile(self, operation: Operation) -> None:
         """Repeat the operation in doubt until its outcome is definite and durable.
 
-        A ``spec`` means a spawn was in flight when the answer was lost, none a destroy.
         Both calls are idempotent by VM id, so repeating one converges even if the lost
         call lands late; merely asking for the VM's status could not rule that out. The
         capacity stays counted the whole time.
         """
-        kind = "spawn" if spec is not None else "destroy"
         delay, ceiling = self.backoff
         while True:
-            settle: Settle | None = None
+            entry: Entry | None = None
             try:
-                state = await self._call_fleet(vm_id, spec)
-                settle = Settle(vm_id, kind, True, state, "", self.system, None)
+                state = await self._call_fleet(operation)
+                entry = outcome_entry(operation, True, state, "", SYSTEM, None, "reconciled")
             except FleetError as exc:
-                settle = Settle(vm_id, kind, False, None, str(exc), self.system, None)
+                entry = outcome_entry(operation, False, None, str(exc), SYSTEM, None, "reconciled")
             except (FleetUnavailable, FleetInDoubt):
                 pass  # still in doubt: ask again after the backoff
-            if settle is not None:
-                try:
-                    await self._settle(inbox, settle)
-                    return
-                except AuditUnavailable as exc:
-                    log.warning("resolution of %s not recorded yet: %s", vm_id, exc)
+            if entry is not None and await self._durable(entry):
+                return
             await trio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, ceiling)
-
-    async def _settle(self, inbox: Inbox, settle: Settle) -> Any:
-        """Record the outcome, wait until it is durable, then have it applied."""
-        recorded = Reply()
-        await inbox.send(RecordOutcome(settle, recorded))
-        ticket: AuditTicket = (await recorded.receive()).unwrap()
-        await ticket.wait()
-        applied = Reply()
-        await inbox.send(ApplyOutcome(settle, applied))
-        return (await applied.receive()).unwrap()
-
-    async def quota(self, inbox: Inbox, ticket: AuditTicket, quota: Quota, reply: Reply) -> None:
-        try:
-            entry = await ticket.wait()
-        except AuditUnavailable as exc:
-            send_reply(reply, outcome.Error(exc))
-            return
-        # Applied only once durable, in log order: an unacknowledged raise never admits
-        # a spawn, and two racing changes end as the log says.
-        await inbox.send(QuotaApplied(quota, entry["seq"], reply))

@@ -1,42 +1,44 @@
 """The tenant registry: the directory of tenants and their tokens, and the actors' supervisor.
 
-It owns which tenants exist and which token ids each one has issued (the edge asks it,
-synchronously, whether a verified token is still valid), and it starts one
-:class:`~actors.tenant.TenantActor` per tenant lazily, on first use, inside its own
+It answers which tenants exist and which token ids each one may use (the edge asks it,
+synchronously, whether a verified token is still valid) from the store's directory,
+which the fold keeps (a pending creation or token issue is tracked here until its entry
+is durable). Asking starts no actor. It starts one
+:class:`~actors.tenants.actor.TenantActor` per tenant lazily, on first use, inside its own
 nursery. :meth:`TenantRegistry.actor` does no ``await`` between lookup and insert, so a
 tenant's actor can never be started twice; an actor that exhausted its restart budget is
 replaced by a fresh one over the same state on the next request. An actor idle for
 ``passivate_after`` seconds with no job in flight ends itself and is forgotten here (the
 state stays), so memory follows the active tenants, not the provisioned ones.
 
-Tenant and token operations are rare and involve no fleet call: they are applied only
-once their audit entry is durable, and a pending creation reserves its id meanwhile.
+Tenant and token operations are rare and involve no fleet call: the store folds their
+entry into the state once it is durable, and a pending creation reserves its id meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import secrets
 from collections.abc import Callable
 from math import inf
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
-from sortedcontainers import SortedDict
 
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
 from actors.fleet.client import FleetClient
-from actors.journal.writer import AuditWriter
+from actors.journal.entries import draft
 from actors.reply import Reply
-from actors.state import IN_DOUBT_STATES, Quota, TenantState
+from actors.state import Quota
+from actors.store import Store, Ticket
 from actors.tenants.actor import TenantActor
 from actors.tenants.limits import LimitSettings, TenantLimits
-from actors.tenants.protocol import Reopen, Retire, Source
-from actors.tenants.views import tenant_view
+from actors.tenants.protocol import Reopen, Retire, Source, TenantMessage
 
 log = logging.getLogger("vm_tenant.registry")
+
+T = TypeVar("T")
 
 
 def new_token_id() -> str:
@@ -48,8 +50,7 @@ class TenantRegistry:
 
     def __init__(
         self,
-        tenants: dict[str, TenantState],
-        audit: AuditWriter,
+        store: Store,
         fleet: FleetClient,
         *,
         mailbox_size: int = 256,
@@ -57,9 +58,9 @@ class TenantRegistry:
         limits: LimitSettings | None = None,
         passivate_after: float = inf,
     ) -> None:
-        # Sorted by id, so that listing pages start after a cursor without a scan.
-        self._tenants = tenants if isinstance(tenants, SortedDict) else SortedDict(tenants)
-        self._audit = audit
+        self._store = store
+        #: which tenants exist and their tokens: read here, changed by the store's fold
+        self._directory = store.directory
         self._fleet = fleet
         self._mailbox_size = mailbox_size
         self.call_timeout = call_timeout
@@ -79,11 +80,10 @@ class TenantRegistry:
         """Own the actors' nursery until :meth:`close`, then until every actor has drained."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for tenant in self._tenants.values():
-                # Operations left in doubt by a crash are resolved right away, not on the
-                # tenant's next request.
-                if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values()):
-                    self.actor(tenant.id)
+            # Operations left in doubt by a crash are resolved right away, not on the
+            # tenant's next request.
+            for tenant_id in self._store.tenants_in_doubt():
+                self.actor(tenant_id)
             if self._passivate_after < inf:
                 nursery.start_soon(self._sweep)
             task_status.started()
@@ -95,58 +95,35 @@ class TenantRegistry:
         """Stop taking commands; queued ones and running jobs finish."""
         self._closed.set()
 
-    # -- lookup ------------------------------------------------------------------------------
+    # -- the directory ----------------------------------------------------------------------
 
     def exists(self, tenant_id: str) -> bool:
-        return tenant_id in self._tenants
+        """Whether the tenant exists (asking starts no actor)."""
+        return self._directory.exists(tenant_id)
+
+    def require(self, tenant_id: str) -> None:
+        """``NotFound`` unless the tenant exists (asking starts no actor)."""
+        if not self._directory.exists(tenant_id):
+            raise NotFound("no such tenant")
 
     def token_valid(self, tenant_id: str, token_id: str) -> bool:
-        tenant = self._tenants.get(tenant_id)
-        return tenant is not None and token_id in tenant.tokens
-
-    def list_tenants(
-        self, after: str | None, limit: int
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        """Up to ``limit`` tenants with ids after ``after``, by id; and the id to continue after.
-
-        Reads each tenant's quota and allocation without a call to its actor (so listing
-        starts no actors); a read with no ``await`` in between sees each tenant whole.
-        """
-        ids = list(
-            itertools.islice(
-                self._tenants.irange(minimum=after, inclusive=(False, True)), limit + 1
-            )
-        )
-        page = [tenant_view(self._tenants[tenant_id]) for tenant_id in ids[:limit]]
-        return page, (ids[limit - 1] if len(ids) > limit else None)
+        """Whether the tenant exists and this token id of it is neither revoked nor unknown."""
+        return self._directory.token_valid(tenant_id, token_id)
 
     def live_actors(self) -> list[TenantActor]:
         """The actors running now (read by the metrics at scrape time)."""
         return list(self._actors.values())
 
-    def tenant_states(self) -> list[TenantState]:
-        """Every provisioned tenant's state, running or not (read-only use)."""
-        return list(self._tenants.values())
-
-    def state(self, tenant_id: str) -> TenantState:
-        """The tenant's state, for reads only (see ``actors/tenants/views.py``)."""
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None:
-            raise NotFound("no such tenant")
-        return tenant
-
     def actor(self, tenant_id: str) -> TenantActor:
         """The tenant's actor, started on first use. Never awaits."""
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None:
-            raise NotFound("no such tenant")
+        self.require(tenant_id)
         actor = self._actors.get(tenant_id)
         if actor is None or actor.failed:
             if self._nursery is None or self._closed.is_set():
                 raise Busy("the service is shutting down")
             actor = TenantActor(
-                tenant,
-                self._audit,
+                tenant_id,
+                self._store,
                 self._fleet,
                 mailbox_size=self._mailbox_size,
             )
@@ -182,13 +159,13 @@ class TenantRegistry:
         """Whether the tenant has a running actor now (not passivated, never started)."""
         return tenant_id in self._actors
 
-    async def call(self, tenant_id: str, make: Callable[[Reply], Any]) -> Any:
+    async def call(self, tenant_id: str, make: Callable[[Reply[T]], TenantMessage]) -> T:
         """Send ``make(reply)`` to the tenant's actor and wait for its answer.
 
         A full mailbox answers ``Busy`` at once rather than queueing without limit.
         """
         actor = self.actor(tenant_id)
-        reply = Reply()
+        reply: Reply[T] = Reply()
         try:
             actor.inbox.send_nowait(make(reply))
         except trio.WouldBlock:
@@ -210,7 +187,7 @@ class TenantRegistry:
         expires_at: str | None = None,
     ) -> str:
         """Provision a tenant with its first token; returns that token's id."""
-        if tenant_id in self._tenants or tenant_id in self._creating:
+        if self._directory.exists(tenant_id) or tenant_id in self._creating:
             raise Conflict(f"tenant {tenant_id!r} already exists")
         token_id = new_token_id()
         self._creating.add(tenant_id)
@@ -224,7 +201,6 @@ class TenantRegistry:
             )
             with trio.CancelScope(shield=True):
                 await ticket.wait()
-            self._tenants[tenant_id] = TenantState(tenant_id, quota, {token_id})
         finally:
             self._creating.discard(tenant_id)
         return token_id
@@ -244,7 +220,7 @@ class TenantRegistry:
             actor = self.actor(tenant_id)
             # Deleting revokes every token, also one whose issue is not durable yet (its
             # entry precedes this one in the log).
-            tokens = self._tenants[tenant_id].tokens | self._issuing.get(tenant_id, set())
+            tokens = self._directory.tokens(tenant_id) | self._issuing.get(tenant_id, set())
             detail = {"revoked_token_ids": sorted(tokens)}
             try:
                 ticket = self._submit("tenant.delete", tenant_id, source, request_id, detail)
@@ -252,7 +228,6 @@ class TenantRegistry:
             except AuditUnavailable:
                 await self._reopen(actor)  # not deleted after all: take spawns again
                 raise
-        del self._tenants[tenant_id]
         self._actors.pop(tenant_id, None)
         self.limits.forget(tenant_id)
         actor.stop(NotFound("no such tenant"))
@@ -267,9 +242,7 @@ class TenantRegistry:
         self, tenant_id: str, source: Source, request_id: str, expires_at: str | None = None
     ) -> str:
         """Issue a token id (``expires_at``, RFC 3339, is recorded in the entry)."""
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None:
-            raise NotFound("no such tenant")
+        self.require(tenant_id)
         token_id = new_token_id()
         detail = _token_detail({"token_id": token_id}, expires_at)
         ticket = self._submit("token.issue", tenant_id, source, request_id, detail)
@@ -282,35 +255,23 @@ class TenantRegistry:
             issuing.discard(token_id)
             if not issuing and self._issuing.get(tenant_id) is issuing:
                 del self._issuing[tenant_id]
-        # Only the tenant that issued it: a tenant deleted meanwhile (and perhaps created
-        # again under the same id) must not gain this token.
-        if self._tenants.get(tenant_id) is tenant:
-            tenant.tokens.add(token_id)
         return token_id
 
     async def revoke_token(
         self, tenant_id: str, token_id: str, source: Source, request_id: str
     ) -> None:
-        tenant = self._tenants.get(tenant_id)
-        if tenant is None or token_id not in tenant.tokens:
+        if not self._directory.token_valid(tenant_id, token_id):
             raise NotFound("no such token")
         ticket = self._submit("token.revoke", tenant_id, source, request_id, {"token_id": token_id})
         with trio.CancelScope(shield=True):
             await ticket.wait()
-        tenant.tokens.discard(token_id)
 
     def _submit(
         self, op: str, tenant_id: str, source: Source, request_id: str, detail: dict[str, Any]
-    ) -> Any:
-        return self._audit.submit(
-            op=op,
-            outcome="succeeded",
-            tenant=tenant_id,
-            vm=None,
-            source=source.to_json(),
-            request_id=request_id,
-            detail=detail,
-        )
+    ) -> Ticket:
+        """Write a tenant or token entry; the store folds it in once it is durable."""
+        entry = draft(op, "succeeded", tenant_id, None, source.to_json(), request_id, detail)
+        return self._store.record(entry)
 
 
 def _token_detail(detail: dict[str, Any], expires_at: str | None) -> dict[str, Any]:

@@ -5,7 +5,7 @@ sends such floats as valid data. API.md is stricter: "Integers in bodies are JSO
 (not strings, floats or booleans)", so ``2.0`` is a 400, which no OpenAPI 3.1 keyword can
 express. Rewriting a whole float to the same integer keeps every generated body the same
 JSON-Schema value (valid stays valid, invalid stays invalid) and only changes its spelling.
-Refusing ``2.0`` is tested in ``tests/test_hostile_input.py``.
+Refusing ``2.0`` is tested in ``tests/http/test_hostile_input.py``.
 """
 
 from __future__ import annotations

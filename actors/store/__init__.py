@@ -1,0 +1,258 @@
+"""The store boundary: everything durable, behind one small interface.
+
+The tenant actors, the registry, the fleet client and the HTTP edge talk to durable
+storage only through :class:`Store`; none of them knows which store runs. Two are meant
+to implement it: the **file store** (``actors/store/file.py``, the embedded default: the
+data dir of API.md, one process) and a **PostgreSQL store** (replicas sharing one
+database, DESIGN.md "Beyond one machine"). Below, for each method: what it promises,
+and how each store keeps the promise.
+
+**Deciding.** :meth:`Store.decide` runs a tenant's decision (a pure function of the
+tenant's state and the command, ``actors/tenants/decisions.py``) and makes its entry
+durable, with the fold (``actors/journal/fold.py``) as the only code that changes state.
+
+- file: in the calling actor's turn, without awaiting: the decision reads the tenant's
+  state in memory; a reserving entry (a ``requested`` operation, a refusal that takes an
+  ``Idempotency-Key``) is folded in at once, so the tenant's next decision sees it, and
+  the entry goes to the audit writer's group commit; if it is not made durable, the
+  fold is undone (:func:`~actors.journal.fold.undo`) before the ticket fails.
+- postgresql: one transaction that locks the tenant's row (``SELECT ... FOR UPDATE``),
+  loads the slice the decision names (``vm_id``, ``key``: the quota and allocation, that
+  VM row, that idempotency row) as a :class:`~actors.state.TenantSlice` whose mutators
+  record the rows the fold changes, runs the same decision and the same fold, writes
+  those rows and queues the entry, and commits. The gate across replicas is the row
+  lock; the actor still serialises the tenant's commands on its replica (and may hand
+  the store several queued ones at once). Nothing to undo: a transaction that did not
+  commit changed nothing.
+
+**Acknowledged** means *in the chain* (sequenced), in both stores: a :class:`Ticket`'s
+:meth:`~Ticket.wait` returns the stored entry (with its ``seq`` and ``hash``) only then,
+and raises :class:`~actors.errors.AuditUnavailable` only when the entry is not and will
+never be in the chain (file: the batch was cut back; postgresql: the transaction did not
+commit). The caller's deadline bounds the wait: a store that cannot yet tell (the
+sequencer is away) keeps waiting, and the operation stays reserved, for its reconciler.
+
+**Reads** answer from the store, so a replica reads its own and every other replica's
+acknowledged writes. They return immutable views (``actors/views.py``).
+
+- file: the state in memory, directly (no mailbox hop: the methods never await).
+- postgresql: one query each.
+
+**The directory** of tenants and their token ids is synchronous, because the edge checks
+a token on every request without awaiting.
+
+- file: kept by the fold, so a revocation takes effect with its entry.
+- postgresql: a cache of the ``tokens`` table refreshed on NOTIFY and polled at least
+  every 0.5 s: a revocation reaches every replica within a second.
+
+**Operations in doubt** (a VM in ``spawning``, ``destroying`` or ``unknown``) are
+claimed by one worker at a time.
+
+- file: one process, so every such VM of a tenant belongs to the tenant's actor: it
+  claims them when it starts (after a crash, or after a failed actor was replaced), and
+  the registry starts the actors of :meth:`Store.tenants_in_doubt` when it starts.
+- postgresql: a row carries its owner replica and a lease (renewed while the operation
+  runs). A claim takes only rows whose lease expired (``FOR UPDATE SKIP LOCKED``, with a
+  fencing counter); an outcome is written only while its writer still holds the lease,
+  and a late writer's ticket returns the entry of whoever settled the operation instead.
+  A dead replica's operations of a tenant whose actor already runs elsewhere also need a
+  periodic look (the registry polling :meth:`Store.tenants_in_doubt` and asking running
+  actors to claim again): not built yet, as nothing here can leave them unowned.
+
+**The journal** (append, read, head, checkpoints, verify), the signing keys (the
+keyring's storage), the admin token, and the checkpoint key live behind the boundary.
+Snapshots are the file store's own business (the database's tables are its fold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, TypeVar
+
+import msgspec
+
+from actors.journal.entries import Entry
+from actors.state import Directory, TenantSlice, VmRecord
+from actors.views import Tenant, Usage, Vm
+
+
+class Ticket(Protocol):
+    """The promise of one written entry."""
+
+    async def wait(self) -> Entry:
+        """The entry as stored, once it is in the chain; ``AuditUnavailable`` if it never
+        will be."""
+        ...
+
+
+class Decided(Protocol):
+    """A decision (``actors/tenants/decisions.py``): the store needs only its entry."""
+
+    @property
+    def entry(self) -> Entry | None: ...
+
+
+D = TypeVar("D", bound=Decided)
+
+#: called with the entries of a batch once they are in the chain, in chain order
+Observer = Callable[[list[Entry]], None]
+
+
+class SigningKey(msgspec.Struct):
+    """One key of the token-signing keyring: ``secret`` is None once it is retired."""
+
+    id: str
+    created_at: str
+    state: Literal["active", "retired"]
+    secret: str | None
+    retired_at: str | None = None
+
+
+class KeyStorage(Protocol):
+    """Where the token-signing keyring is kept (``server/keyring.py`` owns its rules).
+
+    file: ``<data-dir>/keys/token-signing.keyring.json`` (0600), replaced atomically;
+    postgresql: the ``signing_keys`` rows of purpose ``token``, replaced in one
+    transaction.
+    """
+
+    def load(self) -> list[SigningKey] | None:
+        """The stored keys, oldest first; None when there is no keyring yet."""
+        ...
+
+    def save(self, keys: list[SigningKey]) -> None:
+        """Replace the stored keys, durably (blocking: call it from a worker thread)."""
+        ...
+
+
+class Store(Protocol):
+    """Durable storage of one service: state, journal, keys (see the module docstring)."""
+
+    # -- health and lifetime ------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """State recovered and the journal takes writes (``/readyz``)."""
+        ...
+
+    async def upkeep(self) -> None:
+        """Background work while the service serves (snapshots, checkpoints, checks).
+
+        Runs until cancelled, which happens before the actors drain; what must run to
+        the end (a writer, a sequencer) belongs to the context that opened the store.
+        """
+        ...
+
+    # -- the tenants' writes ------------------------------------------------------------------
+
+    async def decide(
+        self,
+        tenant_id: str,
+        decide: Callable[[TenantSlice], D],
+        *,
+        vm_id: str | None = None,
+        key: str | None = None,
+    ) -> tuple[D, Ticket | None]:
+        """Run ``decide`` on the tenant's state and write the decision's entry.
+
+        ``vm_id`` and ``key`` name the VM and the idempotency key the decision may read
+        (a store that loads a slice loads those). Returns the decision and the ticket of
+        its entry (None when it wrote nothing). ``NotFound`` for an unknown tenant,
+        ``AuditUnavailable`` when the entry cannot even be queued: then nothing changed.
+        """
+        ...
+
+    def record(self, entry: Entry) -> Ticket:
+        """Write an entry that takes effect once durable: an operation's outcome, a tenant
+        or token change. The fold applies it in chain order; ``AuditUnavailable`` when it
+        cannot be queued."""
+        ...
+
+    async def mark_in_doubt(self, tenant_id: str, vm_id: str, kind: str) -> None:
+        """The fleet's answer was lost: the VM is ``unknown`` until its operation (``kind``:
+        spawn or destroy) is reconciled. Not audited (nothing happened yet)."""
+        ...
+
+    async def claim_in_doubt(self, tenant_id: str) -> list[VmRecord]:
+        """The tenant's VMs in doubt that no worker owns, now owned by the caller (copies)."""
+        ...
+
+    def tenants_in_doubt(self) -> list[str]:
+        """Tenants that have operations in doubt no worker owns."""
+        ...
+
+    # -- the directory and the reads --------------------------------------------------------
+
+    @property
+    def directory(self) -> Directory:
+        """Which tenants exist and their token ids (synchronous; read-only for callers)."""
+        ...
+
+    async def vm(self, tenant_id: str, vm_id: str) -> Vm: ...
+
+    async def vms(
+        self, tenant_id: str, after: str | None, limit: int
+    ) -> tuple[list[Vm], str | None]:
+        """Up to ``limit`` VMs with ids after ``after``, and the id to continue after."""
+        ...
+
+    async def usage(self, tenant_id: str) -> Usage: ...
+
+    async def tenant(self, tenant_id: str) -> Tenant: ...
+
+    async def tenants(self, after: str | None, limit: int) -> tuple[list[Tenant], str | None]:
+        """Up to ``limit`` tenants with ids after ``after``, by id; the id to continue after."""
+        ...
+
+    def vms_by_state(self) -> dict[str, int]:
+        """How many VMs are in each state (metrics)."""
+        ...
+
+    # -- the journal ----------------------------------------------------------------------------
+
+    def head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last acknowledged entry (0 and 64 zeros when empty)."""
+        ...
+
+    async def audit_page(self, after: int, limit: int) -> tuple[list[bytes], int, str]:
+        """Up to ``limit`` stored lines with seq after ``after``, byte for byte, and the
+        head ``(seq, hash)`` they were read under (no line beyond it)."""
+        ...
+
+    def observe(self, observer: Observer) -> None:
+        """Call ``observer`` with every batch of this process's entries once acknowledged.
+
+        It runs before the entries' writers wake up, so it must be quick and not raise.
+        """
+        ...
+
+    async def checkpoint(self) -> dict[str, Any] | None:
+        """The latest signed checkpoint of the head, or None before the first one."""
+        ...
+
+    def journal_stats(self) -> JournalStats:
+        """The journal's health and depth, for the metrics."""
+        ...
+
+    # -- secrets ----------------------------------------------------------------------------
+
+    def admin_token_valid(self, token: str) -> bool:
+        """Whether ``token`` is the operator's (constant time).
+
+        file: ``<data-dir>/admin.token``, created once, never rewritten; postgresql: the
+        SHA-256 of the token made by the first replica, in ``log_meta``.
+        """
+        ...
+
+    @property
+    def token_keys(self) -> KeyStorage:
+        """Where the token-signing keyring is kept."""
+        ...
+
+
+class JournalStats(msgspec.Struct, frozen=True):
+    """What the metrics show of a journal."""
+
+    seq: int
+    queue_depth: int
+    healthy: bool

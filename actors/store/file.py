@@ -1,0 +1,436 @@
+"""The file store: one process, the state in memory, everything durable under the data dir.
+
+What lies where (API.md, "Data directory"): the journal in ``audit/`` (the audit writer's
+segments, ``actors/journal/``), signed checkpoints in ``audit-checkpoints.jsonl`` with
+their key in ``keys/audit-ed25519.key``, the token-signing keyring in
+``keys/token-signing.keyring.json``, the operator's token in ``admin.token``, and
+snapshots in ``snapshot/``.
+
+The state is the fold of the log (``actors/journal/fold.py``) and changes nowhere else:
+:meth:`FileStore.decide` runs a tenant's decision against its state and applies the
+fold of a reserving entry at once, in the deciding turn; the audit writer's observers
+apply every other entry once it is durable, in chain order, and take back a reserving
+entry that could not be made durable. All of it runs on the event loop's thread and
+none of it awaits, so a decision and its reservation are one atomic step, and a read
+sees the state between two such steps.
+
+:func:`open_file_store` recovers the state (snapshot plus a verified replay of the log
+after it) and runs the audit writer until the context ends; then it writes a last
+checkpoint and a last snapshot. :meth:`FileStore.upkeep` does the periodic work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import trio
+
+from actors.errors import AuditUnavailable, NotFound, StartupError
+from actors.fsutil import atomic_write, create_private, fsync_dir
+from actors.journal import fold, snapshot
+from actors.journal.chain import ChainBroken
+from actors.journal.checkpoint import CheckpointSigner
+from actors.journal.entries import Entry, utc_now
+from actors.journal.reader import AuditReader
+from actors.journal.writer import AuditTicket, AuditWriter
+from actors.metrics import Metrics
+from actors.state import (
+    IN_DOUBT_STATES,
+    Directory,
+    ProxyState,
+    TenantSlice,
+    TenantState,
+    VmRecord,
+)
+from actors.store import Decided, JournalStats, Observer, SigningKey
+from actors.views import Tenant, Usage, Vm, find_vm, tenant_view, usage_view, vm_page
+
+log = logging.getLogger("vm_tenant.store")
+
+D = TypeVar("D", bound=Decided)
+
+KEYRING_FILE = "token-signing.keyring.json"
+LEGACY_KEY_FILE = "token-signing.key"
+KEYRING_VERSION = 1
+
+
+def admin_token_path(data_dir: Path) -> Path:
+    return data_dir / "admin.token"
+
+
+@dataclass(frozen=True, slots=True)
+class FileStoreConfig:
+    """Where the data dir is, and how often the upkeep runs."""
+
+    data_dir: Path
+    snapshot_interval: float = 60.0
+    checkpoint_interval: float = 10.0
+    #: a checkpoint also after this many entries
+    checkpoint_every: int = 1000
+    #: audit file work on the event loop thread (tests under Trio's virtual clock only)
+    inline_io: bool = False
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+
+def read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
+    """A secret file's content, creating the file (mode 0600) first if it does not exist.
+
+    An existing file is only read, never rewritten.
+    """
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        create_private(path, (make() + "\n").encode())
+    return path.read_text().strip()
+
+
+class _KeyringFile(msgspec.Struct):
+    version: int
+    keys: list[SigningKey]
+
+
+class FileKeyStorage:
+    """The keyring in ``<data-dir>/keys/token-signing.keyring.json``, replaced atomically.
+
+    A data dir from before the keyring holds a single ``token-signing.key``: loading makes
+    it the first key of a keyring, and removes the old file once that keyring is durable.
+    """
+
+    def __init__(self, keys_dir: Path) -> None:
+        self.keys_dir = keys_dir
+        self.path = keys_dir / KEYRING_FILE
+
+    def load(self) -> list[SigningKey] | None:
+        legacy = self.keys_dir / LEGACY_KEY_FILE
+        keys: list[SigningKey]
+        if self.path.exists():
+            try:
+                stored = msgspec.json.decode(self.path.read_bytes(), type=_KeyringFile)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as error:
+                raise ValueError(f"{self.path}: unreadable keyring: {error}") from None
+            if stored.version != KEYRING_VERSION:
+                raise ValueError(f"{self.path}: unknown keyring version {stored.version}")
+            keys = stored.keys
+        elif legacy.exists():
+            created = dt.datetime.fromtimestamp(int(time.time()), dt.UTC)
+            key = SigningKey(
+                id=f"key-{secrets.token_hex(6)}",
+                created_at=created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                state="active",
+                secret=legacy.read_text().strip(),
+            )
+            keys = [key]
+            self.save(keys)
+            log.info("migrated %s into the keyring as %s", legacy, key.id)
+        else:
+            return None
+        if legacy.exists():
+            # The keyring holds that secret now (durably); a retired key must not linger.
+            legacy.unlink()
+            fsync_dir(self.keys_dir)
+        return keys
+
+    def save(self, keys: list[SigningKey]) -> None:
+        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(self.path, msgspec.json.encode(_KeyringFile(KEYRING_VERSION, keys)))
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+class FileStore:
+    """The state of one data dir: the fold of its durable log plus the reservations."""
+
+    def __init__(
+        self,
+        config: FileStoreConfig,
+        replayed: snapshot.Replayed,
+        writer: AuditWriter,
+        signer: CheckpointSigner,
+        admin_token: str,
+    ) -> None:
+        self.config = config
+        self.state: ProxyState = replayed.state
+        self.writer = writer
+        self.checkpoints = signer
+        #: the anchor of the snapshot on disk
+        self.snapshot_anchor = replayed.anchor
+        self._recovered_anchor = replayed.anchor
+        self._admin = admin_token.encode()
+        self._keys = FileKeyStorage(config.data_dir / "keys")
+        self._reader = AuditReader(config.data_dir / "audit")
+        writer.observe_durable(self._durable)
+        writer.observe_lost(self._lost)
+
+    @property
+    def ready(self) -> bool:
+        return self.writer.healthy
+
+    # -- the tenants' writes ------------------------------------------------------------------
+
+    async def decide(
+        self,
+        tenant_id: str,
+        decide: Callable[[TenantSlice], D],
+        *,
+        vm_id: str | None = None,
+        key: str | None = None,
+    ) -> tuple[D, AuditTicket | None]:
+        """Run ``decide`` on the tenant's state; write its entry, reserving what it reserves.
+
+        The whole state is in memory, so ``vm_id`` and ``key`` need no loading here.
+        """
+        tenant = self._tenant(tenant_id)
+        decision = decide(tenant)
+        entry = decision.entry
+        if entry is None:
+            return decision, None
+        if not fold.reserves(entry):
+            return decision, self.writer.append(entry)
+        fold.apply_to_tenant(tenant, entry)
+        try:
+            ticket = self.writer.append(entry)
+        except AuditUnavailable:
+            fold.undo(tenant, entry)  # not even queued: nothing was reserved after all
+            raise
+        return decision, ticket
+
+    def record(self, entry: Entry) -> AuditTicket:
+        assert not fold.reserves(entry), "a reserving entry is written by decide()"
+        return self.writer.append(entry)
+
+    async def mark_in_doubt(self, tenant_id: str, vm_id: str, kind: str) -> None:
+        tenant = self.state.tenants.get(tenant_id)
+        if tenant is not None:
+            tenant.set_vm_state(vm_id, "unknown", doubt=kind)
+
+    async def claim_in_doubt(self, tenant_id: str) -> list[VmRecord]:
+        tenant = self.state.tenants.get(tenant_id)
+        if tenant is None:
+            return []
+        return [
+            msgspec.structs.replace(vm) for vm in tenant.vms.values() if vm.state in IN_DOUBT_STATES
+        ]
+
+    def tenants_in_doubt(self) -> list[str]:
+        return [
+            tenant.id
+            for tenant in self.state.tenants.values()
+            if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values())
+        ]
+
+    # -- the directory and the reads: views taken between two changes ------------------------
+
+    @property
+    def directory(self) -> Directory:
+        return self.state.directory
+
+    def _tenant(self, tenant_id: str) -> TenantState:
+        tenant = self.state.tenants.get(tenant_id)
+        if tenant is None:
+            raise NotFound("no such tenant")
+        return tenant
+
+    async def vm(self, tenant_id: str, vm_id: str) -> Vm:
+        return find_vm(self._tenant(tenant_id), vm_id)
+
+    async def vms(
+        self, tenant_id: str, after: str | None, limit: int
+    ) -> tuple[list[Vm], str | None]:
+        return vm_page(self._tenant(tenant_id), after, limit)
+
+    async def usage(self, tenant_id: str) -> Usage:
+        return usage_view(self._tenant(tenant_id))
+
+    async def tenant(self, tenant_id: str) -> Tenant:
+        return tenant_view(self._tenant(tenant_id))
+
+    async def tenants(self, after: str | None, limit: int) -> tuple[list[Tenant], str | None]:
+        tenants = self.state.tenants
+        following = tenants.irange(minimum=after, inclusive=(False, True))
+        ids = list(itertools.islice(following, limit + 1))
+        page = [tenant_view(tenants[tenant_id]) for tenant_id in ids[:limit]]
+        return page, (ids[limit - 1] if len(ids) > limit else None)
+
+    def vms_by_state(self) -> dict[str, int]:
+        by_state: dict[str, int] = {}
+        for tenant in self.state.tenants.values():
+            for vm in tenant.vms.values():
+                by_state[vm.state] = by_state.get(vm.state, 0) + 1
+        return by_state
+
+    # -- the journal ----------------------------------------------------------------------------
+
+    def head(self) -> tuple[int, str]:
+        return self.writer.seq, self.writer.head
+
+    async def audit_page(self, after: int, limit: int) -> tuple[list[bytes], int, str]:
+        seq, head = self.writer.seq, self.writer.head
+        lines = await trio.to_thread.run_sync(self._reader.read, after, limit, seq)
+        return lines, seq, head
+
+    def observe(self, observer: Observer) -> None:
+        self.writer.observe_durable(observer)
+
+    async def checkpoint(self) -> dict[str, Any] | None:
+        return self.checkpoints.latest
+
+    def journal_stats(self) -> JournalStats:
+        writer = self.writer
+        return JournalStats(writer.seq, writer.queue_depth, writer.healthy)
+
+    # -- secrets ----------------------------------------------------------------------------
+
+    def admin_token_valid(self, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self._admin)
+
+    @property
+    def token_keys(self) -> FileKeyStorage:
+        return self._keys
+
+    # -- the writer's observers: the fold in chain order, and the undo ------------------------
+
+    def _durable(self, entries: list[Entry]) -> None:
+        state = self.state
+        for entry in entries:
+            if not fold.reserves(entry):
+                try:
+                    fold.apply(state, entry)
+                except Exception:
+                    # A bug: the state no longer is the fold of the log; a restart
+                    # (which replays the log) repairs it. The batch itself is durable.
+                    log.exception("folding durable entry %s failed", entry.get("seq"))
+
+    def _lost(self, drafts: list[Entry]) -> None:
+        tenants = self.state.tenants
+        for entry in reversed(drafts):
+            if fold.reserves(entry) and (tenant := tenants.get(entry["tenant"])) is not None:
+                fold.undo(tenant, entry)
+
+    # -- upkeep: checkpoints, snapshots, the check of the older log ----------------------------
+
+    async def upkeep(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._verify_prefix)
+            nursery.start_soon(self._snapshot_loop)
+            nursery.start_soon(self._checkpoint_loop)
+
+    async def write_checkpoint(self) -> None:
+        """Sign the durable head, unless the latest checkpoint already covers it."""
+        latest = self.checkpoints.latest
+        seq, head = self.writer.seq, self.writer.head
+        if seq == 0 or (latest is not None and latest["seq"] == seq):
+            return
+        await trio.to_thread.run_sync(self.checkpoints.append, seq, head, utc_now())
+
+    async def write_snapshot(self) -> snapshot.Anchor:
+        """Compact the durable log into a new snapshot (in a worker thread)."""
+        upto = self.writer.seq
+        self.snapshot_anchor = await trio.to_thread.run_sync(
+            snapshot.compact, self.config.data_dir, upto
+        )
+        return self.snapshot_anchor
+
+    async def _verify_prefix(self) -> None:
+        """Verify the chain before the snapshot's anchor; damage there stops all writes."""
+        audit_dir = self.config.data_dir / "audit"
+        report = await trio.to_thread.run_sync(
+            snapshot.verify_prefix, audit_dir, self._recovered_anchor, abandon_on_cancel=True
+        )
+        if not report.intact:
+            self.writer.mark_damaged(
+                f"audit chain {report.verdict} at seq {report.bad_seq}: {report.reason}"
+            )
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.snapshot_interval)
+            if self.writer.seq > self.snapshot_anchor.seq:
+                try:
+                    await self.write_snapshot()
+                except (OSError, ChainBroken, snapshot.SnapshotError) as error:
+                    log.error("snapshot failed (will retry): %s", error)
+
+    async def _checkpoint_loop(self) -> None:
+        """Sign the head every ``checkpoint_interval`` s, or every ``checkpoint_every`` entries."""
+        config = self.config
+        while True:
+            latest = self.checkpoints.latest
+            since = latest["seq"] if latest is not None else 0
+            with trio.move_on_after(config.checkpoint_interval):
+                await self.writer.wait_durable(since + config.checkpoint_every)
+            try:
+                if not self.writer.healthy:
+                    raise OSError("the audit log is not healthy")
+                await self.write_checkpoint()
+            except OSError as error:
+                log.error("checkpoint failed (will retry): %s", error)
+                # not in a tight loop: the entry-count trigger is still past due
+                await trio.sleep(min(1.0, config.checkpoint_interval))
+
+    async def _final_upkeep(self) -> None:
+        """After the writer flushed: a last checkpoint and a last snapshot."""
+        if not self.writer.healthy:
+            log.error("audit log unhealthy at shutdown; no final checkpoint or snapshot")
+            return
+        try:
+            await self.write_checkpoint()
+            anchor = await self.write_snapshot()
+        except (OSError, ChainBroken, snapshot.SnapshotError) as error:
+            log.error("final checkpoint/snapshot failed: %s", error)
+            return
+        log.info("stopped; snapshot at seq %d", anchor.seq)
+
+
+def _new_admin_token() -> str:
+    return "adm-" + secrets.token_urlsafe(32)
+
+
+@asynccontextmanager
+async def open_file_store(
+    config: FileStoreConfig, metrics: Metrics | None = None
+) -> AsyncIterator[FileStore]:
+    """Recover the data dir and keep its journal open until the context exits.
+
+    On exit the audit writer writes what is queued, then a last checkpoint and a last
+    snapshot are written. Damage in the replayed part of the log, or a snapshot whose
+    anchor is gone, is a :class:`~actors.errors.StartupError`.
+    """
+    data_dir = config.data_dir
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (data_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+    try:
+        replayed = await trio.to_thread.run_sync(lambda: snapshot.replay(data_dir, cut_torn=True))
+    except (ChainBroken, snapshot.SnapshotError) as error:
+        raise StartupError(f"cannot start on {data_dir}: {error}") from error
+    if replayed.torn_cut:
+        log.warning("cut an incomplete last audit line (it was never acknowledged)")
+    head = replayed.head
+    writer = AuditWriter(
+        data_dir / "audit", head.seq, head.hash, inline_io=config.inline_io, metrics=metrics
+    )
+    signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
+    admin = await trio.to_thread.run_sync(
+        read_or_create_secret, admin_token_path(data_dir), _new_admin_token
+    )
+    store = FileStore(config, replayed, writer, signer, admin)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        try:
+            yield store
+        finally:
+            writer.close()
+    with trio.CancelScope(shield=True):
+        await store._final_upkeep()

@@ -1,0 +1,1 @@
+"""The HTTP routes by audience: tenant, admin, audit, operations (one blueprint each)."""
