@@ -295,7 +295,7 @@ def test_kill_9_in_the_middle_of_a_burst(tmp_path: Path) -> None:
     with subprocess.Popen(
         [sys.executable, "-c", CHILD, str(directory), str(log_path)],
         stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     ) as child:
         assert child.stdout is not None
         try:
