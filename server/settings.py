@@ -360,9 +360,9 @@ def _check(values: dict[str, Any]) -> dict[str, str]:
             problems["metrics_bind"] = problem
         elif metrics == values.get("bind") and not metrics.endswith(":0"):
             problems["metrics_bind"] = f"must differ from bind ({metrics})"
-    for key in ("tls_cert", "tls_key"):
-        if values.get(key) is not None and values[key].lower() in OFF:
-            values[key] = None
+    for name in ("tls_cert", "tls_key"):
+        if values.get(name) is not None and values[name].lower() in OFF:
+            values[name] = None
     cert, key = values.get("tls_cert"), values.get("tls_key")
     if (cert is None) != (key is None):
         missing = "tls_key" if key is None else "tls_cert"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 HASH_SIZE = 32
 #: the root of the empty tree (RFC 9162 2.1.1: the hash of an empty string)
@@ -259,7 +259,8 @@ def verify_consistency(
     return sn == 0 and fr == old_root and sr == new_root
 
 
-class Node(NamedTuple):
+@dataclass(slots=True)
+class Node:
     """A complete subtree that an append has just finished, to be persisted."""
 
     level: int
