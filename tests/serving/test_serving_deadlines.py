@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import LiveServer, bearer
+from conftest import LiveServer, Provision, bearer
 from peers import address
 
 LONG = "60"
@@ -114,15 +114,10 @@ async def test_a_slow_request_head_is_cut_off(servers: object) -> None:
     await stream.aclose()
 
 
-async def test_a_slow_request_body_is_cut_off(servers: object) -> None:
+async def test_a_slow_request_body_is_cut_off(servers: object, provision: Provision) -> None:
     server = servers(body_timeout="1")  # type: ignore[operator]
     async with server.client() as client:
-        created = await client.post(
-            "/v1/admin/tenants",
-            json={"id": "slow", "quota": {"vcpus": 4, "memory_mib": 4096, "vms": 4}},
-            headers=bearer(server.admin_token),
-        )
-        token = created.json()["token"]
+        token = (await provision(client, bearer(server.admin_token), "slow")).token
     body = b'{"vcpus": 1, "memory_mib": 256, "image": "' + b"d" * 300 + b'"}'
     stream = await connect(server)
     await stream.send_all(

@@ -30,7 +30,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import UNLIMITED, LiveServer, bearer
+from conftest import UNLIMITED, LiveServer, Provision, bearer
 from peers import address
 
 NOFILE = 1024
@@ -117,15 +117,14 @@ class Honest:
             await trio.sleep(0.2)
 
 
-async def provision(server: LiveServer) -> str:
+ROOMY = {"vcpus": 10_000, "memory_mib": 10**6, "vms": 10_000}
+
+
+async def tenant_token(
+    server: LiveServer, provision: Provision, tenant: str, quota: dict[str, int]
+) -> str:
     async with server.client() as client:
-        created = await client.post(
-            "/v1/admin/tenants",
-            json={"id": "honest", "quota": {"vcpus": 10_000, "memory_mib": 10**6, "vms": 10_000}},
-            headers=bearer(server.admin_token),
-        )
-        assert created.status_code == 201, created.text
-        return str(created.json()["token"])
+        return (await provision(client, bearer(server.admin_token), tenant, quota)).token
 
 
 async def audit_seq(honest: Honest) -> int:
@@ -227,8 +226,10 @@ def slow_body(token: str) -> Peer:
     return peer
 
 
-async def assert_served_throughout(server: LiveServer, peer: Peer, count: int) -> Counter[str]:
-    honest = Honest(server, await provision(server))
+async def assert_served_throughout(
+    server: LiveServer, honest_token: str, peer: Peer, count: int
+) -> Counter[str]:
+    honest = Honest(server, honest_token)
     tally: Counter[str] = Counter()
     done, flooding = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
@@ -250,31 +251,28 @@ async def assert_served_throughout(server: LiveServer, peer: Peer, count: int) -
     return tally
 
 
-async def test_1100_silent_peers_leave_room_for_an_honest_client(limited: LiveServer) -> None:
-    tally = await assert_served_throughout(limited, silent, FLOOD)
+async def test_1100_silent_peers_leave_room_for_an_honest_client(
+    limited: LiveServer, provision: Provision
+) -> None:
+    honest = await tenant_token(limited, provision, "honest", ROOMY)
+    tally = await assert_served_throughout(limited, honest, silent, FLOOD)
     # The silent peers were shed for newcomers, again and again, not just timed out.
     assert tally["closed"] > FLOOD, tally
 
 
-async def test_1100_slow_bodies_leave_room_for_an_honest_client(limited: LiveServer) -> None:
-    token = await provision_flood_tenant(limited)
-    tally = await assert_served_throughout(limited, slow_body(token), FLOOD)
+async def test_1100_slow_bodies_leave_room_for_an_honest_client(
+    limited: LiveServer, provision: Provision
+) -> None:
+    honest = await tenant_token(limited, provision, "honest", ROOMY)
+    slow = await tenant_token(limited, provision, "slow", {"vcpus": 1, "memory_mib": 64, "vms": 1})
+    tally = await assert_served_throughout(limited, honest, slow_body(slow), FLOOD)
     assert tally["cut"] > FLOOD, tally
 
 
-async def provision_flood_tenant(server: LiveServer) -> str:
-    async with server.client() as client:
-        created = await client.post(
-            "/v1/admin/tenants",
-            json={"id": "slow", "quota": {"vcpus": 1, "memory_mib": 64, "vms": 1}},
-            headers=bearer(server.admin_token),
-        )
-        assert created.status_code == 201, created.text
-        return str(created.json()["token"])
-
-
-async def test_a_5000_connect_burst_is_answered_and_leaves_room(limited: LiveServer) -> None:
-    token = await provision(limited)
+async def test_a_5000_connect_burst_is_answered_and_leaves_room(
+    limited: LiveServer, provision: Provision
+) -> None:
+    token = await tenant_token(limited, provision, "honest", ROOMY)
     honest = Honest(limited, token)
     answers: Counter[str] = Counter()
 
