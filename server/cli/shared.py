@@ -1,0 +1,325 @@
+"""What every client command shares: the connection options, output, exit codes.
+
+A client command takes ``--url``, ``-o/--output`` and ``--timeout``, plus the admin
+token (``--admin-token``, ``VM_TENANT_ADMIN_TOKEN``, else ``<data-dir>/admin.token``) or
+a tenant token (``--token``, ``VM_TENANT_TOKEN``). The options sit on the command itself,
+so they may follow its arguments. They fill one :class:`Session`, through which the
+command sends its requests (always through :mod:`server.client`) and prints its result.
+
+Exit codes: 0 done; 1 the server refused (4xx); 2 a usage error (click's own, or a token
+that cannot be found); 3 the server could not be reached or answered 5xx. Nothing is
+written to stdout before the command knows it succeeded; failures print one line,
+``vm-tenant: <status> <code>: <detail>``, on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+import click
+import msgspec
+
+from server.client import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    Answer,
+    ApiError,
+    Client,
+    ClientError,
+    Operation,
+    Unreachable,
+)
+from server.client.operations import check_idempotency_key
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+Role = Literal["admin", "tenant"]
+
+DEFAULT_DATA_DIR = "./vm-tenant-data"
+ADMIN_TOKEN_FILE = "admin.token"  # API.md: <data-dir>/admin.token
+MAX_INT = 2**31 - 1
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+#: env vars read by the client commands (not serve settings: ``serve`` must not call them typos)
+CLIENT_ENV = frozenset(
+    {"VM_TENANT_URL", "VM_TENANT_ADMIN_TOKEN", "VM_TENANT_TOKEN", "VM_TENANT_OUTPUT"}
+)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Failed(click.ClickException):
+    """A command that did not succeed: one line on stderr, and its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"vm-tenant: {self.format_message()}", err=True)
+
+
+def example(*lines: str) -> str:
+    """An epilog of example command lines, kept as written by click's help formatter."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# -- parameter types ---------------------------------------------------------------------------
+
+
+class UrlType(click.ParamType):
+    """An http:// or https:// base URL."""
+
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            parts = urlsplit(text)
+            valid = parts.scheme in {"http", "https"} and bool(parts.hostname)
+            _ = parts.port  # raises on a port that is not a number in 0..65535
+        except ValueError:
+            valid = False
+        if not valid:
+            self.fail(f"{text!r} is not an http:// or https:// URL", param, ctx)
+        return text
+
+
+class Text(click.ParamType):
+    """A string of ``low..high`` characters (the API's ranges); ``name`` is its metavar."""
+
+    def __init__(self, name: str, low: int, high: int) -> None:
+        self.name = name
+        self.low = low
+        self.high = high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not self.low <= len(text) <= self.high:
+            self.fail(
+                f"must be {self.low}..{self.high} characters long, got {len(text)}", param, ctx
+            )
+        return text
+
+
+class IdempotencyKey(click.ParamType):
+    """An ``Idempotency-Key``: 1..255 printable ASCII, as the API takes it."""
+
+    name = "KEY"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_idempotency_key(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+#: an id that lands in a URL path: anything but empty (it is percent-encoded whole)
+ID = Text("ID", 1, 4096)
+COUNT = click.IntRange(0, MAX_INT)
+SIZE = click.IntRange(1, MAX_INT)
+TTL = click.IntRange(1, MAX_INT)
+PAGE = click.IntRange(1, 1000)
+
+
+# -- the session -------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """The connection options of one client command, and its output."""
+
+    role: Role = "tenant"
+    url: str = DEFAULT_URL
+    output: str = "text"
+    timeout: float = DEFAULT_TIMEOUT
+    token: str | None = None
+    admin_token: str | None = None
+    data_dir: str = DEFAULT_DATA_DIR
+    _client: Client | None = field(default=None, repr=False)
+
+    def _bearer(self) -> str:
+        if self.role == "tenant":
+            assert self.token is not None, "--token is a required option"
+            return self.token
+        if self.admin_token:
+            return self.admin_token
+        path = Path(self.data_dir) / ADMIN_TOKEN_FILE
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            where = f"--admin-token, VM_TENANT_ADMIN_TOKEN or {path}"
+            raise Failed(f"no admin token ({where}): {reason}", EXIT_USAGE) from None
+
+    def client(self) -> Client:
+        """The client of this command (made once, closed with the command's context)."""
+        if self._client is None:
+            try:
+                self._client = Client(self.url, self._bearer(), timeout=self.timeout)
+            except ValueError as error:
+                raise Failed(str(error), EXIT_USAGE) from None
+            click.get_current_context().call_on_close(self._client.close)
+        return self._client
+
+    def send(self, operation: Operation[T]) -> Answer[T]:
+        """Perform one operation; a failure ends the command with its exit code."""
+        client = self.client()
+        with failures():
+            return client.send(operation)
+
+    def pages(
+        self, first: Operation[T], following: Callable[[T], Operation[T] | None]
+    ) -> list[Answer[T]]:
+        """Every page, from ``first`` on while ``following`` names the next one."""
+        pages = [self.send(first)]
+        while (operation := following(pages[-1].value)) is not None:
+            pages.append(self.send(operation))
+        return pages
+
+    @property
+    def json(self) -> bool:
+        return self.output == "json"
+
+    def emit(self, answer: Answer[T], text: Callable[[T], str | None]) -> None:
+        """Print the answer: its exact body with ``-o json`` (``{}`` when it has none)."""
+        if self.json:
+            click.echo(answer.body or b"{}")
+            return
+        shown = text(answer.value)
+        if shown is not None:
+            click.echo(shown)
+
+    def emit_pages(self, pages: list[Answer[T]], member: str, text: Callable[[], str]) -> None:
+        """Print the pages as one document: the last page, ``member`` holding every item."""
+        if not self.json:
+            if shown := text():
+                click.echo(shown)
+            return
+        documents = [msgspec.json.decode(page.body) for page in pages]
+        joined = documents[-1]
+        joined[member] = [item for document in documents for item in document[member]]
+        click.echo(msgspec.json.encode(joined))
+
+
+@contextmanager
+def failures() -> Iterator[None]:
+    """Turn the client's errors into exit codes: 1 refused, 3 unreachable or 5xx."""
+    try:
+        yield
+    except Unreachable as error:  # before ApiError: a ServerError is both
+        raise Failed(str(error), EXIT_UNAVAILABLE) from None
+    except ApiError as error:
+        raise Failed(str(error), EXIT_REFUSED) from None
+    except ClientError as error:
+        raise Failed(str(error), EXIT_UNAVAILABLE) from None
+
+
+def note(message: str) -> None:
+    """A line for people on stderr (stdout stays the command's result)."""
+    click.echo(message, err=True)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Tab-separated columns under a header: readable, and ``cut -f`` splits them."""
+    return "\n".join("\t".join(row) for row in [header, *rows])
+
+
+def quota_text(quota: Any) -> str:
+    return f"{quota.vcpus}/{quota.memory_mib}/{quota.vms}"
+
+
+# -- the options -------------------------------------------------------------------------------
+
+
+def _into_session(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None and param.name is not None:
+        setattr(ctx.ensure_object(Session), param.name, value)
+    return value
+
+
+def _option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """A connection option: it fills the Session instead of reaching the command."""
+    attrs.setdefault("show_envvar", True)
+    return click.option(*decls, expose_value=False, callback=_into_session, **attrs)
+
+
+_URL = _option(
+    "--url",
+    type=UrlType(),
+    default=DEFAULT_URL,
+    envvar="VM_TENANT_URL",
+    show_default=True,
+    help="Base URL of the vm-tenant server.",
+)
+_OUTPUT = _option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="VM_TENANT_OUTPUT",
+    show_default=True,
+    help="text: for people; json: exactly one JSON document on stdout (the API's answer).",
+)
+_TIMEOUT = _option(
+    "--timeout",
+    type=click.FloatRange(0, 3600, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the server's answer; past it, exit 3 (outcome unknown).",
+)
+_ADMIN_TOKEN = _option(
+    "--admin-token",
+    metavar="TOKEN",
+    envvar="VM_TENANT_ADMIN_TOKEN",
+    help="The operator's bearer token (default: read from <data-dir>/admin.token).",
+)
+_DATA_DIR = _option(
+    "--data-dir",
+    metavar="DIR",
+    default=DEFAULT_DATA_DIR,
+    envvar="VM_TENANT_DATA_DIR",
+    show_default=True,
+    help="Where to find admin.token when no admin token is given.",
+)
+_TOKEN = _option(
+    "--token",
+    metavar="TOKEN",
+    envvar="VM_TENANT_TOKEN",
+    required=True,
+    help="The tenant's bearer token.",
+)
+
+
+def _with_session(role: Role, options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            session = click.get_current_context().ensure_object(Session)
+            session.role = role
+            return command(session, *args, **kwargs)
+
+        decorated = cast(F, run)
+        for option in options:
+            decorated = option(decorated)
+        return decorated
+
+    return decorate
+
+
+#: the options of a command that uses the admin token; its function gets the Session first
+#: (apply it right above the function, below the command's own arguments and options)
+admin_options = _with_session("admin", [_ADMIN_TOKEN, _DATA_DIR, _TIMEOUT, _OUTPUT, _URL])
+#: the same for a command that uses a tenant token
+tenant_options = _with_session("tenant", [_TOKEN, _TIMEOUT, _OUTPUT, _URL])
