@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from actors.verify import verify_data_dir
+from actors.journal.verify import verify_data_dir
 from server.cli.admin import audit_head, audit_list
 from server.cli.shared import CONTEXT, DEFAULT_DATA_DIR, example
 
