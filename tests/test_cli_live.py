@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -350,3 +351,30 @@ def test_installed_command_with_options_after_arguments(live_server: LiveServer)
     assert json.loads(listed.stdout)["tenants"][0]["allocated"]["vms"] == 1  # the flag wins
     as_text = run("tenant", "list", env={**env_admin, "VM_TENANT_OUTPUT": "text"})
     assert as_text.stdout.splitlines()[1] == "acme\t2/512/2\t1/256/1"
+
+
+def test_tables_are_aligned_on_a_terminal(live_server: LiveServer) -> None:
+    ok(admin(live_server, "tenant", "create", "acme", *QUOTA))
+    ok(admin(live_server, "tenant", "create", "a-much-longer-name", *QUOTA))
+    controller, terminal = pty.openpty()
+    where = ["--url", live_server.url, "--data-dir", str(live_server.data_dir)]
+    try:
+        result = subprocess.run(
+            [str(VM_TENANT), "tenant", "list", *where], stdout=terminal, stderr=subprocess.PIPE
+        )
+    finally:
+        os.close(terminal)
+    shown = b""
+    try:
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    except OSError:  # EIO: the terminal's other end is closed and drained
+        pass
+    finally:
+        os.close(controller)
+    assert result.returncode == 0, result.stderr
+    assert shown.decode().replace("\r\n", "\n").splitlines() == [
+        "ID                  QUOTA vcpus/memory_mib/vms  ALLOCATED vcpus/memory_mib/vms",
+        "a-much-longer-name  8/16384/4                   0/0/0",
+        "acme                8/16384/4                   0/0/0",
+    ]

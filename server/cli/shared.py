@@ -230,9 +230,21 @@ def note(message: str) -> None:
     click.echo(message, err=True)
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """Tab-separated columns under a header: readable, and ``cut -f`` splits them."""
-    return "\n".join("\t".join(row) for row in [header, *rows])
+def table(header: list[str], rows: list[list[str]], *, aligned: bool | None = None) -> str:
+    """Columns under a header: aligned for a terminal, else tab-separated (``cut -f``).
+
+    ``aligned`` defaults to whether stdout is a terminal, as ``ls`` and ``gh`` decide.
+    """
+    lines = [header, *rows]
+    if aligned is None:
+        aligned = click.get_text_stream("stdout").isatty()
+    if not aligned:
+        return "\n".join("\t".join(line) for line in lines)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
 
 
 def quota_text(quota: Any) -> str:
