@@ -19,11 +19,11 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from conftest import vm_tenant
 from server import settings
 from server.cli.main import COMMANDS, cli, main
 from server.cli.shared import CLIENT_ENV
 
-VM_TENANT = Path(sys.executable).with_name("vm-tenant")
 #: a port nothing listens on (bound and closed again would race; port 1 is privileged)
 NOWHERE = "http://127.0.0.1:1"
 
@@ -38,18 +38,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(cli, list(args), env=env, prog_name="vm-tenant")
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed ``vm-tenant`` script as a subprocess, with only ``env`` of ours."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VM_TENANT_")}
-    return subprocess.run(
-        [str(VM_TENANT), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**environ, **(env or {})},
-    )
 
 
 def every_command() -> Iterator[tuple[str, click.Command]]:
@@ -74,7 +62,7 @@ def every_command() -> Iterator[tuple[str, click.Command]]:
 def test_version_names_the_installed_package() -> None:
     expected = f"vm-tenant {version('service-vm-tenant')}\n"
     assert invoke("--version").stdout == expected
-    installed = run("--version")
+    installed = vm_tenant("--version")
     assert installed.returncode == 0
     assert installed.stdout == expected
     as_module = subprocess.run(
@@ -150,17 +138,17 @@ def test_serve_flags_are_made_from_the_settings_table() -> None:
 
 
 def test_bash_completion_script_and_answers() -> None:
-    script = run(env={"_VM_TENANT_COMPLETE": "bash_source"})
+    script = vm_tenant(env={"_VM_TENANT_COMPLETE": "bash_source"})
     assert script.returncode == 0
     assert "_vm_tenant_completion()" in script.stdout
     assert "complete -o nosort -F _vm_tenant_completion vm-tenant" in script.stdout
     for shell in ("zsh", "fish"):
-        other = run(env={"_VM_TENANT_COMPLETE": f"{shell}_source"})
+        other = vm_tenant(env={"_VM_TENANT_COMPLETE": f"{shell}_source"})
         assert other.returncode == 0 and "vm-tenant" in other.stdout, shell
 
     def complete(line: str) -> list[str]:
         words = line.split(" ")
-        answer = run(
+        answer = vm_tenant(
             env={
                 "_VM_TENANT_COMPLETE": "bash_complete",
                 "COMP_WORDS": line,
@@ -287,7 +275,7 @@ def test_admin_token_from_the_data_dir_file_then_env_then_flag(tmp_path: Path) -
     ],
 )
 def test_nothing_listening_is_exit_3_with_nothing_on_stdout(args: list[str]) -> None:
-    result = run(*args, "--url", NOWHERE)
+    result = vm_tenant(*args, "--url", NOWHERE)
     assert result.returncode == 3, result.stderr
     assert result.stdout == ""
     assert result.stderr.startswith(f"vm-tenant: cannot reach {NOWHERE}: ")

@@ -12,18 +12,15 @@ import json
 import os
 import pty
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from conftest import LiveServer, audit_lines, bearer
+from conftest import VM_TENANT, LiveServer, audit_lines, bearer, vm_tenant
 from server.cli.main import cli
 
-VM_TENANT = Path(sys.executable).with_name("vm-tenant")
 QUOTA = ["--vcpus", "8", "--memory-mib", "16384", "--vms", "4"]
 SPEC = ["--vcpus", "1", "--memory-mib", "256", "--image", "debian-12"]
 
@@ -45,18 +42,6 @@ def tenant(server: LiveServer, token: str, *args: str) -> Result:
     """A tenant command with its token from ``VM_TENANT_TOKEN``."""
     env = {"VM_TENANT_TOKEN": token, "VM_TENANT_URL": server.url}
     return CliRunner().invoke(cli, list(args), env=env, prog_name="vm-tenant")
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed ``vm-tenant`` script."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VM_TENANT_")}
-    return subprocess.run(
-        [str(VM_TENANT), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**environ, **(env or {})},
-    )
 
 
 def ok(result: Result) -> Result:
@@ -187,7 +172,7 @@ def test_audit_list_and_head(live_server: LiveServer) -> None:
     assert signed == api(live_server, "/v1/admin/audit/head")
     assert {"seq", "hash", "ts", "signature"} <= set(signed)
     data_dir = str(live_server.data_dir)
-    verified = run("audit", "verify", "--data-dir", data_dir, "--expect-head", head.strip())
+    verified = vm_tenant("audit", "verify", "--data-dir", data_dir, "--expect-head", head.strip())
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.startswith(f"intact: 4 entries, head {head.strip()}")
 
@@ -272,7 +257,7 @@ def test_refusals_exit_1_and_name_the_problem(live_server: LiveServer) -> None:
 
     ok(tenant(live_server, token, "vm", "spawn", *SPEC))
     assert "VMs" in refused(admin(live_server, "tenant", "delete", "acme"), 409, "conflict")
-    process = run(
+    process = vm_tenant(
         "tenant", "create", "acme", *QUOTA, "--url", live_server.url, "--data-dir",
         str(live_server.data_dir),
     )  # fmt: skip
@@ -286,7 +271,7 @@ def test_a_5xx_is_exit_3(live_server: LiveServer) -> None:
     for segment in (live_server.data_dir / "audit").glob("*.jsonl"):
         segment.unlink()
     for output in ("text", "json"):
-        process = run(
+        process = vm_tenant(
             "tenant", "create", f"beta-{output}", *QUOTA, "-o", output, "--url", live_server.url,
             "--data-dir", str(live_server.data_dir),
         )  # fmt: skip
@@ -303,10 +288,10 @@ def test_path_arguments_cannot_address_another_resource(live_server: LiveServer)
     token = ok(admin(live_server, "tenant", "create", "acme", *QUOTA)).stdout.strip()
     ok(admin(live_server, "tenant", "create", "beta", *QUOTA))
 
-    dotted = run("token", "issue", "acme/../acme", *where)
+    dotted = vm_tenant("token", "issue", "acme/../acme", *where)
     assert dotted.returncode == 1 and dotted.stdout == ""
     assert dotted.stderr.startswith(("vm-tenant: 404 not_found: ", "vm-tenant: 400 "))
-    query = run("token", "issue", "acme?x=1", *where)
+    query = vm_tenant("token", "issue", "acme?x=1", *where)
     assert query.returncode == 1 and query.stdout == ""
     assert query.stderr.startswith("vm-tenant: 404 not_found: ")
 
@@ -334,22 +319,26 @@ def test_path_arguments_cannot_address_another_resource(live_server: LiveServer)
 
 def test_installed_command_with_options_after_arguments(live_server: LiveServer) -> None:
     admin_token = live_server.admin_token
-    created = run(
+    created = vm_tenant(
         "tenant", "create", "acme", "--vcpus", "2", "--url", live_server.url, "--memory-mib",
         "512", "-o", "json", "--vms", "2", "--admin-token", admin_token,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
     token = json.loads(created.stdout)["token"]
-    spawned = run("vm", "spawn", *SPEC, "-o", "json", "--token", token, "--url", live_server.url)
+    spawned = vm_tenant(
+        "vm", "spawn", *SPEC, "-o", "json", "--token", token, "--url", live_server.url
+    )
     assert spawned.returncode == 0, spawned.stderr
     vm = json.loads(spawned.stdout)
     env = {"VM_TENANT_URL": live_server.url, "VM_TENANT_TOKEN": token}
-    got = run("vm", "get", vm["id"], "-o", "json", env=env)
+    got = vm_tenant("vm", "get", vm["id"], "-o", "json", env=env)
     assert got.returncode == 0 and json.loads(got.stdout)["id"] == vm["id"]
     env_admin = {"VM_TENANT_URL": live_server.url, "VM_TENANT_ADMIN_TOKEN": admin_token}
-    listed = run("tenant", "list", "-o", "json", env={**env_admin, "VM_TENANT_OUTPUT": "text"})
+    listed = vm_tenant(
+        "tenant", "list", "-o", "json", env={**env_admin, "VM_TENANT_OUTPUT": "text"}
+    )
     assert json.loads(listed.stdout)["tenants"][0]["allocated"]["vms"] == 1  # the flag wins
-    as_text = run("tenant", "list", env={**env_admin, "VM_TENANT_OUTPUT": "text"})
+    as_text = vm_tenant("tenant", "list", env={**env_admin, "VM_TENANT_OUTPUT": "text"})
     assert as_text.stdout.splitlines()[1] == "acme\t2/512/2\t1/256/1"
 
 

@@ -87,6 +87,7 @@ def test_every_operation_typed_against_a_live_server(live_server: LiveServer) ->
         ops = [entry["op"] for entry in page.entries]
         assert ops.count("vm.spawn") == 6 and ops[-1] == "tenant.delete"
         assert page.head.seq == page.entries[-1]["seq"] == len(page.entries)
+        assert list(admin.iter_audit(after=3, limit=2)) == page.entries[3:]
         admin.retire_key(old.id)
 
     with (

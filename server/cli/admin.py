@@ -9,6 +9,7 @@ to stderr.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import click
@@ -34,11 +35,9 @@ from server.client import (
     CreatedTenant,
     IssuedToken,
     KeyList,
-    Operation,
     Quota,
     SigningKey,
     Tenant,
-    TenantPage,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -164,11 +163,7 @@ def list_tenants(session: Session, limit: int) -> None:
 
     json: one document, {"tenants": [every tenant], "next": null}.
     """
-
-    def following(page: TenantPage) -> Operation[TenantPage] | None:
-        return None if page.next is None else API.list_tenants(limit=limit, cursor=page.next)
-
-    pages = session.pages(API.list_tenants(limit=limit), following)
+    pages = session.pages(API.list_tenants(limit=limit), partial(API.next_tenants, limit=limit))
     tenants = [t for page in pages for t in page.value.tenants]
     session.emit_pages(pages, "tenants", lambda: _tenant_rows(tenants))
 
@@ -305,11 +300,6 @@ def audit_list(session: Session, after: int, limit: int) -> None:
 
     json: one document, {"entries": [every entry], "head": {"seq", "hash"}}.
     """
-
-    def following(page: AuditPage) -> Operation[AuditPage] | None:
-        if not page.entries or page.entries[-1]["seq"] >= page.head.seq:
-            return None
-        return API.read_audit(after=page.entries[-1]["seq"], limit=limit)
-
-    pages = session.pages(API.read_audit(after=after, limit=limit), following)
+    first = API.read_audit(after=after, limit=limit)
+    pages = session.pages(first, partial(API.next_audit, limit=limit))
     session.emit_pages(pages, "entries", lambda: _stored_lines(pages))

@@ -15,6 +15,7 @@ written to stdout before the command knows it succeeded; failures print one line
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -182,10 +183,9 @@ class Session:
         self, first: Operation[T], following: Callable[[T], Operation[T] | None]
     ) -> list[Answer[T]]:
         """Every page, from ``first`` on while ``following`` names the next one."""
-        pages = [self.send(first)]
-        while (operation := following(pages[-1].value)) is not None:
-            pages.append(self.send(operation))
-        return pages
+        client = self.client()
+        with failures():
+            return list(client.pages(first, following))
 
     @property
     def json(self) -> bool:
@@ -237,7 +237,7 @@ def table(header: list[str], rows: list[list[str]], *, aligned: bool | None = No
     """
     lines = [header, *rows]
     if aligned is None:
-        aligned = click.get_text_stream("stdout").isatty()
+        aligned = sys.stdout.isatty()
     if not aligned:
         return "\n".join("\t".join(line) for line in lines)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -6,6 +6,8 @@ spawn ...)``); tables are tab-separated under a header.
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
 from server.cli.shared import (
@@ -22,7 +24,7 @@ from server.cli.shared import (
     table,
     tenant_options,
 )
-from server.client import API, Operation, Usage, Vm, VmPage
+from server.client import API, Usage, Vm
 
 VM_HEADER = ["ID", "STATE", "VCPUS", "MEMORY_MIB", "IMAGE", "NAME", "CREATED"]
 
@@ -100,11 +102,7 @@ def list_vms(session: Session, limit: int) -> None:
 
     json: one document, {"vms": [every VM], "next": null}.
     """
-
-    def following(page: VmPage) -> Operation[VmPage] | None:
-        return None if page.next is None else API.list_vms(limit=limit, cursor=page.next)
-
-    pages = session.pages(API.list_vms(limit=limit), following)
+    pages = session.pages(API.list_vms(limit=limit), partial(API.next_vms, limit=limit))
     vms = [vm for page in pages for vm in page.value.vms]
     session.emit_pages(pages, "vms", lambda: _vm_rows(vms))
 

@@ -142,6 +142,11 @@ class API:
         return Operation("GET", "/v1/vms", VmPage, params=_page_params(limit, cursor))
 
     @staticmethod
+    def next_vms(page: VmPage, *, limit: int | None = None) -> Operation[VmPage] | None:
+        """The page after ``page``, or None at the end."""
+        return None if page.next is None else API.list_vms(limit=limit, cursor=page.next)
+
+    @staticmethod
     def get_vm(vm_id: str) -> Operation[Vm]:
         return Operation("GET", f"/v1/vms/{segment(vm_id)}", Vm)
 
@@ -184,6 +189,11 @@ class API:
         return Operation("GET", "/v1/admin/tenants", TenantPage, params=_page_params(limit, cursor))
 
     @staticmethod
+    def next_tenants(page: TenantPage, *, limit: int | None = None) -> Operation[TenantPage] | None:
+        """The page after ``page``, or None at the end."""
+        return None if page.next is None else API.list_tenants(limit=limit, cursor=page.next)
+
+    @staticmethod
     def issue_token(tenant_id: str, *, ttl: int | None = None) -> Operation[IssuedToken]:
         path = f"/v1/admin/tenants/{segment(tenant_id)}/tokens"
         body = None if ttl is None else {"ttl_seconds": ttl}
@@ -212,6 +222,13 @@ class API:
         if limit is not None:
             params["limit"] = limit
         return Operation("GET", "/v1/admin/audit", AuditPage, params=params)
+
+    @staticmethod
+    def next_audit(page: AuditPage, *, limit: int | None = None) -> Operation[AuditPage] | None:
+        """The entries after ``page`` up to the head it saw, or None when it reached it."""
+        if not page.entries or page.entries[-1]["seq"] >= page.head.seq:
+            return None
+        return API.read_audit(after=page.entries[-1]["seq"], limit=limit)
 
     @staticmethod
     def audit_head() -> Operation[Checkpoint]:

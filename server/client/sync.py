@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -148,6 +149,16 @@ class Client:
             raise Unreachable(f"{self.url} answered {status} (to {where}); is the URL right?")
         return Answer(self._value(operation, response), response.content, status, response.headers)
 
+    def pages(
+        self, first: Operation[T], following: Callable[[T], Operation[T] | None]
+    ) -> Iterator[Answer[T]]:
+        """The answer to ``first``, then to each page ``following`` names (``API.next_*``)."""
+        operation: Operation[T] | None = first
+        while operation is not None:
+            answer = self.send(operation)
+            yield answer
+            operation = following(answer.value)
+
     def _value(self, operation: Operation[T], response: httpx.Response) -> T:
         result: Any = operation.result
         try:
@@ -189,13 +200,9 @@ class Client:
 
     def iter_vms(self, *, limit: int | None = None) -> Iterator[Vm]:
         """Every VM of the caller, page by page."""
-        cursor: str | None = None
-        while True:
-            page = self.list_vms(limit=limit, cursor=cursor)
-            yield from page.vms
-            if page.next is None:
-                return
-            cursor = page.next
+        following = partial(API.next_vms, limit=limit)
+        for answer in self.pages(API.list_vms(limit=limit), following):
+            yield from answer.value.vms
 
     def get_vm(self, vm_id: str) -> Vm:
         """``GET /v1/vms/{id}``, with the live state from the fleet."""
@@ -233,13 +240,9 @@ class Client:
 
     def iter_tenants(self, *, limit: int | None = None) -> Iterator[Tenant]:
         """Every tenant by id, page by page."""
-        cursor: str | None = None
-        while True:
-            page = self.list_tenants(limit=limit, cursor=cursor)
-            yield from page.tenants
-            if page.next is None:
-                return
-            cursor = page.next
+        following = partial(API.next_tenants, limit=limit)
+        for answer in self.pages(API.list_tenants(limit=limit), following):
+            yield from answer.value.tenants
 
     def issue_token(self, tenant_id: str, *, ttl: int | None = None) -> IssuedToken:
         """A new token for the tenant; ``ttl`` seconds of life, or none."""
@@ -262,6 +265,12 @@ class Client:
     def read_audit(self, *, after: int = 0, limit: int | None = None) -> AuditPage:
         """Up to ``limit`` stored entries after seq ``after``, and the current head."""
         return self.send(API.read_audit(after=after, limit=limit)).value
+
+    def iter_audit(self, *, after: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every stored entry after seq ``after``, to the head."""
+        following = partial(API.next_audit, limit=limit)
+        for answer in self.pages(API.read_audit(after=after, limit=limit), following):
+            yield from answer.value.entries
 
     def audit_head(self) -> Checkpoint:
         """The signed checkpoint of the current head."""
