@@ -30,7 +30,7 @@ audit.add_command(audit_head)
 audit.add_command(audit_list)
 
 
-class ExpectHead(click.ParamType):
+class ExpectHead(click.ParamType[tuple[int, str]]):
     """``SEQ:HASH``: a seq >= 1 and its entry's hash (64 lowercase hex digits)."""
 
     name = "SEQ:HASH"

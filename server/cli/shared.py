@@ -60,14 +60,28 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class Failed(click.ClickException):
-    """A command that did not succeed: one line on stderr, and its exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    """A command that did not succeed: one line on stderr; its class sets the exit code."""
 
     def show(self, file: Any = None) -> None:
         click.echo(f"vm-tenant: {self.format_message()}", err=True)
+
+
+class Refused(Failed):
+    """The server refused (4xx)."""
+
+    exit_code = EXIT_REFUSED
+
+
+class Unusable(Failed):
+    """The command cannot even ask: no token to be found, one that cannot be sent."""
+
+    exit_code = EXIT_USAGE
+
+
+class Unavailable(Failed):
+    """No usable answer, or a 5xx."""
+
+    exit_code = EXIT_UNAVAILABLE
 
 
 def example(*lines: str) -> str:
@@ -78,7 +92,7 @@ def example(*lines: str) -> str:
 # -- parameter types ---------------------------------------------------------------------------
 
 
-class UrlType(click.ParamType):
+class UrlType(click.ParamType[str]):
     """An http:// or https:// base URL."""
 
     name = "URL"
@@ -96,7 +110,7 @@ class UrlType(click.ParamType):
         return text
 
 
-class Text(click.ParamType):
+class Text(click.ParamType[str]):
     """A string of ``low..high`` characters (the API's ranges); ``name`` is its metavar."""
 
     def __init__(self, name: str, low: int, high: int) -> None:
@@ -113,7 +127,7 @@ class Text(click.ParamType):
         return text
 
 
-class IdempotencyKey(click.ParamType):
+class IdempotencyKey(click.ParamType[str]):
     """An ``Idempotency-Key``: 1..255 printable ASCII, as the API takes it."""
 
     name = "KEY"
@@ -161,7 +175,7 @@ class Session:
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or str(error)
             where = f"--admin-token, VM_TENANT_ADMIN_TOKEN or {path}"
-            raise Failed(f"no admin token ({where}): {reason}", EXIT_USAGE) from None
+            raise Unusable(f"no admin token ({where}): {reason}") from None
 
     def client(self) -> Client:
         """The client of this command (made once, closed with the command's context)."""
@@ -169,7 +183,7 @@ class Session:
             try:
                 self._client = Client(self.url, self._bearer(), timeout=self.timeout)
             except ValueError as error:
-                raise Failed(str(error), EXIT_USAGE) from None
+                raise Unusable(str(error)) from None
             click.get_current_context().call_on_close(self._client.close)
         return self._client
 
@@ -218,11 +232,11 @@ def failures() -> Iterator[None]:
     try:
         yield
     except Unreachable as error:  # before ApiError: a ServerError is both
-        raise Failed(str(error), EXIT_UNAVAILABLE) from None
+        raise Unavailable(str(error)) from None
     except ApiError as error:
-        raise Failed(str(error), EXIT_REFUSED) from None
+        raise Refused(str(error)) from None
     except ClientError as error:
-        raise Failed(str(error), EXIT_UNAVAILABLE) from None
+        raise Unavailable(str(error)) from None
 
 
 def note(message: str) -> None:

@@ -74,7 +74,7 @@ class Answer(Generic[T]):
     @property
     def replayed(self) -> bool:
         """Whether this is the stored answer of an earlier request with the same key."""
-        return self.headers.get("Idempotent-Replayed") == "true"
+        return bool(self.headers.get("Idempotent-Replayed") == "true")
 
 
 def audit_seqs(headers: httpx.Headers) -> tuple[int, ...]:
