@@ -248,6 +248,13 @@ def test_no_admin_token_anywhere_is_a_usage_error(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_an_empty_admin_token_file_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "admin.token").write_text("\n")
+    result = invoke("tenant", "list", "--data-dir", str(tmp_path), "--url", NOWHERE)
+    assert result.exit_code == 2
+    assert result.stderr.endswith(f"{tmp_path / 'admin.token'}): the file is empty\n")
+
+
 def test_admin_token_from_the_data_dir_file_then_env_then_flag(tmp_path: Path) -> None:
     """The token actually used decides nothing here; which one is read is shown by a 3."""
     (tmp_path / "admin.token").write_text("from-file\n")

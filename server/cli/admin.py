@@ -15,12 +15,9 @@ from typing import Any, TypeVar
 import click
 import msgspec
 
+from server.cli.params import COUNT, ID, PAGE, TTL
 from server.cli.shared import (
     CONTEXT,
-    COUNT,
-    ID,
-    PAGE,
-    TTL,
     Session,
     admin_options,
     example,

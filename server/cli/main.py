@@ -8,6 +8,9 @@ Each subcommand lives in the module of its concern and is imported only when it 
 - :mod:`server.cli.tenant`: ``vm``, ``usage``
 - :mod:`server.cli.audit`: ``audit`` (``verify``, and the admin reads)
 
+What the client commands share (connection options, output, exit codes) is in
+:mod:`server.cli.shared`, their parameter types in :mod:`server.cli.params`.
+
 A new top-level command is one line in :data:`COMMANDS`. Exit codes of client commands
 are set in :mod:`server.cli.shared`; usage errors exit 2 (click's own).
 """

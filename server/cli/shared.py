@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
-from urllib.parse import urlsplit
 
 import click
 import msgspec
 
+from server.cli.params import UrlType
 from server.client import (
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
@@ -34,9 +34,9 @@ from server.client import (
     Client,
     ClientError,
     Operation,
+    Quota,
     Unreachable,
 )
-from server.client.operations import check_idempotency_key
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,7 +45,6 @@ Role = Literal["admin", "tenant"]
 
 DEFAULT_DATA_DIR = "./vm-tenant-data"
 ADMIN_TOKEN_FILE = "admin.token"  # API.md: <data-dir>/admin.token
-MAX_INT = 2**31 - 1
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -89,64 +88,6 @@ def example(*lines: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-# -- parameter types ---------------------------------------------------------------------------
-
-
-class UrlType(click.ParamType[str]):
-    """An http:// or https:// base URL."""
-
-    name = "URL"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        text = str(value)
-        try:
-            parts = urlsplit(text)
-            valid = parts.scheme in {"http", "https"} and bool(parts.hostname)
-            _ = parts.port  # raises on a port that is not a number in 0..65535
-        except ValueError:
-            valid = False
-        if not valid:
-            self.fail(f"{text!r} is not an http:// or https:// URL", param, ctx)
-        return text
-
-
-class Text(click.ParamType[str]):
-    """A string of ``low..high`` characters (the API's ranges); ``name`` is its metavar."""
-
-    def __init__(self, name: str, low: int, high: int) -> None:
-        self.name = name
-        self.low = low
-        self.high = high
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        text = str(value)
-        if not self.low <= len(text) <= self.high:
-            self.fail(
-                f"must be {self.low}..{self.high} characters long, got {len(text)}", param, ctx
-            )
-        return text
-
-
-class IdempotencyKey(click.ParamType[str]):
-    """An ``Idempotency-Key``: 1..255 printable ASCII, as the API takes it."""
-
-    name = "KEY"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        try:
-            return check_idempotency_key(str(value))
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-#: an id that lands in a URL path: anything but empty (it is percent-encoded whole)
-ID = Text("ID", 1, 4096)
-COUNT = click.IntRange(0, MAX_INT)
-SIZE = click.IntRange(1, MAX_INT)
-TTL = click.IntRange(1, MAX_INT)
-PAGE = click.IntRange(1, 1000)
-
-
 # -- the session -------------------------------------------------------------------------------
 
 
@@ -170,12 +111,15 @@ class Session:
         if self.admin_token:
             return self.admin_token
         path = Path(self.data_dir) / ADMIN_TOKEN_FILE
+        where = f"--admin-token, VM_TENANT_ADMIN_TOKEN or {path}"
         try:
-            return path.read_text().strip()
+            token = path.read_text().strip()
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or str(error)
-            where = f"--admin-token, VM_TENANT_ADMIN_TOKEN or {path}"
             raise Unusable(f"no admin token ({where}): {reason}") from None
+        if not token:
+            raise Unusable(f"no admin token ({where}): the file is empty")
+        return token
 
     def client(self) -> Client:
         """The client of this command (made once, closed with the command's context)."""
@@ -261,7 +205,7 @@ def table(header: list[str], rows: list[list[str]], *, aligned: bool | None = No
     )
 
 
-def quota_text(quota: Any) -> str:
+def quota_text(quota: Quota) -> str:
     return f"{quota.vcpus}/{quota.memory_mib}/{quota.vms}"
 
 

@@ -10,14 +10,10 @@ from functools import partial
 
 import click
 
+from server.cli.params import ID, PAGE, SIZE, IdempotencyKey, Text
 from server.cli.shared import (
     CONTEXT,
-    ID,
-    PAGE,
-    SIZE,
-    IdempotencyKey,
     Session,
-    Text,
     example,
     note,
     quota_text,
