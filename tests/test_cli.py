@@ -6,18 +6,28 @@ completion as real subprocesses of the installed ``vm-tenant`` script.
 
 from __future__ import annotations
 
+import datetime
+import http.server
+import ipaddress
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner, Result
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from conftest import vm_tenant
 from server import settings
@@ -314,3 +324,96 @@ def test_client_env_vars_are_not_taken_for_misspelt_settings(
     monkeypatch.setenv("VM_TENANT_RATE_BRUST", "3")  # the control: a real typo is still named
     assert main(["config", "show"]) == 0
     assert "ignoring VM_TENANT_RATE_BRUST" in caplog.text
+
+
+# -- https --------------------------------------------------------------------------------------
+
+
+def write_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate it signed for 127.0.0.1: (ca.pem, cert.pem, key.pem)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: str
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        certificate("test CA", ca_key, "test CA")
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        certificate("127.0.0.1", key, "test CA")
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+class UsageAnswer(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a fixed ``/v1/usage`` body."""
+
+    BODY = b'{"tenant":"acme","quota":{"vcpus":1,"memory_mib":1,"vms":1},' + (
+        b'"allocated":{"vcpus":0,"memory_mib":0,"vms":0}}'
+    )
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.BODY)))
+        self.end_headers()
+        self.wfile.write(self.BODY)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_https_with_a_private_ca(tmp_path: Path) -> None:
+    ca, cert, key = write_ca_and_server_cert(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), UsageAnswer)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        trusted = invoke("usage", "--token", "t", "--url", url, "--cacert", str(ca), "-o", "json")
+        assert trusted.exit_code == 0, trusted.output
+        assert trusted.stdout.encode() == UsageAnswer.BODY + b"\n"
+        from_env = invoke("usage", "--token", "t", "--url", url, env={"VM_TENANT_CACERT": str(ca)})
+        assert from_env.exit_code == 0, from_env.output
+        untrusted = invoke("usage", "--token", "t", "--url", url)
+        assert untrusted.exit_code == 3
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        missing = invoke("usage", "--token", "t", "--url", url, "--cacert", str(tmp_path / "no"))
+        assert missing.exit_code == 2
+        assert missing.stderr.startswith(f"vm-tenant: cannot use --cacert {tmp_path / 'no'}: ")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

@@ -15,6 +15,7 @@ written to stdout before the command knows it succeeded; failures print one line
 from __future__ import annotations
 
 import functools
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,7 +53,13 @@ EXIT_UNAVAILABLE = 3
 
 #: env vars read by the client commands (not serve settings: ``serve`` must not call them typos)
 CLIENT_ENV = frozenset(
-    {"VM_TENANT_URL", "VM_TENANT_ADMIN_TOKEN", "VM_TENANT_TOKEN", "VM_TENANT_OUTPUT"}
+    {
+        "VM_TENANT_URL",
+        "VM_TENANT_ADMIN_TOKEN",
+        "VM_TENANT_TOKEN",
+        "VM_TENANT_OUTPUT",
+        "VM_TENANT_CACERT",
+    }
 )
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -102,6 +109,7 @@ class Session:
     token: str | None = None
     admin_token: str | None = None
     data_dir: str = DEFAULT_DATA_DIR
+    cacert: str | None = None
     _client: Client | None = field(default=None, repr=False)
 
     def _bearer(self) -> str:
@@ -125,7 +133,11 @@ class Session:
         """The client of this command (made once, closed with the command's context)."""
         if self._client is None:
             try:
-                self._client = Client(self.url, self._bearer(), timeout=self.timeout)
+                verify = ssl.create_default_context(cafile=self.cacert) if self.cacert else True
+            except (OSError, ssl.SSLError) as error:
+                raise Unusable(f"cannot use --cacert {self.cacert}: {error}") from None
+            try:
+                self._client = Client(self.url, self._bearer(), timeout=self.timeout, verify=verify)
             except ValueError as error:
                 raise Unusable(str(error)) from None
             click.get_current_context().call_on_close(self._client.close)
@@ -249,6 +261,12 @@ _TIMEOUT = _option(
     metavar="SECONDS",
     help="How long to wait for the server's answer; past it, exit 3 (outcome unknown).",
 )
+_CACERT = _option(
+    "--cacert",
+    metavar="FILE",
+    envvar="VM_TENANT_CACERT",
+    help="CA certificates (PEM) to verify an https:// server with (default: the system's).",
+)
 _ADMIN_TOKEN = _option(
     "--admin-token",
     metavar="TOKEN",
@@ -290,6 +308,6 @@ def _with_session(role: Role, options: list[Callable[[F], F]]) -> Callable[[F], 
 
 #: the options of a command that uses the admin token; its function gets the Session first
 #: (apply it right above the function, below the command's own arguments and options)
-admin_options = _with_session("admin", [_ADMIN_TOKEN, _DATA_DIR, _TIMEOUT, _OUTPUT, _URL])
+admin_options = _with_session("admin", [_ADMIN_TOKEN, _DATA_DIR, _CACERT, _TIMEOUT, _OUTPUT, _URL])
 #: the same for a command that uses a tenant token
-tenant_options = _with_session("tenant", [_TOKEN, _TIMEOUT, _OUTPUT, _URL])
+tenant_options = _with_session("tenant", [_TOKEN, _CACERT, _TIMEOUT, _OUTPUT, _URL])
