@@ -1,8 +1,9 @@
-"""The walk-through of ``docs/cli.md`` runs as written against a live ``vm-tenant serve``.
+"""The walk-through of ``docs/cli.md`` and its Python client example run as written.
 
 Its shell block is executed by bash with ``set -euo pipefail`` (every line must
 succeed), in a directory whose ``vm-tenant-data`` is the server's data dir, with only
-``VM_TENANT_URL`` pointing at the server's ephemeral port.
+``VM_TENANT_URL`` pointing at the server's ephemeral port; then the Python example runs
+in the same directory against the same server.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from conftest import LiveServer, bearer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def walkthrough() -> str:
+def block(heading: str, language: str) -> str:
+    """The first ``language`` code block under ``heading`` in docs/cli.md."""
     text = (ROOT / "docs" / "cli.md").read_text()
-    section = text.split("\n## Walk-through\n", 1)[1]
-    block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert block, "docs/cli.md lost its walk-through"
-    return block.group(1)
+    section = text.split(f"\n## {heading}\n", 1)[1]
+    found = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    assert found, f"docs/cli.md lost its {heading} example"
+    return found.group(1)
+
+
+def walkthrough() -> str:
+    return block("Walk-through", "sh")
 
 
 def test_the_walkthrough_has_no_placeholders() -> None:
@@ -59,5 +65,18 @@ def test_the_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
         ).json()
         assert tenant["quota"] == {"vcpus": 16, "memory_mib": 32768, "vms": 8}
         assert tenant["allocated"]["vms"] == 0  # the VM was destroyed
+
+        # the Python client's example, in the same directory, against the same server
+        example = subprocess.run(
+            [sys.executable, "-c", block("The Python client", "python")],
+            cwd=tmp_path,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert example.returncode == 0, example.stdout + example.stderr
+        assert example.stdout.splitlines()[-1] == "404 not_found"
+        assert re.fullmatch(r"vm-[0-9a-f]+ (pending|running)", example.stdout.splitlines()[0])
     finally:
         server.kill()
