@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 from typing import Any
 
@@ -263,6 +264,16 @@ def test_refusals_exit_1_and_name_the_problem(live_server: LiveServer) -> None:
     )  # fmt: skip
     assert process.returncode == 1 and process.stdout == ""
     assert process.stderr.startswith("vm-tenant: 409 conflict: ")
+
+
+@pytest.mark.parametrize(
+    "live_server", [{"VM_TENANT_RATE_LIMIT": "0.001", "VM_TENANT_RATE_BURST": "1"}], indirect=True
+)
+def test_a_429_says_when_to_retry(live_server: LiveServer) -> None:
+    token = ok(admin(live_server, "tenant", "create", "acme", *QUOTA)).stdout.strip()
+    ok(tenant(live_server, token, "usage"))  # the one request of the burst
+    detail = refused(tenant(live_server, token, "usage"), 429, "rate_limited")
+    assert re.search(r"\(retry after [1-9][0-9]* s\)$", detail), detail
 
 
 def test_a_5xx_is_exit_3(live_server: LiveServer) -> None:

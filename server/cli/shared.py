@@ -187,10 +187,10 @@ def failures() -> Iterator[None]:
     """Turn the client's errors into exit codes: 1 refused, 3 unreachable or 5xx."""
     try:
         yield
-    except Unreachable as error:  # before ApiError: a ServerError is both
-        raise Unavailable(str(error)) from None
     except ApiError as error:
-        raise Refused(str(error)) from None
+        wait = f" (retry after {error.retry_after} s)" if error.retry_after is not None else ""
+        kind = Unavailable if isinstance(error, Unreachable) else Refused  # a 5xx is both
+        raise kind(f"{error}{wait}") from None
     except ClientError as error:
         raise Unavailable(str(error)) from None
 
