@@ -15,7 +15,6 @@ prints them all (the admin token stays in ``<data-dir>/admin.token``).
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import ipaddress
 import os
@@ -441,38 +440,14 @@ def typo_warnings(environ: Mapping[str, str]) -> list[str]:
 # -- the command line -------------------------------------------------------------------------
 
 
-def flag_parser() -> argparse.ArgumentParser:
-    """A parent parser with ``--config`` and one flag per setting, none defaulted.
+def from_args(args: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Resolved:
+    """Resolve the settings named by the command line: flag dest -> text, None when absent.
 
-    Flags default to nothing (``SUPPRESS``) so that a flag left out lets env, file and
-    default through; their text is converted by the schema, like env values.
+    ``args`` holds one entry per flag of :data:`OPTIONS` (by :attr:`Option.dest`) and
+    ``config``; the command line builds its flags from that table.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("settings (flag > VM_TENANT_* env > config file > default)")
-    group.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        metavar="PATH",
-        help=f"TOML settings file (env {CONFIG_ENV})",
-    )
-    for option in OPTIONS:
-        default = FIELDS[option.key][1]
-        shown = "off" if default is None else default
-        group.add_argument(
-            option.flag,
-            dest=option.dest,
-            default=argparse.SUPPRESS,
-            metavar=option.metavar,
-            help=f"{option.help} (env {option.env}, key {option.key}, default {shown})",
-        )
-    return parser
-
-
-def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Resolved:
-    """Resolve the settings named by parsed :func:`flag_parser` flags."""
-    given = vars(args)
-    flags = {o.key: given[o.dest] for o in OPTIONS if o.dest in given}
-    return resolve(flags, os.environ if environ is None else environ, given.get("config"))
+    flags = {o.key: args[o.dest] for o in OPTIONS if args.get(o.dest) is not None}
+    return resolve(flags, os.environ if environ is None else environ, args.get("config"))
 
 
 def to_toml(resolved: Resolved) -> str:

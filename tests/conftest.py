@@ -281,3 +281,19 @@ def audit_lines(data_dir: Path) -> list[bytes]:
     for segment in sorted((data_dir / "audit").glob("*.jsonl")):
         lines.extend(segment.read_bytes().splitlines())
     return lines
+
+
+#: the installed ``vm-tenant`` script of this environment
+VM_TENANT = Path(sys.executable).with_name("vm-tenant")
+
+
+def vm_tenant(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``vm-tenant`` with no ``VM_TENANT_*`` env but ``env``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VM_TENANT_")}
+    return subprocess.run(
+        [str(VM_TENANT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environ, **(env or {})},
+    )

@@ -30,7 +30,7 @@ from conftest import QUOTA, Api, service_config
 from server import settings
 from server.app import create_app
 from server.auth import Authority
-from server.cli import build_parser
+from server.cli.serve import serve_command
 
 PROBLEM_MEMBERS = {"type", "title", "status", "detail", "code"}
 SPEC = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
@@ -170,7 +170,7 @@ async def test_bad_settings_stop_the_start(tmp_path: Path, settings: dict[str, A
 
 def serve_limits(argv: list[str], environ: dict[str, str]) -> tuple[float, int, int]:
     """The limits ``vm-tenant serve`` would run with, through the real settings layer."""
-    args = build_parser().parse_args(["serve", *argv])
+    args = serve_command.make_context("serve", list(argv)).params
     config = settings.from_args(args, environ).settings.service_config()
     return config.rate_limit, config.rate_burst, config.max_inflight_spawns
 

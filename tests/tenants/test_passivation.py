@@ -25,7 +25,7 @@ from conftest import bearer, service_config
 from server import settings
 from server.app import create_app
 from server.auth import Authority
-from server.cli import build_parser
+from server.cli.serve import serve_command
 
 ADMIN = Source("127.0.0.1", "admin")
 USER = Source("127.0.0.1", "tok-user")
@@ -167,7 +167,7 @@ async def test_http_requests_reach_a_passivated_tenant(
 
 def passivate_after(argv: list[str], environ: dict[str, str]) -> float:
     """What ``vm-tenant serve`` would run with, through the real settings layer."""
-    args = build_parser().parse_args(["serve", *argv])
+    args = serve_command.make_context("serve", list(argv)).params
     return settings.from_args(args, environ).settings.service_config().passivate_after
 
 
