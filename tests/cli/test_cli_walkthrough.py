@@ -18,7 +18,7 @@ import httpx
 
 from conftest import LiveServer, bearer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def block(heading: str, language: str) -> str:
