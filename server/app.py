@@ -83,13 +83,13 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
 
     @app.errorhandler(Problem)
     async def on_problem(error: Problem) -> Response:
-        return problem_response(error.code, error.detail, error.headers)
+        return problem_response(error.code, error.detail, error.headers, error.members)
 
     @app.errorhandler(DomainError)
     async def on_domain_error(error: DomainError) -> Response:
         count_domain_error(service.metrics, error)
         problem = domain_problem(error)
-        return problem_response(problem.code, problem.detail, problem.headers)
+        return problem_response(problem.code, problem.detail, problem.headers, problem.members)
 
     @app.errorhandler(trio.TooSlowError)
     async def on_too_slow(_: trio.TooSlowError) -> Response:
@@ -202,7 +202,9 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
         if isinstance(result, Replay):
             replayed = {"Idempotent-Replayed": "true"}
             if result.status != 201:
-                return problem_response(result.body["code"], result.body["detail"], replayed)
+                body = result.body
+                members = {k: v for k, v in body.items() if k not in ("code", "detail")}
+                return problem_response(body["code"], body["detail"], replayed, members)
             result = result.body
             headers = {"Location": f"/v1/vms/{result['id']}", **replayed}
             return json_response(result, 201, headers)

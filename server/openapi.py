@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from server.problems import CODES
+from server.problems import CODES, RETRY_AFTER_503
 from server.schemas import (
     IDEMPOTENCY_KEY_RE,
     MAX_INT,
@@ -43,8 +43,10 @@ _REQUEST_ID = _header(
 #: headers that a problem code always carries (see server/problems.py and server/app.py)
 _PROBLEM_HEADERS: dict[str, dict[str, Any]] = {
     "unauthorized": {"WWW-Authenticate": _header({"const": "Bearer"}, "the scheme to use")},
-    "rate_limited": {
-        "Retry-After": _header({"type": "string", "pattern": "^[0-9]+$"}, "seconds to wait")
+    # a 429 and every 503 say when to try again
+    **{
+        code: {"Retry-After": _header({"type": "string", "pattern": "^[0-9]+$"}, "seconds to wait")}
+        for code in ("rate_limited", *RETRY_AFTER_503)
     },
 }
 
@@ -96,6 +98,27 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
         "properties": properties,
         "additionalProperties": False,
     }
+
+
+def _problem_schema() -> dict[str, Any]:
+    """RFC 9457's members and ``code``; a ``quota_exceeded`` problem also has ``dimension``."""
+    schema = _object(
+        {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+            "code": {"enum": sorted(CODES)},
+        }
+    )
+    schema["properties"]["dimension"] = {
+        "enum": ["vcpus", "memory_mib", "vms"],
+        "description": "quota_exceeded only: the dimension the spawn would take over its ceiling",
+    }
+    schema["if"] = {"properties": {"code": {"const": "quota_exceeded"}}}
+    schema["then"] = {"required": ["dimension"]}
+    schema["else"] = {"not": {"required": ["dimension"]}}
+    return schema
 
 
 def _op(summary: str, ok: dict[str, Any], *codes: str, **extra: Any) -> dict[str, Any]:
@@ -196,15 +219,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             ),
             "Status": _object({"status": {"type": "string"}}),
-            "Problem": _object(
-                {
-                    "type": {"type": "string", "format": "uri"},
-                    "title": {"type": "string"},
-                    "status": {"type": "integer", "minimum": 400, "maximum": 599},
-                    "detail": {"type": "string"},
-                    "code": {"enum": sorted(CODES)},
-                }
-            ),
+            "Problem": _problem_schema(),
         }
     )
     idem = {

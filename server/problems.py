@@ -1,4 +1,9 @@
-"""RFC 9457 problem documents: the one place that maps errors to status and ``code``."""
+"""RFC 9457 problem documents: the one place that maps errors to status and ``code``.
+
+Headers a code always carries are set here too, so that no place that makes a problem can
+forget them: ``WWW-Authenticate`` on a 401, ``Retry-After`` on a 429 and on every 503.
+A ``quota_exceeded`` problem also names its ``dimension`` (a member of the document).
+"""
 
 from __future__ import annotations
 
@@ -63,19 +68,30 @@ INTERNAL_DETAIL = "the request could not be completed"
 #: codes whose detail never comes from the error: a 404 must not tell a missing VM from
 #: another tenant's, and a bug's message is for the log, not the caller
 _FIXED_DETAILS = {"not_found": NOT_FOUND_DETAIL, "internal_error": INTERNAL_DETAIL}
+#: ``Retry-After`` seconds of each 503: the audit writer retries its repair every second;
+#: a fleet that failed is left alone by the circuit breaker for its 5 s cooldown
+RETRY_AFTER_503 = {"audit_unavailable": "1", "fleet_unavailable": "5"}
 
 
 class Problem(Exception):
     """An error raised at the edge that already knows its problem ``code``."""
 
-    def __init__(self, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        members: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+        #: extension members of the document beyond the five of every problem
+        self.members = members or {}
 
 
-def problem_body(code: str, detail: str) -> dict[str, Any]:
+def problem_body(code: str, detail: str, members: dict[str, Any] | None = None) -> dict[str, Any]:
     status, title = CODES[code]
     return {
         "type": PROBLEM_TYPE + code.replace("_", "-"),
@@ -83,11 +99,17 @@ def problem_body(code: str, detail: str) -> dict[str, Any]:
         "status": status,
         "detail": detail,
         "code": code,
+        **(members or {}),
     }
 
 
-def problem_response(code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
-    body = problem_body(code, detail)
+def problem_response(
+    code: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    members: dict[str, Any] | None = None,
+) -> Response:
+    body = problem_body(code, detail, members)
     response = Response(
         msgspec.json.encode(body), status=body["status"], content_type="application/problem+json"
     )
@@ -95,6 +117,8 @@ def problem_response(code: str, detail: str, headers: dict[str, str] | None = No
         response.headers["WWW-Authenticate"] = "Bearer"
     if code == "rate_limited":
         response.headers["Retry-After"] = "1"
+    if code in RETRY_AFTER_503:
+        response.headers["Retry-After"] = RETRY_AFTER_503[code]
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
@@ -107,5 +131,7 @@ def domain_problem(error: DomainError) -> Problem:
             detail = _FIXED_DETAILS.get(code) or str(error)
             if isinstance(error, Busy):
                 return Problem(code, detail, {"Retry-After": str(error.retry_after)})
+            if isinstance(error, QuotaExceeded):
+                return Problem(code, detail, members={"dimension": error.dimension})
             return Problem(code, detail)
     return Problem("internal_error", INTERNAL_DETAIL)

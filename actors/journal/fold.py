@@ -23,6 +23,18 @@ def spawn_response(vm: VmRecord, state: str) -> dict[str, Any]:
     return vm.to_json(state)
 
 
+def refusal_answer(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """The problem a quota refusal answered, kept for idempotent replays.
+
+    Its ``dimension`` is a member of the answer (API.md v1.1); the entry keeps it beside
+    ``problem``, so entries written before it was a member replay the same answer.
+    """
+    problem = detail.get("problem")
+    if problem is None or "dimension" not in detail:
+        return problem
+    return {**problem, "dimension": detail["dimension"]}
+
+
 def apply(state: ProxyState, entry: dict[str, Any]) -> None:
     """Fold one durable audit entry into ``state``."""
     op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
@@ -37,7 +49,7 @@ def apply(state: ProxyState, entry: dict[str, Any]) -> None:
     if tenant is None:
         return
     if outcome == "rejected":
-        _remember_key(tenant, entry, 403, detail.get("problem"))
+        _remember_key(tenant, entry, 403, refusal_answer(detail))
         return
     if op == "tenant.update" and outcome == "succeeded":
         tenant.quota = quota_from(detail["quota"])

@@ -42,6 +42,7 @@ from actors.errors import (
     QuotaExceeded,
 )
 from actors.fleet.client import FleetClient
+from actors.journal.fold import refusal_answer
 from actors.journal.writer import SYSTEM_SOURCE, AuditTicket, AuditWriter, utc_now
 from actors.reply import send_reply
 from actors.state import IN_DOUBT_STATES, IdempotencyRecord, TenantState, VmRecord, VmSpec
@@ -346,7 +347,7 @@ class TenantActor:
                 return
             if key is not None:
                 tenant.idempotency[key] = IdempotencyRecord(
-                    msg.request_hash or "", 403, problem, utc_now()
+                    msg.request_hash or "", 403, refusal_answer(detail), utc_now()
                 )
             self._start(self._jobs.rejected, ticket, QuotaExceeded(dimension, text), key, msg.reply)
             return
