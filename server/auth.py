@@ -65,9 +65,13 @@ def issued_form(text: str) -> bool:
 
 
 def load_or_create_secret(path: Path, make: str) -> str:
-    """Read a secret file, creating it (mode 0600) first when it does not exist yet."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    create_private(path, (make + "\n").encode())
+    """Read a secret file, creating it (mode 0600) first when it does not exist yet.
+
+    An existing file is only ever read: it is never rewritten, not even with itself.
+    """
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        create_private(path, (make + "\n").encode())
     return path.read_text().strip()
 
 
