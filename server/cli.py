@@ -26,8 +26,9 @@ from server import settings
 from server.app import create_app
 from server.auth import Authority, admin_token_path
 from server.keyring import KeyringError
-from server.logs import configure_logging, direct_request_logger
+from server.logs import announce, serving_log
 from server.metrics_http import metrics_app
+from server.startup import claim_data_dir, configure_serve
 
 log = logging.getLogger("vm_tenant")
 
@@ -39,8 +40,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _announce(line: str) -> None:
-    # Plain text, not a log event: scripts and tests wait for these exact lines.
-    print(line, file=sys.stderr, flush=True)
+    # In the log format at every level: scripts and tests wait for this text.
+    announce(line)
 
 
 async def _listen(
@@ -69,10 +70,13 @@ async def serve(
     config: ServiceConfig, bind: str, metrics_bind: str | None = None, log_format: str = "auto"
 ) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        claim_data_dir(config.data_dir) as claimed,
+    ):
         authority = _authority(config.data_dir)
         async with open_service(config) as service:
-            app = create_app(service, authority, direct_request_logger(log_format))
+            app = create_app(service, authority, serving_log(service.metrics.registry))
             # What is alive now (modules, the recovered state) lives as long as the
             # process: keep it out of every later full collection, which would scan it
             # all while the event loop stands still.
@@ -107,6 +111,7 @@ async def serve(
                     mbinds = await _listen(nursery, metrics, mconfig, stop)
                     _announce(f"vm-tenant metrics on {mbinds[0]}/metrics")
                 binds = await _listen(nursery, app, hconfig, stop)
+                claimed.started()
                 _announce(f"vm-tenant listening on {' '.join(binds)}")
                 await stop.wait()
             log.info("HTTP drained; stopping actors")
@@ -114,7 +119,6 @@ async def serve(
 
 def _authority(data_dir: Path) -> Authority:
     """The data dir's keyring and admin token; an unusable keyring stops the start."""
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         return Authority.for_data_dir(data_dir)
     except KeyringError as error:
@@ -133,11 +137,10 @@ def _settings(args: argparse.Namespace) -> settings.Resolved | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    resolved = _settings(args)
+    resolved = configure_serve(args)
     if resolved is None:
         return 2
     chosen = resolved.settings
-    configure_logging(chosen.log_format)
     config = chosen.service_config()
     try:
         trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format)
