@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,9 @@ class Service:
         return self.snapshot_anchor
 
 
-def read_state(registry: TenantRegistry, writer: AuditWriter) -> StateReading:
+def read_state(service: Service) -> StateReading:
     """What the metrics export at scrape time, read from the actors between their turns."""
+    registry, writer, breaker = service.registry, service.audit, service.fleet.breaker
     actors = registry.live_actors()
     tenants = registry.tenant_states()
     by_state: dict[str, int] = {}
@@ -112,7 +114,34 @@ def read_state(registry: TenantRegistry, writer: AuditWriter) -> StateReading:
         audit_seq=writer.seq,
         audit_queue_depth=writer.queue_depth,
         audit_healthy=writer.healthy,
+        fleet_breaker=(
+            "open"
+            if not breaker.allows()
+            else "half_open"
+            if breaker.failures >= breaker.threshold
+            else "closed"
+        ),
+        fleet_failures=breaker.failures,
+        checkpoint=_last_checkpoint(service),
+        snapshot=_last_snapshot(service),
     )
+
+
+def _last_checkpoint(service: Service) -> tuple[int, float] | None:
+    """(seq, wall-clock time) of the newest signed checkpoint, if there is one."""
+    latest = service.checkpoints.latest
+    if latest is None:
+        return None
+    return latest["seq"], datetime.fromisoformat(latest["ts"]).timestamp()
+
+
+def _last_snapshot(service: Service) -> tuple[int, float] | None:
+    """(seq, wall-clock time) of the snapshot on disk, if there is one."""
+    try:
+        written = snapshot.snapshot_path(service.config.data_dir).stat().st_mtime
+    except OSError:
+        return None
+    return service.snapshot_anchor.seq, written
 
 
 def make_driver(config: ServiceConfig) -> FleetDriver:
@@ -163,10 +192,10 @@ async def open_service(
         passivate_after=config.passivate_after,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
-    metrics.watch(lambda: read_state(registry, writer))
     service = Service(
         config, writer, fleet, registry, signer, metrics, snapshot_anchor=replayed.anchor
     )
+    metrics.watch(lambda: read_state(service))
     async with trio.open_nursery() as audit_nursery:
         await audit_nursery.start(writer.run)
         async with trio.open_nursery() as fleet_nursery:

@@ -111,7 +111,7 @@ def count_domain_error(metrics: Metrics, error: DomainError) -> None:
     if isinstance(error, QuotaExceeded):
         metrics.count_quota_rejection(error.dimension)
     elif isinstance(error, Busy):
-        metrics.count_rate_limited("busy")
+        metrics.count_rate_limited(error.reason)
 
 
 class _RequestMetrics:

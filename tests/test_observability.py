@@ -336,7 +336,7 @@ async def test_a_429_is_counted_as_rate_limited(api: Api) -> None:
     response = await api.client.post("/v1/vms", json=spec, headers={"Authorization": token})
     assert response.status_code == 429
     get = api.service.metrics.registry.get_sample_value
-    assert get("vm_tenant_rate_limited_total", {"reason": "busy"}) == 1
+    assert get("vm_tenant_rate_limited_total", {"reason": "shutting_down"}) == 1
 
 
 async def test_a_shared_request_id_does_not_mix_callers_seqs(
