@@ -50,9 +50,9 @@ def configure_serve(
     try:
         resolved = settings.from_args(args, environ)
     except settings.SettingsError as error:
-        for warning in settings.typo_warnings(environ):
-            print(f"vm-tenant: warning: {warning}", file=sys.stderr)
-        print(error, file=sys.stderr)
+        lines = [f"vm-tenant: warning: {w}" for w in settings.typo_warnings(environ)]
+        with suppress(OSError, ValueError):  # even a full stderr must not change the exit
+            print("\n".join([*lines, str(error)]), file=sys.stderr, flush=True)
         return None
     chosen = resolved.settings
     configure_logging(chosen.log_format, level=chosen.log_level, take_stderr=True)
