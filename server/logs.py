@@ -80,7 +80,9 @@ class LogSink:
                         sent += os.write(self._fd, view[sent:])
             except (OSError, ValueError):
                 self.dropped += 1
-                self._cut = sent > 0
+                # a part of this line went out: it is the one left unterminated now
+                # (nothing went out: an earlier cut line still is)
+                self._cut = self._cut or sent > 0
             else:
                 self._cut = False
 
@@ -101,6 +103,14 @@ class SinkStream(io.TextIOBase):
     def __init__(self, sink: LogSink) -> None:
         super().__init__()
         self._sink = sink
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:
+        return "backslashreplace"
 
     def writable(self) -> bool:
         return True

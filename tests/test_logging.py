@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LiveServer, audit_lines, bearer
 from full_disk import FullTmpfs
+from server.logs import LogSink
 from server.observe import trace_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,3 +278,30 @@ def test_warning_level_keeps_only_warnings_and_the_start_up_lines(json_server: L
 def test_traceparent_parsing(header: str, expected: str | None) -> None:
     assert trace_id([header]) == expected
     assert trace_id([header, header]) is None  # sent twice: ignored
+
+
+# -- the sink ----------------------------------------------------------------------------------
+
+
+def test_the_sink_counts_what_it_cannot_write_and_never_runs_lines_together(
+    tmp_path: Path,
+) -> None:
+    with FullTmpfs(tmp_path / "logs") as tmpfs:
+        log = tmpfs.view() / "stderr.log"
+        log.write_bytes(b"x" * (PAGE - 100) + b"\n")  # 99 bytes left in its page
+        tmpfs.fill()
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+        try:
+            sink = LogSink(fd)
+            sink.write(b"a" * 300 + b"\n")  # a part goes out, the rest does not fit
+            sink.write(b"b" * 300 + b"\n")  # nothing fits
+            assert sink.dropped == 2
+            (tmpfs.view() / ".fill").unlink()  # room again
+            sink.write(b"c" * 10 + b"\n")
+            assert sink.dropped == 2
+        finally:
+            os.close(fd)
+        lines = log.read_bytes().split(b"\n")
+    assert lines[1] == b"a" * 99  # the part that went out...
+    assert lines[2] == b"c" * 10  # ...is ended before the next line
+    assert lines[3:] == [b""]
