@@ -275,6 +275,12 @@ def test_token_and_cursor_variations_over_the_wire(live_server: LiveServer) -> N
         for _ in range(2):
             assert client.post("/v1/vms", json=SPEC, headers=bearer(token)).status_code == 201
         cursor = client.get("/v1/vms", params={"limit": 1}, headers=bearer(token)).json()["next"]
+        created = client.post(
+            "/v1/admin/tenants", json={"id": "beta", "quota": QUOTA}, headers=admin
+        )
+        assert created.status_code == 201
+        listed = client.get("/v1/admin/tenants", params={"limit": 1}, headers=admin)
+        tenant_cursor = listed.json()["next"]
         head = client.get("/v1/admin/audit?limit=1", headers=admin).json()["head"]
 
     url = live_server.url
@@ -290,14 +296,20 @@ def test_token_and_cursor_variations_over_the_wire(live_server: LiveServer) -> N
         )
         check_problem(401, "unauthorized", status, raw)
 
-    for name, variant in VARIANTS.items():
-        changed = quote(variant(cursor), safe="")
-        status, _, raw = get_with_token(url, f"/v1/vms?limit=1&cursor={changed}", token.encode())
+    pages = (
+        ("/v1/vms", cursor, token.encode()),
+        ("/v1/admin/tenants", tenant_cursor, live_server.admin_token.encode()),
+    )
+    for path, issued, credential in pages:
+        status, _, _ = get_with_token(url, f"{path}?limit=1&cursor={quote(issued)}", credential)
+        assert status == 200
+        for variant in VARIANTS.values():
+            changed = quote(variant(issued), safe="")
+            status, _, raw = get_with_token(url, f"{path}?limit=1&cursor={changed}", credential)
+            check_problem(400, "invalid_request", status, raw)
+        # '=' appended unescaped in the query string is the same variation
+        status, _, raw = get_with_token(url, f"{path}?limit=1&cursor={issued}=", credential)
         check_problem(400, "invalid_request", status, raw)
-        assert name  # (named for the failure message above)
-    # '=' appended unescaped in the query string is the same variation
-    status, _, raw = get_with_token(url, f"/v1/vms?limit=1&cursor={cursor}=", token.encode())
-    check_problem(400, "invalid_request", status, raw)
 
     # A raw U+2028 (UTF-8 bytes, legal inside a JSON string) in a name is refused too.
     body = b'{"vcpus": 1, "memory_mib": 256, "image": "debian-12", "name": "a\xe2\x80\xa8b"}'
