@@ -70,12 +70,19 @@ class IdempotencyConflict(RequestRefused):
 class Busy(RequestRefused):
     """A per-tenant limit was hit (request rate, spawns in flight, a full mailbox).
 
-    ``retry_after`` is the whole seconds the caller should wait before trying again.
+    ``retry_after`` is the whole seconds the caller should wait before trying again;
+    ``reason`` says which limit (:data:`BUSY_REASONS`), for the metrics.
     """
 
-    def __init__(self, detail: str, retry_after: int = 1) -> None:
+    def __init__(self, detail: str, retry_after: int = 1, *, reason: str) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+        self.reason = reason
+
+
+#: why a request was answered 429: the tenant's request rate, its spawns in flight, its
+#: actor's full mailbox, or the service (or the actor) stopping
+BUSY_REASONS = ("rate_limit", "spawn_slots", "mailbox_full", "shutting_down")
 
 
 # -- a dependency could not act --------------------------------------------------------------

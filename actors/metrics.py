@@ -7,23 +7,32 @@ an increment; families whose label values are open-ended (``status``, ``reason``
 their children on first use and keep them too.
 
 Values that already live in the actors' state (live actors, mailbox depths, VMs in
-doubt, the audit head) are not mirrored into gauges on every change: the
-:class:`StateCollector` calls a reading function at scrape time, on the event loop's
-thread, so it sees each actor's state between two of its turns. This module knows no
-actor: the service wires the reading function to them (``actors/service.py``).
+doubt, the audit head, the fleet breaker, the last checkpoint and snapshot) are not
+mirrored into gauges on every change: the :class:`StateCollector` calls a reading
+function at scrape time, on the event loop's thread, so it sees each actor's state
+between two of its turns. This module knows no actor: the service wires the reading
+function to them (``actors/service.py``).
+
+The registry also holds the process collector (``process_*``: resident memory, open
+file descriptors, start time, CPU seconds) and ``vm_tenant_build_info``. Counters and
+histograms carry no ``_created`` series in the exposition: :func:`without_created` drops
+them from this registry's scrape only (prometheus_client's own switch is process-wide).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from actors.errors import BUSY_REASONS
 from actors.state import IN_DOUBT_STATES
 
 PREFIX = "vm_tenant"
@@ -35,6 +44,16 @@ FLEET_RESULTS = ("ok", "error", "in_doubt", "unavailable", "timeout", "refused")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+BREAKER_STATES = ("closed", "open", "half_open")
+#: the distribution this code is installed as (for ``vm_tenant_build_info``)
+DISTRIBUTION = "service-vm-tenant"
+
+
+def build_version() -> str:
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def child(cache: dict[tuple[str, ...], Any], family: Any, *labels: str) -> Any:
@@ -76,7 +95,8 @@ class Metrics:
         )
         self.rate_limited = Counter(
             f"{PREFIX}_rate_limited",
-            "Requests answered 429 rate_limited, by reason; incremented wherever a 429 is made.",
+            "Requests answered 429 rate_limited, by reason: rate_limit (requests/s), "
+            "spawn_slots (spawns in flight), mailbox_full, shutting_down.",
             ("reason",),
             registry=r,
         )
@@ -122,8 +142,13 @@ class Metrics:
         self._fleet_duration: dict[tuple[str, ...], Any] = {
             (op,): self.fleet_duration.labels(op) for op in FLEET_OPERATIONS
         }
-        self._rate_limited: dict[tuple[str, ...], Any] = {}
+        # Every reason exists from the start, so that a scrape shows zeros (and rates work).
+        self._rate_limited: dict[tuple[str, ...], Any] = {
+            (reason,): self.rate_limited.labels(reason) for reason in BUSY_REASONS
+        }
         self._quota: dict[tuple[str, ...], Any] = {}
+        ProcessCollector(registry=r)
+        Info(f"{PREFIX}_build", "The running build.", registry=r).info({"version": build_version()})
 
     # -- updates used by the actors and the edge -----------------------------------------
 
@@ -157,6 +182,12 @@ class StateReading:
     audit_seq: int
     audit_queue_depth: int
     audit_healthy: bool
+    #: ``closed``, ``open`` (calls refused) or ``half_open`` (the next failure reopens it)
+    fleet_breaker: str
+    fleet_failures: int
+    #: (seq, wall-clock time) of the newest checkpoint and of the snapshot, if any
+    checkpoint: tuple[int, float] | None
+    snapshot: tuple[int, float] | None
 
 
 class StateCollector(Collector):
@@ -219,3 +250,54 @@ class StateCollector(Collector):
             "1 while the audit log accepts writes, 0 while it needs repair or is damaged.",
             value=1 if reading.audit_healthy else 0,
         )
+        breaker = GaugeMetricFamily(
+            f"{PREFIX}_fleet_breaker_state",
+            "The fleet circuit breaker: 1 for its current state (open: calls refused).",
+            labels=("state",),
+        )
+        for state in BREAKER_STATES:
+            breaker.add_metric((state,), 1 if state == reading.fleet_breaker else 0)
+        yield breaker
+        yield GaugeMetricFamily(
+            f"{PREFIX}_fleet_consecutive_failures",
+            "Fleet calls failed in a row (in doubt or never sent); the breaker opens at 5.",
+            value=reading.fleet_failures,
+        )
+        now = time.time()
+        for name, last, what in (
+            ("checkpoint", reading.checkpoint, "signed audit checkpoint"),
+            ("snapshot", reading.snapshot, "state snapshot"),
+        ):
+            yield GaugeMetricFamily(
+                f"{PREFIX}_last_{name}_seq",
+                f"Audit seq the newest {what} covers (0: none yet).",
+                value=0 if last is None else last[0],
+            )
+            age = GaugeMetricFamily(
+                f"{PREFIX}_last_{name}_age_seconds",
+                f"Seconds since the newest {what} was written (absent: none yet).",
+            )
+            if last is not None:
+                age.add_metric((), max(0.0, now - last[1]))
+            yield age
+
+
+def without_created(registry: CollectorRegistry) -> Collector:
+    """``registry`` as a scrape sees it, minus the ``_created`` series of counters and
+    histograms (they double a scrape's size and say nothing an operator alerts on)."""
+    return _WithoutCreated(registry)
+
+
+class _WithoutCreated(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            created = metric.name + "_created"
+            if any(sample.name == created for sample in metric.samples):
+                kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                kept.samples = [s for s in metric.samples if s.name != created]
+                yield kept
+            else:
+                yield metric

@@ -121,7 +121,7 @@ class Service:
         return self._file().checkpoints.latest
 
 
-def read_state(registry: TenantRegistry, store: Store) -> StateReading:
+def read_state(registry: TenantRegistry, store: Store, fleet: FleetClient) -> StateReading:
     """What the metrics export at scrape time, read between two turns of the actors."""
     actors = registry.live_actors()
     journal = store.journal_stats()
@@ -135,6 +135,10 @@ def read_state(registry: TenantRegistry, store: Store) -> StateReading:
         audit_seq=journal.seq,
         audit_queue_depth=journal.queue_depth,
         audit_healthy=journal.healthy,
+        fleet_breaker=fleet.breaker.state,
+        fleet_failures=fleet.breaker.failures,
+        checkpoint=journal.checkpoint,
+        snapshot=journal.snapshot,
     )
 
 
@@ -172,7 +176,7 @@ async def open_service(
             limits=limits,
             passivate_after=config.passivate_after,
         )
-        metrics.watch(lambda: read_state(registry, store))
+        metrics.watch(lambda: read_state(registry, store, fleet))
         service = Service(config, store, fleet, registry, metrics, file_store=store)
         async with trio.open_nursery() as fleet_nursery:
             await fleet_nursery.start(fleet.run)

@@ -90,13 +90,12 @@ def _plumbing(app: QuartTrio, service: Service) -> None:
 
     @app.errorhandler(Problem)
     async def on_problem(error: Problem) -> Response:
-        return problem_response(error.code, error.detail, error.headers)
+        return error.response()
 
     @app.errorhandler(DomainError)
     async def on_domain_error(error: DomainError) -> Response:
         count_domain_error(service.metrics, error)
-        problem = domain_problem(error)
-        return problem_response(problem.code, problem.detail, problem.headers)
+        return domain_problem(error).response()
 
     @app.errorhandler(trio.TooSlowError)
     async def on_too_slow(_: trio.TooSlowError) -> Response:

@@ -9,18 +9,26 @@ tenant, so revocation and tenant deletion take effect at once and survive restar
 are audit entries, replayed at start). The operator's token is a random secret the store
 keeps (the file store: ``<data-dir>/admin.token``); the store says whether a token is it.
 Every kind of bad token gets the same 401.
+
+A token or cursor counts only in exactly the form it was issued (:func:`issued_form`):
+itsdangerous' decoder is lenient (it drops non-ASCII and non-alphabet characters, adds
+missing padding and ignores the spare bits of the last base64 character), so without
+this check ``token + "="``, ``token + "\xff"`` or a signature with ``@@@`` inside would
+verify as the token itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadData, BadSignature, URLSafeSerializer
+from itsdangerous.encoding import base64_decode, base64_encode
 
 from actors.store import Store
 from actors.tenants.registry import TenantRegistry
@@ -32,6 +40,28 @@ TOKEN_SALT = "vm-tenant.token.v1"
 VERIFIED_CACHE_SIZE = 65536
 CURSOR_SALT = "vm-tenant.cursor.v1"
 UNAUTHORIZED = "a valid bearer token is required"
+NOT_ISSUED = "`cursor` was not issued by this server"
+#: what URLSafeSerializer emits: base64url payload (``.``-prefixed when compressed), a dot,
+#: base64url signature; no padding, nothing else
+_SIGNED_RE = re.compile(r"\.?([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
+
+
+def issued_form(text: str) -> bool:
+    """Whether ``text`` is spelt exactly as URLSafeSerializer spells what it signs.
+
+    Beyond the alphabet, each base64 part must be the canonical encoding of what it
+    decodes to, so the unused low bits of a last character cannot vary either.
+    """
+    match = _SIGNED_RE.fullmatch(text)
+    if match is None:
+        return False
+    for part in match.groups():
+        try:
+            if base64_encode(base64_decode(part)) != part.encode():
+                return False
+        except BadData:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +157,8 @@ class Authority:
 
     def _verify(self, token: str) -> tuple[str, str, int | None]:
         """The claims of a token signed by an active key, or a 401 problem."""
+        if not issued_form(token):
+            raise Problem("unauthorized", UNAUTHORIZED)
         try:
             payload = self._tokens.loads(token)
         except BadSignature:
@@ -148,13 +180,15 @@ class Authority:
 
     def read_cursor(self, tenant: str, cursor: str) -> str:
         """The VM id a cursor continues after; 400 for a cursor this server did not issue."""
+        if not issued_form(cursor):
+            raise Problem("invalid_request", NOT_ISSUED)
         self._rebuild()
         try:
             payload = self._cursors.loads(cursor)
         except BadSignature:
-            raise Problem("invalid_request", "`cursor` was not issued by this server") from None
+            raise Problem("invalid_request", NOT_ISSUED) from None
         if not isinstance(payload, list) or len(payload) != 2 or payload[0] != tenant:
-            raise Problem("invalid_request", "`cursor` was not issued by this server")
+            raise Problem("invalid_request", NOT_ISSUED)
         return str(payload[1])
 
 

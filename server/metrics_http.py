@@ -15,6 +15,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from actors.metrics import without_created
 from server.problems import problem_body
 
 Scope = dict[str, Any]
@@ -27,6 +28,7 @@ PATH = "/metrics"
 
 def metrics_app(registry: CollectorRegistry) -> ASGIApp:
     """An ASGI app exposing ``registry`` in the Prometheus text format at ``/metrics``."""
+    exposed = without_created(registry)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -40,7 +42,7 @@ def metrics_app(registry: CollectorRegistry) -> ASGIApp:
             await _problem(send, "method_not_allowed", "/metrics takes GET", [(b"allow", b"GET")])
         else:
             headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
-            await _respond(send, 200, headers, generate_latest(registry))
+            await _respond(send, 200, headers, generate_latest(exposed))
 
     return app
 

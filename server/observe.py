@@ -3,15 +3,18 @@
 :func:`instrument` hooks an app so that every request the app answers is counted by
 method, route *template* (``/v1/vms/<vm_id>``, never the raw path) and status, timed in a
 histogram, and logged as one structured line: request id, tenant (``"admin"`` for the
-operator, null when unauthenticated), method, route, status, latency and the audit seq
-of the entry the request wrote. Seqs come from :class:`AuditSeqs`, which watches the
-audit writer's durable batches for the ids of the requests in flight.
+operator, null when unauthenticated), client ip, the trace id of a W3C ``traceparent``
+the caller sent, method, route, status, latency and the audit seq of the entry the
+request wrote. Seqs come from :class:`AuditSeqs`, which watches the audit writer's
+durable batches for the ids of the requests in flight. Health probes (``/healthz``,
+``/readyz``), which a load balancer sends every few seconds, are logged at debug level.
 
-Nothing from the request's headers or body is logged: no token, no Authorization.
+Nothing else from the request's headers or body is logged: no token, no Authorization.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -27,6 +30,30 @@ from server.logs import request_logger
 #: methods counted under their own name; anything else is ``other`` (bounded labels)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
+#: routes whose lines are debug level: probes, not API calls
+PROBES = frozenset({"/healthz", "/readyz"})
+#: version, trace id, parent id, flags; a later version may append fields after a dash
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
+
+
+def trace_id(values: list[str]) -> str | None:
+    """The trace id of a valid W3C ``traceparent`` header, else None (never an error).
+
+    Invalid, per the Trace Context spec: version ``ff``, an all-zero trace or parent
+    id, fields after the flags in version ``00``, upper-case hex, or the header sent
+    more than once.
+    """
+    if len(values) != 1:
+        return None
+    match = _TRACEPARENT_RE.fullmatch(values[0])
+    if match is None:
+        return None
+    version, trace, parent, rest = match.groups()
+    if version == "ff" or (version == "00" and rest is not None):
+        return None
+    if trace == "0" * 32 or parent == "0" * 16:
+        return None
+    return trace
 
 
 #: (seq, token id of the entry's source) of one durable audit entry
@@ -84,7 +111,7 @@ def count_domain_error(metrics: Metrics, error: DomainError) -> None:
     if isinstance(error, QuotaExceeded):
         metrics.count_quota_rejection(error.dimension)
     elif isinstance(error, Busy):
-        metrics.count_rate_limited("busy")
+        metrics.count_rate_limited(error.reason)
 
 
 class _RequestMetrics:
@@ -132,6 +159,8 @@ def instrument(
         fields: dict[str, Any] = {
             "request_id": g.request_id,
             "tenant": None if who is None else (who.tenant if who.kind == "tenant" else "admin"),
+            "ip": request.remote_addr,
+            "trace_id": trace_id(request.headers.getlist("traceparent")),
             "method": method,
             "route": route,
             "status": status,
@@ -140,7 +169,10 @@ def instrument(
         }
         if len(written) > 1:
             fields["audit_seqs"] = written
-        log.info("request", **fields)
+        if route in PROBES:
+            log.debug("request", **fields)
+        else:
+            log.info("request", **fields)
         return response
 
     @app.teardown_request

@@ -3,7 +3,8 @@
 Generated, never written by hand: the paths from the operations the blueprints declare
 (``server/routes/spec.py``), every schema from the msgspec structs that decode the
 requests (``server/schemas.py``) and encode the responses (``server/responses.py``, the
-core's views), and each problem code's status from ``server/problems.py``. So the
+core's views), and each problem code's status, headers and members from
+``server/problems.py``. So the
 document describes exactly what the server accepts and sends.
 
 Problems an operation may answer beyond the ones it names: 401 ``unauthorized`` and 403
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from server.problems import CODES, ProblemBody
+from server.problems import CODES, MEMBERS, RETRY_AFTER_503, ProblemBody
 from server.routes.spec import Operation, Routes
 from server.schemas import REQUEST_ID_RE
 
@@ -37,8 +38,10 @@ _REQUEST_ID = _header(
 #: headers that a problem code always carries (``server/problems.py``)
 _PROBLEM_HEADERS: dict[str, dict[str, Any]] = {
     "unauthorized": {"WWW-Authenticate": _header({"const": "Bearer"}, "the scheme to use")},
-    "rate_limited": {
-        "Retry-After": _header({"type": "string", "pattern": "^[0-9]+$"}, "seconds to wait")
+    # a 429 and every 503 say when to try again
+    **{
+        code: {"Retry-After": _header({"type": "string", "pattern": "^[0-9]+$"}, "seconds to wait")}
+        for code in ("rate_limited", *RETRY_AFTER_503)
     },
 }
 
@@ -70,6 +73,20 @@ def _problems(codes: Iterable[str]) -> dict[str, Any]:
         entry["description"] = ", ".join(filter(None, [entry["description"], code]))
         entry["headers"].update(_PROBLEM_HEADERS.get(code, {}))
     return responses
+
+
+def _problem_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The struct's schema, plus which codes carry which extension members (and only they)."""
+    rules = []
+    for code, members in MEMBERS.items():
+        rules.append(
+            {
+                "if": {"properties": {"code": {"const": code}}, "required": ["code"]},
+                "then": {"required": list(members)},
+                "else": {"not": {"anyOf": [{"required": [member]} for member in members]}},
+            }
+        )
+    return {**schema, "allOf": rules} if rules else schema
 
 
 def _success(op: Operation) -> dict[str, Any]:
@@ -114,7 +131,7 @@ def openapi_document(routes: Iterable[Routes]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         list(dict.fromkeys(structs)), ref_template=REF + "{name}"
     )
-    components["Problem"] = components.pop(ProblemBody.__name__)
+    components["Problem"] = _problem_schema(components.pop(ProblemBody.__name__))
     paths: dict[str, dict[str, Any]] = {}
     tags: dict[str, None] = {}
     for op in operations:

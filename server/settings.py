@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     #: HOST:PORT of the metrics listener, or None (``"off"`` in the file) for none
     metrics_bind: Text | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
+    #: lines below this level are not written (the start-up lines always are)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: idle tenant actors end after this many seconds
     passivate_after: Seconds = 300.0
     #: HTTPS on ``bind``: the certificate (PEM chain) and its key, or None (``"off"``)
@@ -167,6 +169,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "log_format", "--log-format", "VM_TENANT_LOG_FORMAT", "auto|json|console",
         "log line format (auto: console on a TTY, else JSON)",
+    ),
+    Option(
+        "log_level", "--log-level", "VM_TENANT_LOG_LEVEL", "debug|info|warning|error",
+        "lowest level of the lines logged (debug adds health probes)",
     ),
     Option(
         "passivate_after", "--passivate-after", "VM_TENANT_PASSIVATE_AFTER", "SECONDS",

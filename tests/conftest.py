@@ -169,7 +169,8 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-LISTEN_RE = re.compile(r"vm-tenant listening on (https?://\S+)")
+#: the start-up line, in whichever log format (in JSON the URL ends at the quote)
+LISTEN_RE = re.compile(r"vm-tenant listening on (https?://[^\s\"]+)")
 
 
 def _limit_files(count: int) -> None:

@@ -30,6 +30,14 @@ class CircuitBreaker:
     def allows(self) -> bool:
         return trio.current_time() >= self.open_until
 
+    @property
+    def state(self) -> str:
+        """``open`` (calls refused), ``half_open`` (let through again, but the next failure
+        reopens it) or ``closed``."""
+        if not self.allows():
+            return "open"
+        return "half_open" if self.failures >= self.threshold else "closed"
+
     def record(self, result: outcome.Outcome[Any]) -> None:
         failed = isinstance(result, outcome.Error) and isinstance(
             result.error, (FleetUnavailable, FleetInDoubt)

@@ -63,20 +63,22 @@ class EmbeddedFleet:
         directory.mkdir(parents=True, exist_ok=True)
         self._journal = directory / "vms.jsonl"
         self._destroyed: set[str] = set()
-        self._vms: dict[str, _SimVm] = self._load()
+        stored = self._journal.read_bytes() if self._journal.exists() else None
+        self._vms: dict[str, _SimVm] = self._load(stored or b"")
         # Compact on open, so the journal grows with activity since the last start only
-        # (destroyed ids stay: they are never re-created).
+        # (destroyed ids stay: they are never re-created). A journal that is compact
+        # already is left alone: a start needs no free space for it.
         records = [_Record("spawn", vm) for vm in self._vms.values()]
         records += [_Record("destroy", id=vm_id) for vm_id in sorted(self._destroyed)]
-        atomic_write(self._journal, b"".join(msgspec.json.encode(r) + b"\n" for r in records))
+        compact = b"".join(msgspec.json.encode(r) + b"\n" for r in records)
+        if compact != stored:
+            atomic_write(self._journal, compact)
         self._fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND)
 
-    def _load(self) -> dict[str, _SimVm]:
+    def _load(self, stored: bytes) -> dict[str, _SimVm]:
         vms: dict[str, _SimVm] = {}
-        if not self._journal.exists():
-            return vms
         decoder = msgspec.json.Decoder(_Record)
-        for line in self._journal.read_bytes().splitlines():
+        for line in stored.splitlines():
             try:
                 record = decoder.decode(line)
             except (msgspec.DecodeError, UnicodeDecodeError):

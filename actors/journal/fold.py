@@ -43,6 +43,18 @@ def spawn_response(vm: VmRecord, state: str) -> dict[str, Any]:
     return vm.to_json(state)
 
 
+def refusal_answer(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """The problem a quota refusal answered, kept for idempotent replays.
+
+    Its ``dimension`` is a member of the answer (API.md v1.1); the entry keeps it beside
+    ``problem``, so entries written before it was a member replay the same answer.
+    """
+    problem = detail.get("problem")
+    if problem is None or "dimension" not in detail:
+        return problem
+    return {**problem, "dimension": detail["dimension"]}
+
+
 def reserves(entry: Entry) -> bool:
     """Whether the running service applies ``entry`` when it is drafted (see the module doc).
 
@@ -86,7 +98,7 @@ def apply_to_tenant(tenant: TenantSlice, entry: Entry) -> None:
     """Fold one entry about a tenant's quota or VMs into that tenant's state."""
     op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
     if outcome == "rejected":
-        _remember_key(tenant, entry, 403, detail.get("problem"))
+        _remember_key(tenant, entry, 403, refusal_answer(detail))
     elif op == "vm.spawn":
         _apply_spawn(tenant, entry)
     elif op == "vm.destroy":

@@ -6,13 +6,16 @@ and optionally a head kept elsewhere (``--expect-head SEQ:HASH``). The first pro
 chain order wins:
 
 - *tampered*: an entry does not parse, link or hash, or differs from a checkpoint or the
-  expected head; also a checkpoint whose signature does not verify;
+  expected head; a segment file whose name does not give the seq of its first entry (a
+  renamed segment, or a ``.jsonl`` file in ``audit/`` not named like a segment); also a
+  checkpoint whose signature does not verify;
 - *truncated*: the log ends before a seq that a checkpoint or the expected head names;
 - *torn*: only the very last line is incomplete (a write may be in progress): intact.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from actors.journal.chain import ChainBroken, ChainVerifier, VerifyReport
@@ -22,7 +25,7 @@ from actors.journal.checkpoint import (
     read_checkpoints,
     signature_valid,
 )
-from actors.journal.segments import iter_chunks
+from actors.journal.segments import iter_chunks, list_segments
 
 
 def verify_data_dir(
@@ -51,10 +54,16 @@ def verify_data_dir(
     if expect_head is not None:
         expected[expect_head[0]] = (expect_head[1], "the expected head")
 
+    audit_dir = data_dir / "audit"
+    stray = _misnamed(audit_dir)
+    if stray is not None:
+        why = f"audit/{stray.name} is not named by its first seq"
+        return verifier.report("tampered", _first_seq(stray), why)
     torn = False
     check = verifier.check
+    named: Path | None = None  # the segment whose first entry was checked against its name
     try:
-        for chunk in iter_chunks(data_dir / "audit"):
+        for chunk in iter_chunks(audit_dir):
             if torn:
                 raise ChainBroken(
                     verifier.report("tampered", verifier.seq + 1, "line without newline")
@@ -64,6 +73,11 @@ def verify_data_dir(
                 continue
             for data in chunk.lines:
                 entry = check(data)
+                if chunk.segment != named:
+                    named = chunk.segment
+                    if entry["seq"] != int(named.stem):
+                        why = f"segment {named.name} begins with seq {entry['seq']}"
+                        raise ChainBroken(verifier.report("tampered", entry["seq"], why))
                 want = expected.get(entry["seq"])
                 if want is not None and want[0] != entry["hash"]:
                     raise ChainBroken(
@@ -80,3 +94,29 @@ def verify_data_dir(
     if torn:
         return verifier.report("torn", verifier.seq + 1, "the last line is incomplete")
     return verifier.report()
+
+
+def _misnamed(audit_dir: Path) -> Path | None:
+    """A ``.jsonl`` file in ``audit/`` that is not named like a segment, if there is one.
+
+    Such a file is left out of the chain, so a segment renamed that way would silently
+    drop its entries from what is verified.
+    """
+    if not audit_dir.is_dir():
+        return None
+    segments = set(list_segments(audit_dir))
+    for path in sorted(audit_dir.glob("*.jsonl")):
+        if path not in segments:
+            return path
+    return None
+
+
+def _first_seq(path: Path) -> int | None:
+    """The seq of a file's first entry, when its first line says one."""
+    with path.open("rb") as f:
+        line = f.readline(1024 * 1024)
+    try:
+        seq = json.loads(line).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return seq if type(seq) is int else None

@@ -256,3 +256,7 @@ class JournalStats(msgspec.Struct, frozen=True):
     seq: int
     queue_depth: int
     healthy: bool
+    #: ``(seq, wall-clock time)`` of the newest signed checkpoint, None before the first
+    checkpoint: tuple[int, float] | None = None
+    #: the same of the newest snapshot; None also for a store that keeps none
+    snapshot: tuple[int, float] | None = None

@@ -289,7 +289,26 @@ class FileStore:
 
     def journal_stats(self) -> JournalStats:
         writer = self.writer
-        return JournalStats(writer.seq, writer.queue_depth, writer.healthy)
+        return JournalStats(
+            writer.seq,
+            writer.queue_depth,
+            writer.healthy,
+            checkpoint=self._last_checkpoint(),
+            snapshot=self._last_snapshot(),
+        )
+
+    def _last_checkpoint(self) -> tuple[int, float] | None:
+        latest = self.checkpoints.latest
+        if latest is None:
+            return None
+        return latest["seq"], dt.datetime.fromisoformat(latest["ts"]).timestamp()
+
+    def _last_snapshot(self) -> tuple[int, float] | None:
+        try:
+            written = snapshot.snapshot_path(self.config.data_dir).stat().st_mtime
+        except OSError:
+            return None
+        return self.snapshot_anchor.seq, written
 
     # -- secrets ----------------------------------------------------------------------------
 

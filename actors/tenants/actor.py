@@ -194,7 +194,7 @@ class TenantActor:
             or stats.tasks_waiting_receive != 1
         ):
             return False
-        self._stopping = Busy("the tenant actor was passivated")
+        self._stopping = Busy("the tenant actor was passivated", reason="shutting_down")
         self.inbox.close()
         return True
 

@@ -102,6 +102,7 @@ class TenantLimiter:
             raise Busy(
                 f"over this tenant's limit of {self.settings.rate:g} requests/s",
                 retry_after=retry_after(wait),
+                reason="rate_limit",
             )
 
     @contextmanager
@@ -113,7 +114,7 @@ class TenantLimiter:
         """
         limit = self.settings.max_inflight_spawns
         if limit and self.spawns_in_flight >= limit:
-            raise Busy(f"this tenant already has {limit} spawns in flight", retry_after=1)
+            raise Busy(f"this tenant already has {limit} spawns in flight", reason="spawn_slots")
         self.spawns_in_flight += 1
         try:
             yield

@@ -89,7 +89,7 @@ class TenantRegistry:
             task_status.started()
             await self._closed.wait()
             for actor in self._actors.values():
-                actor.stop(Busy("the service is shutting down"))
+                actor.stop(Busy("the service is shutting down", reason="shutting_down"))
 
     def close(self) -> None:
         """Stop taking commands; queued ones and running jobs finish."""
@@ -120,7 +120,7 @@ class TenantRegistry:
         actor = self._actors.get(tenant_id)
         if actor is None or actor.failed:
             if self._nursery is None or self._closed.is_set():
-                raise Busy("the service is shutting down")
+                raise Busy("the service is shutting down", reason="shutting_down")
             actor = TenantActor(
                 tenant_id,
                 self._store,
@@ -169,9 +169,14 @@ class TenantRegistry:
         try:
             actor.inbox.send_nowait(make(reply))
         except trio.WouldBlock:
-            raise Busy("too many requests in flight for this tenant") from None
+            raise Busy(
+                "too many requests in flight for this tenant", reason="mailbox_full"
+            ) from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise Busy("the tenant is not taking requests right now") from None
+            # a closed mailbox: the actor is stopping (the service shuts down)
+            raise Busy(
+                "the tenant is not taking requests right now", reason="shutting_down"
+            ) from None
         with trio.fail_after(self.call_timeout):
             result = await reply.receive()
         return result.unwrap()

@@ -30,9 +30,10 @@ from server.app import create_app
 from server.auth import Authority
 from server.cli.shared import CLIENT_ENV, CONTEXT, example
 from server.keyring import KeyringError
-from server.logs import configure_logging, direct_request_logger
+from server.logs import announce, serving_log
 from server.metrics_http import metrics_app
 from server.serving import Endpoint, ListenError, ServingOptions
+from server.startup import claim_data_dir, configure_serve
 
 log = logging.getLogger("vm_tenant")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,8 +43,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _announce(line: str) -> None:
-    # Plain text, not a log event: scripts and tests wait for these exact lines.
-    print(line, file=sys.stderr, flush=True)
+    # In the log format at every level: scripts and tests wait for this text.
+    announce(line)
 
 
 async def _listen(
@@ -80,13 +81,20 @@ async def serve(
     config: ServiceConfig,
     bind: str,
     metrics_bind: str | None = None,
-    log_format: str = "auto",
     options: ServingOptions | None = None,
 ) -> None:
-    """Run the proxy until SIGINT/SIGTERM, then shut down in order."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Run the proxy until SIGINT/SIGTERM, then shut down in order.
+
+    The log pipeline is set up already (:func:`~server.startup.configure_serve`): the
+    request log writes to its sink.
+    """
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        claim_data_dir(config.data_dir) as claimed,
+    ):
         async with open_service(config) as service:
-            app = create_app(service, _authority(service), direct_request_logger(log_format))
+            request_log = serving_log(service.metrics.registry)
+            app = create_app(service, _authority(service), request_log)
             # What is alive now (modules, the recovered state) lives as long as the
             # process: keep it out of every later full collection, which would scan it
             # all while the event loop stands still.
@@ -111,6 +119,7 @@ async def serve(
                 nursery.start_soon(watch_signals)
                 registry = service.metrics.registry
                 urls = await _listen(nursery, endpoints, options, stop, registry)
+                claimed.started()
                 if metrics_bind:
                     _announce(f"vm-tenant metrics on {urls[1]}/metrics")
                 _announce(f"vm-tenant listening on {urls[0]}")
@@ -126,9 +135,14 @@ def _authority(service: Service) -> Authority:
         raise StartupError(f"cannot start on {service.config.data_dir}: {error}") from None
 
 
+def _server_environ() -> dict[str, str]:
+    """The environment without the client commands' variables (not typos of settings)."""
+    return {name: value for name, value in os.environ.items() if name not in CLIENT_ENV}
+
+
 def _settings(args: Mapping[str, Any]) -> settings.Resolved | None:
     """The validated settings, or None after printing every problem with them."""
-    environ = {name: value for name, value in os.environ.items() if name not in CLIENT_ENV}
+    environ = _server_environ()
     for warning in settings.typo_warnings(environ):
         log.warning("%s", warning)
     try:
@@ -139,19 +153,19 @@ def _settings(args: Mapping[str, Any]) -> settings.Resolved | None:
 
 
 def cmd_serve(args: Mapping[str, Any]) -> int:
-    resolved = _settings(args)
+    resolved = configure_serve(args, _server_environ())
     if resolved is None:
         return 2
     chosen = resolved.settings
-    configure_logging(chosen.log_format)
     config = chosen.service_config()
     try:
         options = chosen.serving_options()
     except settings.SettingsError as error:
-        print(error, file=sys.stderr)
+        # the log is set up by now: this line too comes in the chosen format
+        log.error("%s", error)
         return 2
     try:
-        trio.run(serve, config, chosen.bind, chosen.metrics_bind, chosen.log_format, options)
+        trio.run(serve, config, chosen.bind, chosen.metrics_bind, options)
     except (StartupError, ExceptionGroup) as error:
         # A StartupError raised while listening comes out of the server's nursery.
         startup = _only(error, StartupError)

@@ -66,7 +66,9 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         if isinstance(result, Replay):
             replayed = {"Idempotent-Replayed": "true"}
             if result.status != 201:
-                raise Problem(result.body["code"], result.body["detail"], replayed)
+                answer = result.body
+                dimension = answer.get("dimension")  # a quota refusal's (fold.refusal_answer)
+                raise Problem(answer["code"], answer["detail"], replayed, dimension=dimension)
             vm = msgspec.convert(result.body, Vm)
             return vm, {"Location": f"/v1/vms/{vm.id}", **replayed}
         return result, {"Location": f"/v1/vms/{result.id}"}

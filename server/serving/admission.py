@@ -25,7 +25,7 @@ from typing import Protocol
 import msgspec
 import trio
 
-from server.problems import problem_body
+from server.problems import RETRY_AFTER_503, problem_body
 
 #: how long a newcomer waits for a shed connection to let go of its descriptor
 SHED_WAIT = 0.5
@@ -108,7 +108,7 @@ def refusal(detail: str) -> bytes:
         "HTTP/1.1 503 Service Unavailable\r\n"
         "content-type: application/problem+json\r\n"
         f"content-length: {len(payload)}\r\n"
-        "retry-after: 1\r\n"
+        f"retry-after: {RETRY_AFTER_503['overloaded']}\r\n"
         f"x-request-id: {secrets.token_hex(16)}\r\n"
         "connection: close\r\n\r\n"
     )

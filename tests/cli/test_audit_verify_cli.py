@@ -206,6 +206,45 @@ def test_two_swapped_lines_are_tampered(data_dir: Path) -> None:
     assert names_seq(output(result), 20), output(result)
 
 
+def test_a_renamed_segment_is_tampered(data_dir: Path) -> None:
+    only = segment(data_dir)
+    only.rename(only.with_name("000000000002.jsonl"))  # its first entry is seq 1
+
+    result = verify(data_dir)
+    assert result.returncode == 1, output(result)
+    assert "tampered" in output(result)
+    assert names_seq(output(result), 1), output(result)
+    assert "000000000002.jsonl" in output(result)
+
+
+def test_a_second_segment_named_off_by_one_is_tampered(data_dir: Path) -> None:
+    lines = read_lines(data_dir)
+    first, rest = lines[:20], lines[20:]  # the second segment starts at seq 21
+    write_lines(data_dir, first)
+    (data_dir / "audit" / "000000000022.jsonl").write_bytes(b"".join(x + b"\n" for x in rest))
+    # Correctly named, the very same split verifies: only the name is wrong.
+    (data_dir / "audit" / "000000000022.jsonl").rename(data_dir / "audit" / "000000000021.jsonl")
+    assert verify(data_dir).returncode == 0, output(verify(data_dir))
+    (data_dir / "audit" / "000000000021.jsonl").rename(data_dir / "audit" / "000000000022.jsonl")
+
+    result = verify(data_dir)
+    assert result.returncode == 1, output(result)
+    assert "tampered" in output(result)
+    assert names_seq(output(result), 21), output(result)
+
+
+def test_a_segment_renamed_out_of_the_naming_scheme_is_tampered(data_dir: Path) -> None:
+    only = segment(data_dir)
+    only.rename(only.with_name("old.jsonl"))
+    (data_dir / "audit-checkpoints.jsonl").unlink()  # else it would also read as truncated
+
+    result = verify(data_dir)
+    assert result.returncode == 1, output(result)
+    assert "tampered" in output(result)
+    assert "old.jsonl" in output(result)
+    assert names_seq(output(result), 1), output(result)
+
+
 # -- damage only the checkpoints (or a head kept elsewhere) reveal -------------------------
 
 

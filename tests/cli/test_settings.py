@@ -108,6 +108,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "VM_TENANT_CHECKPOINT_INTERVAL": "5",
         "VM_TENANT_METRICS_BIND": "127.0.0.1:9100",
         "VM_TENANT_LOG_FORMAT": "console",
+        "VM_TENANT_LOG_LEVEL": "debug",
         "VM_TENANT_PASSIVATE_AFTER": "60",
         "VM_TENANT_RATE_LIMIT": "0",
         "VM_TENANT_RATE_BURST": "1",
@@ -133,6 +134,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
     assert from_env["fleet"] == "http://fleet.example:7000"
     assert from_env["metrics_bind"] == "127.0.0.1:9100"
     assert from_env["log_format"] == "console"
+    assert from_env["log_level"] == "debug"
     assert from_env["limits"] == {"rate": 0.0, "burst": 1, "max_inflight_spawns": 0}
     assert from_env["trusted_proxies"] == "10.0.0.0/8, 192.0.2.1"
     assert from_env["serving"] == {
@@ -149,7 +151,8 @@ def test_every_setting_has_a_flag_and_an_env_var(
     flags = [
         "--data-dir", "/srv/flag", "--bind", "[::1]:82", "--fleet", "embedded",
         "--fleet-timeout", "4", "--snapshot-interval", "31", "--checkpoint-interval", "6",
-        "--metrics-bind", "off", "--log-format", "json", "--passivate-after", "61",
+        "--metrics-bind", "off", "--log-format", "json", "--log-level", "warning",
+        "--passivate-after", "61",
         "--rate-limit", "9.5", "--rate-burst", "3", "--max-inflight-spawns", "4",
         "--keep-alive-timeout", "1.5", "--head-timeout", "2", "--body-timeout", "3",
         "--send-timeout", "4", "--max-connections", "100", "--max-connections-per-peer", "10",
@@ -166,6 +169,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "checkpoint_interval": 6.0,
         "metrics_bind": "off",
         "log_format": "json",
+        "log_level": "warning",
         "passivate_after": 61.0,
         "tls_cert": "off",
         "tls_key": "off",
@@ -288,6 +292,10 @@ def test_readme_example_validates(tmp_path: Path) -> None:
         ("fleet_timeout = 3601\n", "fleet_timeout: expected `float` <= 3600.0, got 3601"),
         ("passivate_after = -1\n", "passivate_after: expected `float` > 0.0, got -1"),
         ('log_format = "xml"\n', "log_format: expected one of auto, json, console, got 'xml'"),
+        (
+            'log_level = "trace"\n',
+            "log_level: expected one of debug, info, warning, error, got 'trace'",
+        ),
         ('bind = "localhost"\n', "bind: expected HOST:PORT"),
         ('bind = "host:65536"\n', "bind: port must be 0..65535, got 65536"),
         ('metrics_bind = "[zz]:1"\n', "metrics_bind: expected HOST:PORT"),
