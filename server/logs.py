@@ -100,17 +100,13 @@ class SinkStream(io.TextIOBase):
     fail again at exit.
     """
 
+    # class attributes: TextIOBase's own are read-only (and say None)
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
     def __init__(self, sink: LogSink) -> None:
         super().__init__()
         self._sink = sink
-
-    @property
-    def encoding(self) -> str:
-        return "utf-8"
-
-    @property
-    def errors(self) -> str:
-        return "backslashreplace"
 
     def writable(self) -> bool:
         return True
@@ -272,7 +268,7 @@ def _never_raising(level: int, sink: LogSink) -> type[Any]:
     """A level-filtering bound logger whose calls never raise (a failure drops the line)."""
     base: Any = structlog.make_filtering_bound_logger(level)
 
-    class NeverRaising(base):  # type: ignore[misc,valid-type]
+    class NeverRaising(base):  # type: ignore[misc]  # structlog makes the class at run time
         def _proxy_to_logger(self, method_name: str, event: Any = None, **event_kw: Any) -> Any:
             try:
                 return super()._proxy_to_logger(method_name, event, **event_kw)
