@@ -169,8 +169,9 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-#: the start-up line, in whichever log format (in JSON the URL ends at the quote)
+#: the start-up lines, in whichever log format (in JSON the URL ends at the quote)
 LISTEN_RE = re.compile(r"vm-tenant listening on (https?://[^\s\"]+)")
+METRICS_RE = re.compile(r"vm-tenant metrics on (https?://[^\s\"]+)")
 
 
 def _limit_files(count: int) -> None:
@@ -226,6 +227,14 @@ class LiveServer:
     @property
     def admin_token(self) -> str:
         return (self.data_dir / "admin.token").read_text().strip()
+
+    @property
+    def metrics_url(self) -> str:
+        """The ``/metrics`` URL the server announced (it was started with a metrics bind)."""
+        for line in self.log:
+            if match := METRICS_RE.search(line):
+                return match.group(1)
+        raise AssertionError("no metrics line:\n" + "".join(self.log))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Signal the server and wait for it to exit; returns its exit code."""

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -33,7 +32,6 @@ from server.logs import direct_request_logger, formatter, request_logger
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 SMALL = {"vcpus": 2, "memory_mib": 1024, "vms": 1}
-METRICS_RE = re.compile(r"vm-tenant metrics on (http://[^\s\"]+)")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -68,13 +66,6 @@ def observed_server(tmp_path: Path) -> Any:
         server.kill()
 
 
-def metrics_url(server: LiveServer) -> str:
-    for line in server.log:
-        if match := METRICS_RE.search(line):
-            return match.group(1)
-    raise AssertionError("no metrics line:\n" + "".join(server.log))
-
-
 def json_lines(server: LiveServer) -> list[dict[str, Any]]:
     """Every stderr line, each of which must be a JSON object (the start-up lines too)."""
     return [json.loads(line) for line in server.log]
@@ -84,7 +75,7 @@ def json_lines(server: LiveServer) -> list[dict[str, Any]]:
 
 
 async def test_live_metrics_move_with_requests(observed_server: LiveServer) -> None:
-    url = metrics_url(observed_server)
+    url = observed_server.metrics_url
     admin = bearer(observed_server.admin_token)
     before = await scrape(url)
     assert value(before, "vm_tenant_tenant_actors", state="active") == 0
@@ -136,7 +127,7 @@ async def test_live_metrics_move_with_requests(observed_server: LiveServer) -> N
 
 
 async def test_metrics_listener_serves_only_get_metrics(observed_server: LiveServer) -> None:
-    url = metrics_url(observed_server)
+    url = observed_server.metrics_url
     async with httpx.AsyncClient(timeout=30.0) as client:
         other = await client.get(url.replace("/metrics", "/v1/vms"))
         assert other.status_code == 404

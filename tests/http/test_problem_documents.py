@@ -8,8 +8,6 @@ where nothing listens (fleet), and ``/readyz`` while the audit log cannot be wri
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
 import socket
 from collections.abc import AsyncIterator
@@ -17,38 +15,45 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import jsonschema_rs
+import jsonschema
 import pytest
 
 from actors.journal.snapshot import snapshot_path
 from actors.service import open_service
-from conftest import Api, service_config
+from conftest import Api, FlakyFsync, service_config
 from server.app import create_app
 from server.auth import Authority
-from server.openapi import openapi_document
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 SMALL = {"vcpus": 2, "memory_mib": 1024, "vms": 1}
 
 
-def problem_schema() -> Any:
-    document = openapi_document()
-    return jsonschema_rs.validator_for(document["components"]["schemas"]["Problem"])
+async def served_document(api: Api) -> dict[str, Any]:
+    response = await api.client.get("/openapi.json")
+    assert response.status_code == 200
+    document: dict[str, Any] = await response.get_json()
+    return document
 
 
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
+async def problem_schema(api: Api) -> jsonschema.Draft202012Validator:
+    """The served document's Problem schema."""
+    document = await served_document(api)
+    return jsonschema.Draft202012Validator(document["components"]["schemas"]["Problem"])
+
+
+async def problem(api: Api, response: Any, status: int, code: str) -> dict[str, Any]:
     body = await response.get_json()
     assert response.status_code == status, body
     assert response.mimetype == "application/problem+json"
     assert body["code"] == code
-    problem_schema().validate(body)
+    (await problem_schema(api)).validate(body)
     return body
 
 
 @asynccontextmanager
 async def app_on(data_dir: Path, **config: Any) -> AsyncIterator[Api]:
     async with open_service(service_config(data_dir, **config)) as service:
-        app = create_app(service, Authority.for_data_dir(data_dir))
+        app = create_app(service, Authority.for_store(service.store))
         yield Api(app.test_client(), service, (data_dir / "admin.token").read_text().strip())
 
 
@@ -56,25 +61,23 @@ async def app_on(data_dir: Path, **config: Any) -> AsyncIterator[Api]:
 
 
 async def test_audit_unavailable_and_readyz_carry_retry_after(api: Api) -> None:
-    token = await api.create_tenant("acme")
-
-    def failing_fsync(fd: int) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    api.service.audit._fsync = failing_fsync
+    token = (await api.provision("acme")).bearer
+    failing = FlakyFsync()
+    failing.failing = True
+    api.service.audit._fsync = failing
     spawned = await api.spawn(token)
-    await problem(spawned, 503, "audit_unavailable")
+    await problem(api, spawned, 503, "audit_unavailable")
     assert spawned.headers["Retry-After"] == "1"
 
     ready = await api.client.get("/readyz")
-    await problem(ready, 503, "audit_unavailable")
+    await problem(api, ready, 503, "audit_unavailable")
     assert ready.headers["Retry-After"] == "1"
 
     # a write that does not reach the fleet at all (a tenant operation) says the same
     created = await api.client.post(
         "/v1/admin/tenants", json={"id": "beta", "quota": SMALL}, headers=api.admin
     )
-    await problem(created, 503, "audit_unavailable")
+    await problem(api, created, 503, "audit_unavailable")
     assert created.headers["Retry-After"] == "1"
 
 
@@ -83,10 +86,10 @@ async def test_fleet_unavailable_carries_retry_after(data_dir: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     async with app_on(data_dir, fleet=f"http://127.0.0.1:{port}") as api:
-        token = await api.create_tenant("acme")
+        token = (await api.provision("acme")).bearer
         for _ in range(6):  # refused calls, then the open circuit: 503 both ways
             spawned = await api.spawn(token)
-            await problem(spawned, 503, "fleet_unavailable")
+            await problem(api, spawned, 503, "fleet_unavailable")
             assert spawned.headers["Retry-After"] == "5"
 
 
@@ -106,20 +109,20 @@ async def test_quota_exceeded_names_its_dimension_also_when_replayed(
 ) -> None:
     key = {"Idempotency-Key": f"over-{dimension}"}
     async with app_on(data_dir) as api:
-        token = await api.create_tenant("acme", SMALL)
+        token = (await api.provision("acme", SMALL)).bearer
         if dimension == "vms":
             assert (await api.spawn(token)).status_code == 201
         first = await api.client.post(
             "/v1/vms", json={**SPEC, **spec}, headers={"Authorization": token, **key}
         )
-        body = await problem(first, 403, "quota_exceeded")
+        body = await problem(api, first, 403, "quota_exceeded")
         assert body["dimension"] == dimension
         assert dimension in body["detail"]
         again = await api.client.post(
             "/v1/vms", json={**SPEC, **spec}, headers={"Authorization": token, **key}
         )
         assert again.headers["Idempotent-Replayed"] == "true"
-        assert await problem(again, 403, "quota_exceeded") == body
+        assert await problem(api, again, 403, "quota_exceeded") == body
 
     # After a restart the answer comes from the snapshot, and with no snapshot from the
     # log itself: the same document every time.
@@ -131,20 +134,20 @@ async def test_quota_exceeded_names_its_dimension_also_when_replayed(
                 "/v1/vms", json={**SPEC, **spec}, headers={"Authorization": token, **key}
             )
             assert replayed.headers["Idempotent-Replayed"] == "true"
-            assert await problem(replayed, 403, "quota_exceeded") == body
+            assert await problem(api, replayed, 403, "quota_exceeded") == body
 
 
 async def test_other_problems_have_no_dimension(api: Api) -> None:
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     missing = await api.client.get("/v1/vms/vm-nope", headers={"Authorization": token})
-    assert "dimension" not in await problem(missing, 404, "not_found")
+    assert "dimension" not in await problem(api, missing, 404, "not_found")
 
 
 # -- the OpenAPI document ----------------------------------------------------------------------
 
 
-def test_openapi_documents_retry_after_on_every_503_and_the_dimension() -> None:
-    document = openapi_document()
+async def test_openapi_documents_retry_after_on_every_503_and_the_dimension(api: Api) -> None:
+    document = await served_document(api)
     answers = [
         (path, method, status, response)
         for path, item in document["paths"].items()
@@ -158,7 +161,7 @@ def test_openapi_documents_retry_after_on_every_503_and_the_dimension() -> None:
     spawn = document["paths"]["/v1/vms"]["post"]["responses"]["403"]
     assert "quota_exceeded" in spawn["description"]
 
-    validator = problem_schema()
+    validator = await problem_schema(api)
     base = {"type": "https://x.invalid/p", "title": "t", "status": 403, "detail": "d"}
     assert validator.is_valid({**base, "code": "quota_exceeded", "dimension": "vms"})
     assert not validator.is_valid({**base, "code": "quota_exceeded"})

@@ -62,14 +62,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[name, frozenset(labels.items())]
 
 
-def metrics_url(server: LiveServer) -> str:
-    for line in server.log:
-        if "vm-tenant metrics on " in line:
-            start = line.index("http://")
-            return line[start : line.index('"', start)]
-    raise AssertionError("no metrics line:\n" + "".join(server.log))
-
-
 def server_pid(server: LiveServer) -> int:
     assert server.proc is not None
     return server.proc.pid
@@ -108,7 +100,7 @@ def tenant_token(
     "metered", [{"VM_TENANT_RATE_LIMIT": "0.001", "VM_TENANT_RATE_BURST": "3"}], indirect=True
 )
 def test_a_rate_limit_refusal_is_counted_as_such(metered: LiveServer) -> None:
-    url = metrics_url(metered)
+    url = metered.metrics_url
     before = scrape(url)
     for reason in BUSY_REASONS:  # every reason is there from the start, at zero
         assert value(before, "vm_tenant_rate_limited_total", reason=reason) == 0
@@ -124,7 +116,7 @@ def test_a_rate_limit_refusal_is_counted_as_such(metered: LiveServer) -> None:
 
 
 def test_process_build_and_no_created_series(metered: LiveServer) -> None:
-    url = metrics_url(metered)
+    url = metered.metrics_url
     pid = server_pid(metered)
     text = scrape_text(url)
     assert "_created" not in text
@@ -180,7 +172,7 @@ def test_process_build_and_no_created_series(metered: LiveServer) -> None:
     indirect=True,
 )
 def test_last_checkpoint_and_snapshot(metered: LiveServer) -> None:
-    url = metrics_url(metered)
+    url = metered.metrics_url
     fresh = scrape(url)
     assert value(fresh, "vm_tenant_last_checkpoint_seq") == 0
     assert ("vm_tenant_last_checkpoint_age_seconds", frozenset()) not in fresh
@@ -223,7 +215,7 @@ def test_the_fleet_breaker_opens_after_five_failures(tmp_path: Path) -> None:
     env = {"VM_TENANT_METRICS_BIND": "127.0.0.1:0", "VM_TENANT_FLEET": fleet}
     server = LiveServer(tmp_path / "data", env=env).start()
     try:
-        url = metrics_url(server)
+        url = server.metrics_url
         closed = scrape(url)
         assert value(closed, "vm_tenant_fleet_breaker_state", state="closed") == 1
         assert value(closed, "vm_tenant_fleet_breaker_state", state="open") == 0
@@ -247,9 +239,9 @@ async def test_spawn_slots_and_shutting_down_are_told_apart(
 ) -> None:
     config = service_config(data_dir, inline_io=True, max_inflight_spawns=1)
     async with open_service(config) as service:
-        app = create_app(service, Authority.for_data_dir(data_dir))
+        app = create_app(service, Authority.for_store(service.store))
         api = Api(app.test_client(), service, (data_dir / "admin.token").read_text().strip())
-        token = await api.create_tenant("acme")
+        token = (await api.provision("acme")).bearer
         api.fleet.knobs.hang = True  # the first spawn holds the tenant's only slot
         get = service.metrics.registry.get_sample_value
         async with trio.open_nursery() as nursery:
@@ -270,7 +262,7 @@ async def test_a_full_mailbox_is_its_own_reason(api: Api) -> None:
     """Mailbox-full is the one 429 a request cannot be steered into from outside: the
     actor drains its mailbox between any two awaits of a request. Calls started in one
     go all reach the mailbox before the actor takes its first command."""
-    await api.create_tenant("acme")
+    await api.provision("acme")
     registry = api.service.registry
     quota, source = Quota(1, 1, 1), Source("127.0.0.1", "admin")
     refusals: list[Busy] = []

@@ -27,7 +27,7 @@ import pytest
 from conftest import LISTEN_RE, LiveServer, bearer
 from full_disk import FullTmpfs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QUOTA = {"vcpus": 4, "memory_mib": 4096, "vms": 4}
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 

@@ -32,7 +32,7 @@ from full_disk import FullTmpfs
 from server.logs import LogSink
 from server.observe import trace_id
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 QUOTA = {"vcpus": 2, "memory_mib": 2048, "vms": 2}
 PAGE = os.sysconf("SC_PAGE_SIZE")

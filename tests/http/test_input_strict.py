@@ -73,8 +73,8 @@ class World:
 
 async def make_world(api: Api) -> World:
     """Tenants ``acme`` (two VMs) and ``beta``; a VM cursor and a tenant-list cursor."""
-    token = (await api.create_tenant("acme", QUOTA)).removeprefix("Bearer ")
-    await api.create_tenant("beta", QUOTA)
+    token = (await api.provision("acme", QUOTA)).token
+    await api.provision("beta", QUOTA)
     for _ in range(2):
         assert (await api.spawn(f"Bearer {token}")).status_code == 201
     page = await api.client.get("/v1/vms?limit=1", headers=bearer(token))
@@ -186,7 +186,7 @@ ACCEPTED = ["café", "名前", "web 1", "no\u00a0break", "wide\u3000space", "emo
 @pytest.mark.parametrize("field", ["name", "image"])
 @pytest.mark.parametrize("char", list(REFUSED.values()), ids=list(REFUSED))
 async def test_a_refused_character_in_text_is_a_400(api: Api, field: str, char: str) -> None:
-    token = await api.create_tenant("acme", QUOTA)
+    token = (await api.provision("acme", QUOTA)).bearer
     seq = api.service.audit.seq
     body = {**SPEC, field: f"web{char}1"}
     response = await api.client.post("/v1/vms", json=body, headers={"Authorization": token})
@@ -198,7 +198,7 @@ async def test_a_refused_character_in_text_is_a_400(api: Api, field: str, char: 
 
 @pytest.mark.parametrize("text", ACCEPTED)
 async def test_printable_text_is_accepted_as_sent(api: Api, text: str) -> None:
-    token = await api.create_tenant("acme", QUOTA)
+    token = (await api.provision("acme", QUOTA)).bearer
     response = await api.spawn(token, name=text, image=text)
     assert response.status_code == 201, await response.get_data()
     vm = await response.get_json()
