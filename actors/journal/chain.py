@@ -6,7 +6,7 @@ keys, no insignificant whitespace, non-ASCII kept as UTF-8). orjson with sorted 
 produces exactly those bytes for every audit entry and is the fastest encoder here (replay
 and verify encode every entry once); what it refuses (integers beyond 64 bits, lone
 surrogates, deep nesting) goes to msgspec's sorted encoder, the form this log always had.
-``tests/test_chain.py`` checks both against the standard library.
+``tests/journal/test_chain.py`` checks both against the standard library.
 """
 
 from __future__ import annotations
