@@ -1,0 +1,1 @@
+"""Durable storage behind the actors: the store boundary and its implementations."""
