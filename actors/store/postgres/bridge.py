@@ -244,15 +244,17 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def transaction(
-        self, isolation: Isolation = "read_committed"
+        self, isolation: Isolation = "read_committed", *, within: float | None = None
     ) -> AsyncIterator[Connection]:
         """One transaction: committed when the body returns, rolled back when it raises.
 
         The whole of it, from taking a connection to the commit, must finish within
-        ``transaction_timeout`` (else :class:`StoreUnavailable`, nothing committed). A
-        connection lost during the commit raises :class:`CommitUnknown`.
+        ``within`` seconds (default ``transaction_timeout``), else :class:`StoreUnavailable`
+        and nothing committed. A connection lost during the commit raises
+        :class:`CommitUnknown`.
         """
-        with trio.move_on_after(self.settings.transaction_timeout) as deadline:
+        limit = self.settings.transaction_timeout if within is None else within
+        with trio.move_on_after(limit) as deadline:
             raw, tx = await self._begin(isolation)
             try:
                 try:
@@ -269,7 +271,7 @@ class Database:
             return
         if deadline.cancelled_caught:
             raise StoreUnavailable(
-                f"the transaction did not finish within {self.settings.transaction_timeout} s",
+                f"the transaction did not finish within {limit} s",
                 timed_out=True,
             )
 
