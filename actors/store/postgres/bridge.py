@@ -154,6 +154,19 @@ class Connection:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._db.call(self.raw.fetchval, sql, *args)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self, isolation: Isolation = "read_committed") -> AsyncIterator[None]:
+        """A transaction on this very connection (say, the one holding a session lock).
+
+        Committed when the body returns, rolled back when it raises; a connection lost
+        during the commit raises :class:`CommitUnknown`. Each statement has its own
+        ``call_timeout``; there is no deadline for the whole.
+        """
+        tx = self.raw.transaction(isolation=isolation)
+        await self._db.call(tx.start)
+        async with self._db._completing(self.raw, tx):
+            yield
+
 
 class Notifications:
     """Wake-ups from LISTEN: :meth:`wait` returns the latest payload of each channel.
@@ -257,15 +270,9 @@ class Database:
         with trio.move_on_after(limit) as deadline:
             raw, tx = await self._begin(isolation)
             try:
-                try:
-                    yield Connection(self, raw)
-                except BaseException:
-                    await self._rollback(raw, tx)
-                    raise
-                try:
-                    await self.call(tx.commit)
-                except StoreUnavailable as error:
-                    raise CommitUnknown(f"the commit's outcome is unknown: {error}") from error
+                con = Connection(self, raw)
+                async with self._completing(raw, tx):
+                    yield con
             finally:
                 await self._release(raw)
             return
@@ -274,6 +281,19 @@ class Database:
                 f"the transaction did not finish within {limit} s",
                 timed_out=True,
             )
+
+    @contextlib.asynccontextmanager
+    async def _completing(self, raw: asyncpg.Connection, tx: Any) -> AsyncIterator[None]:
+        """Commit a started transaction when the body returns; roll it back when it raises."""
+        try:
+            yield
+        except BaseException:
+            await self._rollback(raw, tx)
+            raise
+        try:
+            await self.call(tx.commit)
+        except StoreUnavailable as error:
+            raise CommitUnknown(f"the commit's outcome is unknown: {error}") from error
 
     async def _begin(self, isolation: Isolation) -> tuple[asyncpg.Connection, Any]:
         """A connection with a transaction started on it.
@@ -365,7 +385,27 @@ class Database:
             finally:
                 if not _gone(con.raw):
                     con.raw.remove_termination_listener(notifications._on_terminate)
-                # the pool's reset on release UNLISTENs and drops the callbacks
+                    with trio.CancelScope(shield=True):
+                        try:
+                            for channel in channels:
+                                await self.call(
+                                    con.raw.remove_listener, channel, notifications._on_notify
+                                )
+                        except (StoreUnavailable, pgerr.PostgresError):
+                            pass  # the release resets (or terminates) the connection anyway
+
+
+#: Per-session server settings. The keepalives make the server notice within ~15 s that a
+#: replica's host vanished (no TCP reset, as after a power cut or a partition), so that
+#: the session locks it held (the sequencer's) are released; a process that merely dies
+#: is noticed at once. A transaction left idle by a stuck client is ended after 30 s.
+SESSION_SETTINGS = {
+    "application_name": "vm-tenant",
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "5",
+    "idle_in_transaction_session_timeout": "30s",
+}
 
 
 async def _create_pool(settings: DatabaseSettings) -> asyncpg.Pool:
@@ -378,6 +418,7 @@ async def _create_pool(settings: DatabaseSettings) -> asyncpg.Pool:
         # sessions are short and reset on release; a connection idle this long is closed,
         # so a pool shrinks again after a burst
         max_inactive_connection_lifetime=60.0,
+        server_settings=SESSION_SETTINGS,
     )
 
 
