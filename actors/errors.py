@@ -1,18 +1,32 @@
-"""Domain errors raised by the actors.
+"""Every error of the core, in one tree drawn by cause.
 
-Every error the core can report to a caller is one of these; the edge maps each class to
-exactly one problem ``code``::
+The branches say what a caller may conclude, which is what decides how to react (roll
+back, retry, reconcile); the edge maps each leaf to exactly one problem ``code``
+(``server/problems.py``), so the HTTP status follows from the leaf, never the other way::
 
-    DomainError
-    ├── InvalidRequest        400 invalid_request
-    ├── QuotaExceeded         403 quota_exceeded
-    ├── NotFound              404 not_found
-    ├── Conflict              409 conflict
-    ├── IdempotencyConflict   409 idempotency_conflict
-    ├── Busy                  429 rate_limited
-    ├── FleetError            502 fleet_error
-    ├── FleetUnavailable      503 fleet_unavailable
-    └── AuditUnavailable      503 audit_unavailable
+    DomainError                 reaches a caller as a problem document
+    ├── RequestRefused          the proxy said no: nothing changed
+    │   ├── InvalidRequest        400 invalid_request
+    │   ├── QuotaExceeded         403 quota_exceeded
+    │   ├── NotFound              404 not_found
+    │   ├── Conflict              409 conflict
+    │   ├── IdempotencyConflict   409 idempotency_conflict
+    │   └── Busy                  429 rate_limited
+    ├── NotCarriedOut           a dependency could not act: nothing changed, retry later
+    │   ├── FleetError            502 fleet_error (the fleet refused)
+    │   ├── FleetUnavailable      503 fleet_unavailable (the call was never sent, or the
+    │   │                             fleet said it did not act)
+    │   └── AuditUnavailable      503 audit_unavailable (the entry is not durable)
+    ├── FleetInDoubt            503 fleet_unavailable: the call went out and no answer came
+    │                               back; it may have happened, and it is being reconciled
+    └── InternalError           500 internal_error: a bug, never caused by input alone
+
+    StartupError                the data dir or the settings cannot be served (not a
+                                request's error: the process stops with its message)
+
+"Nothing happened" (:class:`NotCarriedOut`) and "we do not know what happened"
+(:class:`FleetInDoubt`) are siblings, so no handler depends on the order of its
+``except`` clauses to tell them apart.
 """
 
 from __future__ import annotations
@@ -22,11 +36,18 @@ class DomainError(Exception):
     """Base of every error that is meant to reach a caller as a problem document."""
 
 
-class InvalidRequest(DomainError):
+# -- the proxy refused ---------------------------------------------------------------------
+
+
+class RequestRefused(DomainError):
+    """The proxy refused the request; nothing changed."""
+
+
+class InvalidRequest(RequestRefused):
     """The request is well-formed but names something the core refuses (e.g. a bad cursor)."""
 
 
-class QuotaExceeded(DomainError):
+class QuotaExceeded(RequestRefused):
     """The spawn would take allocation above the ceiling; ``dimension`` says which one."""
 
     def __init__(self, dimension: str, detail: str) -> None:
@@ -34,19 +55,19 @@ class QuotaExceeded(DomainError):
         self.dimension = dimension
 
 
-class NotFound(DomainError):
+class NotFound(RequestRefused):
     """Unknown tenant or VM, or a VM of another tenant: callers cannot tell which."""
 
 
-class Conflict(DomainError):
+class Conflict(RequestRefused):
     """The resource is in a state that forbids the operation right now."""
 
 
-class IdempotencyConflict(DomainError):
+class IdempotencyConflict(RequestRefused):
     """An ``Idempotency-Key`` was reused with a different request body."""
 
 
-class Busy(DomainError):
+class Busy(RequestRefused):
     """A per-tenant limit was hit (request rate, spawns in flight, a full mailbox).
 
     ``retry_after`` is the whole seconds the caller should wait before trying again.
@@ -57,13 +78,38 @@ class Busy(DomainError):
         self.retry_after = retry_after
 
 
-class FleetError(DomainError):
+# -- a dependency could not act --------------------------------------------------------------
+
+
+class NotCarriedOut(DomainError):
+    """A dependency (the fleet, the journal) could not act; nothing changed."""
+
+
+class FleetError(NotCarriedOut):
     """The fleet controller answered with a definite error: the operation did not happen."""
 
 
-class FleetUnavailable(DomainError):
-    """The fleet could not be reached in time: the outcome of the call is unknown."""
+class FleetUnavailable(NotCarriedOut):
+    """The fleet was not asked (circuit open, client overloaded) or said it did not act."""
 
 
-class AuditUnavailable(DomainError):
+class AuditUnavailable(NotCarriedOut):
     """An audit entry could not be made durable, so the operation was not carried out."""
+
+
+# -- outcome unknown -------------------------------------------------------------------------
+
+
+class FleetInDoubt(DomainError):
+    """The call went out but no answer came back in time: its outcome is unknown."""
+
+
+# -- bugs and start-up -----------------------------------------------------------------------
+
+
+class InternalError(DomainError):
+    """The core hit a bug while handling this request (never caused by input alone)."""
+
+
+class StartupError(Exception):
+    """The data dir or the settings cannot be served; the message says why."""

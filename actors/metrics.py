@@ -8,14 +8,16 @@ their children on first use and keep them too.
 
 Values that already live in the actors' state (live actors, mailbox depths, VMs in
 doubt, the audit head) are not mirrored into gauges on every change: the
-:class:`StateCollector` reads them at scrape time, on the event loop's thread, so it sees
-each actor's state between two of its turns.
+:class:`StateCollector` calls a reading function at scrape time, on the event loop's
+thread, so it sees each actor's state between two of its turns. This module knows no
+actor: the service wires the reading function to them (``actors/service.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -23,10 +25,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from actors.state import IN_DOUBT_STATES
-
-if TYPE_CHECKING:
-    from actors.audit import AuditWriter
-    from actors.registry import TenantRegistry
 
 PREFIX = "vm_tenant"
 FLEET_OPERATIONS = ("spawn", "destroy", "status")
@@ -140,26 +138,38 @@ class Metrics:
     def count_quota_rejection(self, dimension: str) -> None:
         child(self._quota, self.quota_rejections, dimension).inc()
 
-    def watch(self, tenants: TenantRegistry, audit: AuditWriter) -> None:
-        """Export the actors' state at scrape time (called once the actors exist)."""
-        self.registry.register(StateCollector(tenants, audit))
+    def watch(self, read: Callable[[], StateReading]) -> None:
+        """Export the actors' state at scrape time through ``read`` (once the actors exist)."""
+        self.registry.register(StateCollector(read))
+
+
+@dataclass(frozen=True, slots=True)
+class StateReading:
+    """What the actors' state says at one scrape."""
+
+    active_actors: int
+    provisioned_tenants: int
+    #: (tenant id, messages waiting) of each running actor
+    mailbox_depths: list[tuple[str, int]]
+    vms_by_state: dict[str, int]
+    audit_seq: int
+    audit_queue_depth: int
+    audit_healthy: bool
 
 
 class StateCollector(Collector):
     """Reads the actors' state when scraped; nothing is mirrored on the hot path."""
 
-    def __init__(self, tenants: TenantRegistry, audit: AuditWriter) -> None:
-        self._tenants = tenants
-        self._audit = audit
+    def __init__(self, read: Callable[[], StateReading]) -> None:
+        self._read = read
 
     def describe(self) -> Iterable[Metric]:
         return ()
 
     def collect(self) -> Iterator[Metric]:
-        actors = self._tenants.live_actors()
-        states = self._tenants.tenant_states()
-        active = len(actors)
-        passivated = max(0, len(states) - active)
+        reading = self._read()
+        active = reading.active_actors
+        passivated = max(0, reading.provisioned_tenants - active)
         family = GaugeMetricFamily(
             f"{PREFIX}_tenant_actors",
             "Tenant actors: active = running now; passivated = provisioned but not running.",
@@ -174,14 +184,11 @@ class StateCollector(Collector):
             "Messages waiting in a running tenant actor's mailbox.",
             labels=("tenant",),
         )
-        for actor in actors:
-            depth.add_metric((actor.tenant_id,), actor.inbox.statistics().current_buffer_used)
+        for tenant_id, waiting in reading.mailbox_depths:
+            depth.add_metric((tenant_id,), waiting)
         yield depth
 
-        by_state: dict[str, int] = {}
-        for tenant in states:
-            for vm in tenant.vms.values():
-                by_state[vm.state] = by_state.get(vm.state, 0) + 1
+        by_state = reading.vms_by_state
         vms = GaugeMetricFamily(
             f"{PREFIX}_vms",
             "VMs the proxy counts toward allocations, by state.",
@@ -198,15 +205,15 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_audit_head_seq",
             "Sequence number of the last durable audit entry.",
-            value=self._audit.seq,
+            value=reading.audit_seq,
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_audit_queue_depth",
             "Audit entries submitted and not yet committed.",
-            value=self._audit.queue_depth,
+            value=reading.audit_queue_depth,
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_audit_healthy",
             "1 while the audit log accepts writes, 0 while it needs repair or is damaged.",
-            value=1 if self._audit.healthy else 0,
+            value=1 if reading.audit_healthy else 0,
         )

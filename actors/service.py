@@ -19,22 +19,19 @@ from typing import Any
 
 import trio
 
-from actors import snapshot
-from actors.audit import AuditWriter, utc_now
-from actors.chain import ChainBroken
-from actors.checkpoint import CheckpointSigner
-from actors.fleet import FleetClient, FleetDriver
-from actors.fleet_embedded import EmbeddedFleet
-from actors.fleet_http import HttpFleet
-from actors.limits import LimitSettings
-from actors.metrics import Metrics
-from actors.registry import TenantRegistry
+from actors.errors import StartupError
+from actors.fleet.client import FleetClient, FleetDriver
+from actors.fleet.embedded import EmbeddedFleet
+from actors.fleet.http import HttpFleet
+from actors.journal import snapshot
+from actors.journal.chain import ChainBroken
+from actors.journal.checkpoint import CheckpointSigner
+from actors.journal.writer import AuditWriter, utc_now
+from actors.metrics import Metrics, StateReading
+from actors.tenants.limits import LimitSettings
+from actors.tenants.registry import TenantRegistry
 
 log = logging.getLogger("vm_tenant.service")
-
-
-class StartupError(Exception):
-    """The data dir cannot be served (damaged chain, unusable snapshot); the message says why."""
 
 
 @dataclass(slots=True)
@@ -97,6 +94,27 @@ class Service:
         return self.snapshot_anchor
 
 
+def read_state(registry: TenantRegistry, writer: AuditWriter) -> StateReading:
+    """What the metrics export at scrape time, read from the actors between their turns."""
+    actors = registry.live_actors()
+    tenants = registry.tenant_states()
+    by_state: dict[str, int] = {}
+    for tenant in tenants:
+        for vm in tenant.vms.values():
+            by_state[vm.state] = by_state.get(vm.state, 0) + 1
+    return StateReading(
+        active_actors=len(actors),
+        provisioned_tenants=len(tenants),
+        mailbox_depths=[
+            (actor.tenant_id, actor.inbox.statistics().current_buffer_used) for actor in actors
+        ],
+        vms_by_state=by_state,
+        audit_seq=writer.seq,
+        audit_queue_depth=writer.queue_depth,
+        audit_healthy=writer.healthy,
+    )
+
+
 def make_driver(config: ServiceConfig) -> FleetDriver:
     if config.fleet == "embedded":
         return EmbeddedFleet(config.data_dir / "fleet", boot_seconds=config.embedded_boot_seconds)
@@ -145,7 +163,7 @@ async def open_service(
         passivate_after=config.passivate_after,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
-    metrics.watch(registry, writer)
+    metrics.watch(lambda: read_state(registry, writer))
     service = Service(
         config, writer, fleet, registry, signer, metrics, snapshot_anchor=replayed.anchor
     )

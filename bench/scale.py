@@ -38,11 +38,12 @@ from typing import Any
 
 import trio
 
-from actors import snapshot
-from actors.chain import GENESIS, seal, segment_name
-from actors.messages import GetUsage, ListVms
+from actors.journal import snapshot
+from actors.journal.chain import GENESIS, seal
+from actors.journal.segments import segment_name
+from actors.journal.verify import verify_data_dir
 from actors.service import ServiceConfig, open_service
-from actors.verify import verify_data_dir
+from actors.tenants.protocol import GetUsage, ListVms
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 SOURCE = {"ip": "127.0.0.1", "token_id": "tok-0123456789abcdef"}

@@ -15,7 +15,7 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from actors.registry import TenantRegistry
+from actors.tenants.registry import TenantRegistry
 from server.auth import Authority, Principal
 from server.keyring import SigningKeyInUse, UnknownKey
 from server.problems import Problem

@@ -19,13 +19,13 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from actors.audit_reader import AuditReader
-from actors.chain import canonical
-from actors.errors import DomainError, FleetUnavailable
-from actors.fleet import VmSpec
-from actors.messages import Destroy, Replay, Source, Spawn, UpdateQuota
+from actors.errors import DomainError, FleetInDoubt
+from actors.journal.chain import canonical
+from actors.journal.reader import AuditReader
 from actors.service import Service
-from actors.tenant_views import tenant_view, usage_view, vm_page, vm_view
+from actors.state import VmSpec
+from actors.tenants.protocol import Destroy, Replay, Source, Spawn, UpdateQuota
+from actors.tenants.views import tenant_view, usage_view, vm_page, vm_view
 from server.admin_routes import add_admin_routes
 from server.auth import Authority, Principal
 from server.observe import count_domain_error, instrument
@@ -93,7 +93,7 @@ def create_app(service: Service, authority: Authority, request_log: Any = None) 
 
     @app.errorhandler(trio.TooSlowError)
     async def on_too_slow(_: trio.TooSlowError) -> Response:
-        error = FleetUnavailable("the operation did not finish in time; it will be reconciled")
+        error = FleetInDoubt("the operation did not finish in time; it will be reconciled")
         return await on_domain_error(error)
 
     @app.errorhandler(HTTPException)

@@ -23,7 +23,7 @@ from typing import Literal
 from itsdangerous import BadSignature, URLSafeSerializer
 
 from actors.fsutil import create_private
-from actors.registry import TenantRegistry
+from actors.tenants.registry import TenantRegistry
 from server.keyring import Clock, Keyring, rfc3339
 from server.problems import Problem
 

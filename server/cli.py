@@ -19,8 +19,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from actors.service import ServiceConfig, StartupError, open_service
-from actors.verify import verify_data_dir
+from actors.errors import StartupError
+from actors.journal.verify import verify_data_dir
+from actors.service import ServiceConfig, open_service
 from server import settings
 from server.app import create_app
 from server.auth import Authority, admin_token_path

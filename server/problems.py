@@ -13,8 +13,10 @@ from actors.errors import (
     Conflict,
     DomainError,
     FleetError,
+    FleetInDoubt,
     FleetUnavailable,
     IdempotencyConflict,
+    InternalError,
     InvalidRequest,
     NotFound,
     QuotaExceeded,
@@ -50,11 +52,17 @@ _DOMAIN_CODES: list[tuple[type[DomainError], str]] = [
     (Busy, "rate_limited"),
     (FleetError, "fleet_error"),
     (FleetUnavailable, "fleet_unavailable"),
+    (FleetInDoubt, "fleet_unavailable"),
     (AuditUnavailable, "audit_unavailable"),
+    (InternalError, "internal_error"),
 ]
 
 #: the single 404 text, so that a missing VM and another tenant's VM read the same
 NOT_FOUND_DETAIL = "the requested resource does not exist"
+INTERNAL_DETAIL = "the request could not be completed"
+#: codes whose detail never comes from the error: a 404 must not tell a missing VM from
+#: another tenant's, and a bug's message is for the log, not the caller
+_FIXED_DETAILS = {"not_found": NOT_FOUND_DETAIL, "internal_error": INTERNAL_DETAIL}
 
 
 class Problem(Exception):
@@ -96,8 +104,8 @@ def domain_problem(error: DomainError) -> Problem:
     """The problem for a domain error raised by the core."""
     for cls, code in _DOMAIN_CODES:
         if isinstance(error, cls):
-            detail = NOT_FOUND_DETAIL if code == "not_found" else str(error)
+            detail = _FIXED_DETAILS.get(code) or str(error)
             if isinstance(error, Busy):
                 return Problem(code, detail, {"Retry-After": str(error.retry_after)})
             return Problem(code, detail)
-    return Problem("internal_error", "the request could not be completed")
+    return Problem("internal_error", INTERNAL_DETAIL)

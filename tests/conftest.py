@@ -22,7 +22,7 @@ import httpx
 import pytest
 from quart.typing import TestClientProtocol
 
-from actors.fleet_embedded import EmbeddedFleet
+from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, ServiceConfig, open_service
 from pgcluster import pg_cluster, pg_db, pg_own  # noqa: F401  (fixtures)
 from server.app import create_app

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import trio
 
-from actors.audit import AuditWriter
-from actors.chain import GENESIS
 from actors.errors import AuditUnavailable
+from actors.journal.chain import GENESIS
+from actors.journal.writer import AuditWriter
 from conftest import audit_lines
 
 SOURCE = {"ip": "127.0.0.1", "token_id": "tok-test"}

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.chain import GENESIS, canonical, entry_hash, iter_lines, seal, verify_lines
+from actors.journal.chain import GENESIS, canonical, entry_hash, seal, verify_lines
+from actors.journal.segments import iter_lines
 
 json_values = st.recursive(
     st.none()
@@ -147,7 +148,7 @@ def test_values_orjson_refuses_fall_back_to_the_old_form() -> None:
 def test_lines_across_read_chunks_keep_their_offsets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("actors.chain.READ_CHUNK", 7)  # every line spans several reads
+    monkeypatch.setattr("actors.journal.segments.READ_CHUNK", 7)  # every line spans several reads
     lines = write_chain(tmp_path, 4)
     segment = tmp_path / "000000000001.jsonl"
     segment.write_bytes(b"".join(lines) + b'{"torn')

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors.checkpoint import read_checkpoints
+from actors.journal.checkpoint import read_checkpoints
 from actors.service import open_service
 from conftest import Api, audit_lines, service_config
 from server.app import create_app

@@ -22,7 +22,7 @@ import trio
 import trio.testing
 from quart import Response
 
-from actors.checkpoint import load_public_key, public_key_path, signature_valid
+from actors.journal.checkpoint import load_public_key, public_key_path, signature_valid
 from actors.service import open_service
 from conftest import QUOTA, Api, audit_lines, service_config
 from server.app import create_app

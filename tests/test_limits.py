@@ -17,9 +17,15 @@ import trio
 import trio.testing
 from quart import Response
 
-from actors.errors import Busy
-from actors.limits import LimitSettings, TenantLimiter, TenantLimits, TokenBucket, retry_after
-from actors.service import StartupError, open_service
+from actors.errors import Busy, StartupError
+from actors.service import open_service
+from actors.tenants.limits import (
+    LimitSettings,
+    TenantLimiter,
+    TenantLimits,
+    TokenBucket,
+    retry_after,
+)
 from conftest import QUOTA, Api, service_config
 from server import settings
 from server.app import create_app

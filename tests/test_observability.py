@@ -25,8 +25,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable
+from actors.journal.writer import AuditWriter
 from actors.metrics import Metrics
 from conftest import Api, LiveServer, bearer
 from server.logs import direct_request_logger, formatter, request_logger

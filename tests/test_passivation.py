@@ -17,11 +17,10 @@ import trio
 import trio.testing
 
 from actors.errors import QuotaExceeded
-from actors.fleet import VmSpec
-from actors.fleet_embedded import EmbeddedFleet
-from actors.messages import GetUsage, ListVms, Source, Spawn
+from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, open_service
-from actors.state import Quota
+from actors.state import Quota, VmSpec
+from actors.tenants.protocol import GetUsage, ListVms, Source, Spawn
 from conftest import bearer, service_config
 from server import settings
 from server.app import create_app

@@ -9,16 +9,15 @@ from typing import Any
 import pytest
 import trio
 
-from actors import snapshot as snapshot_module
-from actors.audit import SYSTEM_SOURCE
-from actors.chain import seal
-from actors.errors import AuditUnavailable
-from actors.fleet import VmSpec
-from actors.fleet_embedded import EmbeddedFleet
-from actors.messages import Destroy, GetUsage, ListVms, Source, Spawn
-from actors.service import Service, StartupError, open_service
-from actors.snapshot import snapshot_path
-from actors.state import Quota
+from actors.errors import AuditUnavailable, StartupError
+from actors.fleet.embedded import EmbeddedFleet
+from actors.journal import snapshot as snapshot_module
+from actors.journal.chain import seal
+from actors.journal.snapshot import snapshot_path
+from actors.journal.writer import SYSTEM_SOURCE
+from actors.service import Service, open_service
+from actors.state import Quota, VmSpec
+from actors.tenants.protocol import Destroy, GetUsage, ListVms, Source, Spawn
 from conftest import audit_lines, service_config
 
 ADMIN = Source("127.0.0.1", "admin")

@@ -21,15 +21,14 @@ import pytest
 import trio
 import trio.testing
 
-from actors.checkpoint import CheckpointSigner, checkpoints_path, read_checkpoints
 from actors.errors import AuditUnavailable, FleetError
-from actors.fleet import VmSpec
-from actors.fleet_embedded import EmbeddedFleet
-from actors.messages import GetUsage, ListVms, Source, Spawn, UpdateQuota
+from actors.fleet.embedded import EmbeddedFleet
+from actors.journal.checkpoint import CheckpointSigner, checkpoints_path, read_checkpoints
+from actors.journal.verify import verify_data_dir
 from actors.reply import Reply
 from actors.service import Service, open_service
-from actors.state import Quota
-from actors.verify import verify_data_dir
+from actors.state import Quota, VmSpec
+from actors.tenants.protocol import GetUsage, ListVms, Source, Spawn, UpdateQuota
 from conftest import Api, audit_lines, service_config
 from server.app import create_app
 from server.auth import Authority

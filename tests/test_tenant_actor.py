@@ -11,14 +11,12 @@ import pytest
 import trio
 import trio.testing
 
-from actors import tenant as tenant_module
-from actors.errors import AuditUnavailable, FleetError, FleetUnavailable, QuotaExceeded
-from actors.fleet import VmSpec
-from actors.fleet_embedded import EmbeddedFleet
-from actors.messages import Destroy, GetUsage, GetVm, ListVms, Source, Spawn
+from actors.errors import AuditUnavailable, FleetError, FleetInDoubt, InternalError, QuotaExceeded
+from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, open_service
-from actors.state import Quota, TenantState
-from actors.tenant import InternalError
+from actors.state import Quota, TenantState, VmSpec
+from actors.tenants import actor as tenant_module
+from actors.tenants.protocol import Destroy, GetUsage, GetVm, ListVms, Source, Spawn
 from conftest import audit_lines, service_config
 
 ADMIN = Source("127.0.0.1", "admin")
@@ -142,7 +140,7 @@ async def test_lost_fleet_answer_keeps_capacity_until_reconciled(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
     fleet_of(svc).knobs.hang = True
-    with pytest.raises(FleetUnavailable):
+    with pytest.raises(FleetInDoubt):
         await spawn(svc, "acme")
     page, _ = await svc.registry.call("acme", lambda reply: ListVms(None, 10, reply))
     assert [vm["state"] for vm in page] == ["unknown"]
@@ -173,7 +171,7 @@ async def test_definite_refusal_while_reconciling_releases(
 ) -> None:
     await svc.registry.create_tenant("acme", Quota(4, 4096, 1), ADMIN, "req")
     fleet_of(svc).knobs.hang = True
-    with pytest.raises(FleetUnavailable):
+    with pytest.raises(FleetInDoubt):
         await spawn(svc, "acme")
     fleet_of(svc).knobs.hang = False
     fleet_of(svc).knobs.fail_next = 1  # the repeated spawn is refused for good
@@ -194,7 +192,7 @@ async def test_one_slow_tenant_does_not_stall_another(
     answered = trio.Event()
 
     async def stuck_spawn() -> None:
-        with pytest.raises(FleetUnavailable):
+        with pytest.raises(FleetInDoubt):
             await spawn(svc, "slow")
         answered.set()
 

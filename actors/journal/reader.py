@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from pathlib import Path
 
-from actors.chain import list_segments
+from actors.journal.segments import list_segments
 
 STRIDE = 256
 

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import trio
 
-from actors.errors import FleetError
-from actors.fleet import FleetBusy, FleetInDoubt, VmSpec
+from actors.errors import FleetError, FleetInDoubt, FleetUnavailable
+from actors.state import VmSpec
 
 BASE = "/fleet/v1/vms"
 
@@ -53,13 +53,13 @@ class HttpFleet:
                 response = await self._client.request(method, path, json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
                 # Nothing reached the fleet: safe to try again, and definite if we give up.
-                outcome: BaseException = FleetBusy(f"cannot reach the fleet: {error}")
+                outcome: BaseException = FleetUnavailable(f"cannot reach the fleet: {error}")
             except httpx.TransportError as error:
                 raise FleetInDoubt(f"no answer from the fleet: {error!r}") from None
             else:
                 if response.status_code != 503:
                     return response
-                outcome = FleetBusy("the fleet is overloaded (503)")
+                outcome = FleetUnavailable("the fleet is overloaded (503)")
             if attempt == self._attempts:
                 raise outcome
             await trio.sleep(delay * (0.5 + random.random()))

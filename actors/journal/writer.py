@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.testing
 
-from actors.chain import GENESIS, seal, segment_name
 from actors.errors import AuditUnavailable
+from actors.journal.chain import GENESIS, seal
+from actors.journal.segments import segment_name
 
 if TYPE_CHECKING:
     from actors.metrics import Metrics

@@ -16,7 +16,7 @@ a VM that may exist is never released from the quota.
 message loop after a crash (bounded: more than ``MAX_RESTARTS`` in ``RESTART_PERIOD``
 seconds marks the actor failed, cancels its jobs and answers everything queued), and
 answers the caller of the message that crashed it. The jobs themselves live in
-``actors/tenant_jobs.py``.
+``actors/tenants/jobs.py``.
 """
 
 from __future__ import annotations
@@ -30,18 +30,23 @@ from typing import Any
 import outcome
 import trio
 
-from actors.audit import SYSTEM_SOURCE, AuditTicket, AuditWriter, utc_now
 from actors.errors import (
     AuditUnavailable,
     Busy,
     Conflict,
     DomainError,
+    FleetUnavailable,
     IdempotencyConflict,
+    InternalError,
     NotFound,
     QuotaExceeded,
 )
-from actors.fleet import FleetBusy, FleetClient, VmSpec
-from actors.messages import (
+from actors.fleet.client import FleetClient
+from actors.journal.writer import SYSTEM_SOURCE, AuditTicket, AuditWriter, utc_now
+from actors.reply import send_reply
+from actors.state import IN_DOUBT_STATES, IdempotencyRecord, TenantState, VmRecord, VmSpec
+from actors.tenants.jobs import TenantJobs
+from actors.tenants.protocol import (
     WRITE_COMMANDS,
     ApplyOutcome,
     Destroy,
@@ -62,10 +67,7 @@ from actors.messages import (
     TenantMessage,
     UpdateQuota,
 )
-from actors.reply import send_reply
-from actors.state import IN_DOUBT_STATES, IdempotencyRecord, TenantState, VmRecord
-from actors.tenant_jobs import TenantJobs
-from actors.tenant_views import usage_view, vm_page, vm_view
+from actors.tenants.views import usage_view, vm_page, vm_view
 
 log = logging.getLogger("vm_tenant.tenant")
 
@@ -74,10 +76,6 @@ RESTART_PERIOD = 10.0
 SYSTEM = Source(SYSTEM_SOURCE["ip"], SYSTEM_SOURCE["token_id"])
 #: the longest VM id written to the audit log as given; longer ones are cut
 MAX_LOGGED_ID = 128
-
-
-class InternalError(DomainError):
-    """The actor hit a bug while handling this request (never caused by input alone)."""
 
 
 def new_vm_id() -> str:
@@ -266,7 +264,7 @@ class TenantActor:
         if self.closing:
             return Conflict("the tenant is being deleted")
         if not self.fleet.accepting():
-            return FleetBusy("the fleet is unreachable right now; try again shortly")
+            return FleetUnavailable("the fleet is unreachable right now; try again shortly")
         return None
 
     def _submit(

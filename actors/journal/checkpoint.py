@@ -21,8 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from actors.chain import canonical
 from actors.fsutil import create_private, fsync_dir
+from actors.journal.chain import canonical
 
 
 def checkpoints_path(data_dir: Path) -> Path:

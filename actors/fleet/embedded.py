@@ -22,8 +22,8 @@ import msgspec
 import trio
 
 from actors.errors import FleetError
-from actors.fleet import VmSpec
 from actors.fsutil import atomic_write
+from actors.state import VmSpec
 
 log = logging.getLogger("vm_tenant.fleet.embedded")
 

@@ -2,7 +2,7 @@
 
 A job runs in its actor's nursery with a clone of the actor's inbox, and it never touches
 the tenant's state: everything it learns goes back to the actor as a message (see
-``actors/messages.py``), so the actor stays the only owner of that state.
+``actors/tenants/protocol.py``), so the actor stays the only owner of that state.
 
 Outcomes are settled in two phases. The job reports the fleet's definite answer
 (:class:`~actors.messages.RecordOutcome`); the actor submits the outcome entry; once that
@@ -23,10 +23,18 @@ from typing import Any
 import outcome
 import trio
 
-from actors.audit import AuditTicket
-from actors.errors import AuditUnavailable, DomainError, FleetError, FleetUnavailable
-from actors.fleet import FleetBusy, FleetClient, FleetInDoubt, VmSpec
-from actors.messages import (
+from actors.errors import (
+    AuditUnavailable,
+    DomainError,
+    FleetError,
+    FleetInDoubt,
+    FleetUnavailable,
+)
+from actors.fleet.client import FleetClient
+from actors.journal.writer import AuditTicket
+from actors.reply import Reply, send_reply
+from actors.state import Quota, VmSpec
+from actors.tenants.protocol import (
     ApplyOutcome,
     ForgetKey,
     MarkInDoubt,
@@ -36,8 +44,6 @@ from actors.messages import (
     Settle,
     Source,
 )
-from actors.reply import Reply, send_reply
-from actors.state import Quota
 
 log = logging.getLogger("vm_tenant.tenant")
 
@@ -92,7 +98,7 @@ class TenantJobs:
         except FleetInDoubt as exc:
             await self._in_doubt(inbox, vm_id, spec, reply, exc)
             return
-        except (FleetError, FleetBusy) as exc:
+        except (FleetError, FleetUnavailable) as exc:
             failure = exc
             settle = Settle(vm_id, kind, False, previous, str(exc), source, request_id)
         await self._finish(inbox, settle, spec, reply, failure)
@@ -140,7 +146,7 @@ class TenantJobs:
                 settle = Settle(vm_id, kind, True, state, "", self.system, None)
             except FleetError as exc:
                 settle = Settle(vm_id, kind, False, None, str(exc), self.system, None)
-            except FleetUnavailable:
+            except (FleetUnavailable, FleetInDoubt):
                 pass  # still in doubt: ask again after the backoff
             if settle is not None:
                 try:

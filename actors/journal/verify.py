@@ -15,8 +15,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actors.chain import ChainBroken, ChainVerifier, VerifyReport, iter_chunks
-from actors.checkpoint import load_public_key, public_key_path, read_checkpoints, signature_valid
+from actors.journal.chain import ChainBroken, ChainVerifier, VerifyReport
+from actors.journal.checkpoint import (
+    load_public_key,
+    public_key_path,
+    read_checkpoints,
+    signature_valid,
+)
+from actors.journal.segments import iter_chunks
 
 
 def verify_data_dir(

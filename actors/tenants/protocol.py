@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from actors.fleet import VmSpec
 from actors.reply import Reply
-from actors.state import Quota
+from actors.state import Quota, VmSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,15 +26,15 @@ from typing import Any
 import trio
 from sortedcontainers import SortedDict
 
-from actors.audit import AuditWriter
 from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
-from actors.fleet import FleetClient
-from actors.limits import LimitSettings, TenantLimits
-from actors.messages import Reopen, Retire, Source
+from actors.fleet.client import FleetClient
+from actors.journal.writer import AuditWriter
 from actors.reply import Reply
 from actors.state import IN_DOUBT_STATES, Quota, TenantState
-from actors.tenant import TenantActor
-from actors.tenant_views import tenant_view
+from actors.tenants.actor import TenantActor
+from actors.tenants.limits import LimitSettings, TenantLimits
+from actors.tenants.protocol import Reopen, Retire, Source
+from actors.tenants.views import tenant_view
 
 log = logging.getLogger("vm_tenant.registry")
 
@@ -129,7 +129,7 @@ class TenantRegistry:
         return list(self._tenants.values())
 
     def state(self, tenant_id: str) -> TenantState:
-        """The tenant's state, for reads only (see ``actors/tenant_views.py``)."""
+        """The tenant's state, for reads only (see ``actors/tenants/views.py``)."""
         tenant = self._tenants.get(tenant_id)
         if tenant is None:
             raise NotFound("no such tenant")

@@ -3,9 +3,10 @@
 The :class:`FleetClient` owns the driver (opened and closed inside its own nursery) and a
 fixed pool of worker tasks reading one bounded mailbox, so the number of calls in flight
 to the fleet is bounded and each call has a deadline. Its :class:`CircuitBreaker` turns
-a fleet that keeps failing into fast refusals for a cool-down. Callers get a definite answer, a
-:class:`~actors.errors.FleetError` (the fleet said no: nothing happened), or a
-:class:`FleetInDoubt` (the call may or may not have taken effect).
+a fleet that keeps failing into fast refusals for a cool-down. Callers get a definite
+answer, a :class:`~actors.errors.FleetError` (the fleet said no) or
+:class:`~actors.errors.FleetUnavailable` (the call was not made: nothing happened), or a
+:class:`~actors.errors.FleetInDoubt` (the call may or may not have taken effect).
 """
 
 from __future__ import annotations
@@ -14,64 +15,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from math import inf
 from typing import TYPE_CHECKING, Any, Protocol
 
 import outcome
 import trio
 
-from actors.errors import FleetError, FleetUnavailable
+from actors.errors import FleetError, FleetInDoubt, FleetUnavailable
+from actors.fleet.breaker import CircuitBreaker
 from actors.reply import Reply
+from actors.state import VmSpec
 
 if TYPE_CHECKING:
     from actors.metrics import Metrics
 
 log = logging.getLogger("vm_tenant.fleet")
-
-
-class FleetInDoubt(FleetUnavailable):
-    """The call went out but no answer came back in time: its outcome is unknown."""
-
-
-class FleetBusy(FleetUnavailable):
-    """The call was never sent, or the fleet said it did not act: nothing happened."""
-
-
-class CircuitBreaker:
-    """Opens after ``threshold`` consecutive failed calls, for ``cooldown`` seconds.
-
-    A failed call is one that came back in doubt (including an expired deadline) or
-    never reached the fleet; a definite answer, even a refusal, closes the circuit.
-    """
-
-    def __init__(self, threshold: int = 5, cooldown: float = 5.0) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self.open_until = -inf
-
-    def allows(self) -> bool:
-        return trio.current_time() >= self.open_until
-
-    def record(self, result: outcome.Outcome[Any]) -> None:
-        if isinstance(result, outcome.Error) and isinstance(result.error, FleetUnavailable):
-            self.failures += 1
-            if self.failures >= self.threshold:
-                if self.allows():
-                    log.warning("fleet unreachable: circuit open for %.1f s", self.cooldown)
-                self.open_until = trio.current_time() + self.cooldown
-        else:
-            self.failures = 0
-
-
-@dataclass(frozen=True, slots=True)
-class VmSpec:
-    """What the fleet needs to create a VM."""
-
-    vcpus: int
-    memory_mib: int
-    image: str
-    name: str | None
 
 
 class FleetDriver(Protocol):
@@ -154,7 +111,7 @@ class FleetClient:
     async def _invoke(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> outcome.Outcome[Any]:
         try:
             return outcome.Value(await fn(*args))
-        except (FleetError, FleetUnavailable) as error:
+        except (FleetError, FleetUnavailable, FleetInDoubt) as error:
             return outcome.Error(error)
         except Exception:
             # A driver bug must not crash the pool; the caller cannot know what happened,
@@ -165,13 +122,13 @@ class FleetClient:
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if not self.breaker.allows():
             self._count_refused(fn)
-            raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
+            raise FleetUnavailable("the fleet is unreachable (circuit open); try again shortly")
         reply = Reply()
         try:
             self._send.send_nowait(_Call(fn, args, reply))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._count_refused(fn)
-            raise FleetBusy("the fleet client is overloaded") from None
+            raise FleetUnavailable("the fleet client is overloaded") from None
         # The worker answers within its own deadline; this one only guards against a
         # worker pool that stopped while the call was queued.
         with trio.move_on_after(self.timeout * 2 + 1) as scope:
@@ -211,10 +168,10 @@ class FleetClient:
         """
         if not self.breaker.allows():
             self._count_refused(self.driver.status)
-            raise FleetBusy("the fleet is unreachable (circuit open); try again shortly")
+            raise FleetUnavailable("the fleet is unreachable (circuit open); try again shortly")
         if self._reads >= self._workers:
             self._count_refused(self.driver.status)
-            raise FleetBusy("too many status reads in flight")
+            raise FleetUnavailable("too many status reads in flight")
         result: outcome.Outcome[Any] = outcome.Error(
             FleetInDoubt("the fleet did not answer in time")
         )

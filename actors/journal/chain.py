@@ -1,6 +1,6 @@
-"""The audit chain's format: canonical bytes, entry hashes, segment files, verification.
+"""The audit chain's format: canonical bytes, entry hashes, verification.
 
-Pure functions over bytes and files, shared by the writer, the start-up replay and the
+Pure functions over bytes, shared by the writer, the start-up replay and the
 offline ``vm-tenant audit verify``. The canonical form is the one API.md fixes (sorted
 keys, no insignificant whitespace, non-ASCII kept as UTF-8). orjson with sorted keys
 produces exactly those bytes for every audit entry and is the fastest encoder here (replay
@@ -14,20 +14,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import msgspec
 import orjson
 
+from actors.journal.segments import RawLine
+
 GENESIS = "0" * 64
-SEGMENT_DIGITS = 12
 _encoder = msgspec.json.Encoder(order="sorted")
 _decoder = msgspec.json.Decoder(dict)
 _SORTED = orjson.OPT_SORT_KEYS
 _sha256 = hashlib.sha256
-#: segment bytes read at a time by :func:`iter_lines`
-READ_CHUNK = 4 * 1024 * 1024
 
 
 def canonical(entry: dict[str, Any]) -> bytes:
@@ -54,74 +52,6 @@ def seal(entry: dict[str, Any]) -> bytes:
 def decode_line(line: bytes) -> dict[str, Any]:
     """Parse one stored line; raises ``msgspec.DecodeError`` when it is not a JSON object."""
     return _decoder.decode(line)
-
-
-def segment_name(first_seq: int) -> str:
-    return f"{first_seq:0{SEGMENT_DIGITS}d}.jsonl"
-
-
-def list_segments(audit_dir: Path) -> list[Path]:
-    """Segment files in chain order (lexical order of their zero-padded names)."""
-    if not audit_dir.is_dir():
-        return []
-    return sorted(
-        p
-        for p in audit_dir.iterdir()
-        if p.suffix == ".jsonl" and p.stem.isdigit() and len(p.stem) == SEGMENT_DIGITS
-    )
-
-
-class RawLine(NamedTuple):
-    """One line of a segment as stored, with where it lies (a tuple: one per entry read)."""
-
-    segment: Path
-    offset: int
-    data: bytes  # without the trailing newline
-    complete: bool  # False for a last line that has no newline yet
-
-
-class Chunk(NamedTuple):
-    """Complete lines read from one segment in one go; ``offset`` is where the first starts."""
-
-    segment: Path
-    offset: int
-    lines: list[bytes]  # without their newlines
-    torn: bytes  # the segment's unterminated last line (then ``lines`` is empty), else b""
-
-
-def iter_chunks(audit_dir: Path, start: Path | None = None, offset: int = 0) -> Iterator[Chunk]:
-    """Every line of every segment in chain order, a few MiB at a time.
-
-    Replay and verify loop over these lists directly: big reads split in C cost far less
-    than a Python object per line.
-    """
-    segments = list_segments(audit_dir)
-    if start is not None:
-        segments = [s for s in segments if s >= start]
-    for index, segment in enumerate(segments):
-        pos = offset if (start is not None and index == 0) else 0
-        with segment.open("rb") as f:
-            f.seek(pos)
-            rest = b""
-            while chunk := f.read(READ_CHUNK):
-                lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
-                rest = lines.pop()
-                if lines:
-                    yield Chunk(segment, pos, lines, b"")
-                    pos += sum(map(len, lines)) + len(lines)
-            if rest:
-                yield Chunk(segment, pos, [], rest)
-
-
-def iter_lines(audit_dir: Path, start: Path | None = None, offset: int = 0) -> Iterator[RawLine]:
-    """Every line of every segment, in chain order, optionally from a known position."""
-    for chunk in iter_chunks(audit_dir, start, offset):
-        pos = chunk.offset
-        for line in chunk.lines:
-            yield RawLine(chunk.segment, pos, line, True)
-            pos += len(line) + 1
-        if chunk.torn:
-            yield RawLine(chunk.segment, pos, chunk.torn, False)
 
 
 Verdict = Literal["ok", "torn", "tampered", "truncated"]

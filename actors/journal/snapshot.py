@@ -25,17 +25,10 @@ from typing import Any
 
 import msgspec
 
-from actors.chain import (
-    GENESIS,
-    ChainBroken,
-    ChainVerifier,
-    Chunk,
-    RawLine,
-    VerifyReport,
-    iter_chunks,
-    iter_lines,
-)
 from actors.fsutil import atomic_write
+from actors.journal.chain import GENESIS, ChainBroken, ChainVerifier, VerifyReport
+from actors.journal.fold import apply
+from actors.journal.segments import Chunk, RawLine, iter_chunks, iter_lines
 from actors.state import (
     IDEMPOTENCY_TTL_SECONDS,
     IdempotencyRecord,
@@ -43,7 +36,6 @@ from actors.state import (
     Quota,
     TenantState,
     VmRecord,
-    apply,
 )
 
 SNAPSHOT_VERSION = 1

@@ -1,0 +1,1 @@
+"""The journal: the audit log, its chain and segments, the fold, snapshots, checkpoints."""

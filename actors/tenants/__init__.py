@@ -1,0 +1,1 @@
+"""The tenants: one actor per tenant, its jobs and protocol, and the registry over them."""
