@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from actors.chain import ChainVerifier, decode_line
+from actors.journal.chain import ChainVerifier, decode_line
 from actors.store.postgres.bridge import Database, DatabaseSettings, open_database
 from actors.store.postgres.schema import migrate
 from actors.store.postgres.sequencer import (

@@ -5,7 +5,7 @@ canonical JSON of the entry's fields) in ``audit_queue``, in the same transactio
 change the entries record, and commit. One replica at a time, whichever holds the session
 advisory lock :data:`SEQUENCER_LOCK`, runs :class:`Sequencer`: it takes the committed
 queue rows in ``qid`` order, gives each its ``seq``, ``ts``, ``prev`` and ``hash`` with the
-file store's own :func:`~actors.chain.seal` (so the stored line is byte for byte what the
+file store's own :func:`~actors.journal.chain.seal` (so the stored line is byte for byte what the
 file store would write), and in one transaction inserts them into ``audit_log`` (with
 their Merkle leaves), deletes them from the queue, moves ``audit_head`` by
 compare-and-set, and notifies ``vm_tenant_sequenced``. Every replica's
@@ -41,8 +41,8 @@ from typing import Any
 
 import trio
 
-from actors.audit import utc_now
-from actors.chain import canonical, decode_line, seal
+from actors.journal.chain import canonical, decode_line, seal
+from actors.journal.writer import utc_now
 from actors.store.postgres.bridge import Connection, Database, StoreUnavailable
 from actors.store.postgres.schema import advisory_key
 
