@@ -10,7 +10,7 @@ from actors.store.postgres.schema import LATEST, SchemaError, SchemaTooNew, migr
 from pgcluster import PgDatabase
 
 TABLES = {
-    "schema_version", "log_meta", "signing_keys", "tenants", "tokens", "directory_version",
+    "schema_version", "log_meta", "signing_keys", "tenants", "tokens", "directory_changes",
     "vms", "idempotency", "audit_queue", "audit_log", "audit_head", "merkle_nodes",
     "checkpoints",
 }  # fmt: skip

@@ -291,4 +291,3 @@ async def _import_state(con: Connection, state: ProxyState) -> None:
             for key, record in t.idempotency.items()
         ],
     )  # fmt: skip
-    await con.execute("UPDATE directory_version SET version = version + 1")

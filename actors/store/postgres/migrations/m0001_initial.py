@@ -47,14 +47,15 @@ CREATE TABLE tokens (
     PRIMARY KEY (tenant, token_id)
 );
 
--- Bumped (and NOTIFY vm_tenant_directory sent) by every change of tenants or tokens, so
--- replicas refresh their token directory on a notification or, at the latest, when a
--- cheap poll sees a new version.
-CREATE TABLE directory_version (
-    id      boolean PRIMARY KEY DEFAULT true CHECK (id),
-    version bigint NOT NULL
+-- One row per change of a tenant's tokens (issue, revoke, tenant create or delete), in
+-- the same transaction, with NOTIFY vm_tenant_directory: a replica re-reads the tokens
+-- of the tenants named after the last version it saw, on the notification or at the
+-- latest at its next poll. Rows older than an hour are pruned.
+CREATE TABLE directory_changes (
+    version    bigserial PRIMARY KEY,
+    tenant     text NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT now()
 );
-INSERT INTO directory_version VALUES (true, 0);
 
 CREATE TABLE vms (
     id              text PRIMARY KEY,
