@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,6 +247,12 @@ class Acknowledgements:
                 self._waiting.pop(qid, None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the head until cancelled, reconnecting after outages.
+
+        It reports started only once it has read the head (no registration may come
+        before that point is known), so a replica does not start serving writes while
+        the database is away.
+        """
         started = False
         while True:
             try:
@@ -312,18 +318,3 @@ class Pending:
         """The stored entries, in queue order, once every one of them is in the chain."""
         await self._done.wait()
         return [decode_line(self._lines[qid]) for qid in self._qids]
-
-
-@contextlib.asynccontextmanager
-async def running(
-    db: Database, *, sequencer: Sequencer | None = None
-) -> AsyncIterator[Acknowledgements]:
-    """This replica's sequencer (standing by or leading) and acknowledgements, until exit."""
-    acks = Acknowledgements(db)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(acks.run)
-        await nursery.start((sequencer or Sequencer(db)).run)
-        try:
-            yield acks
-        finally:
-            nursery.cancel_scope.cancel()
