@@ -27,6 +27,7 @@ from quart.typing import TestClientProtocol
 
 from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, ServiceConfig, open_service
+from pgcluster import pg_cluster, pg_db, pg_own  # noqa: F401  (fixtures)
 from server.app import create_app
 from server.auth import Authority
 

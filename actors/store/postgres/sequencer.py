@@ -1,0 +1,320 @@
+"""One chain, many writers: the queue, the sequencer, and the acknowledgements.
+
+Write transactions do not touch the chain. They :func:`enqueue` their entries (the
+canonical JSON of the entry's fields) in ``audit_queue``, in the same transaction as the
+change the entries record, and commit. One replica at a time, whichever holds the session
+advisory lock :data:`SEQUENCER_LOCK`, runs :class:`Sequencer`: it takes the committed
+queue rows in ``qid`` order, gives each its ``seq``, ``ts``, ``prev`` and ``hash`` with the
+file store's own :func:`~actors.journal.chain.seal` (so the stored line is byte for byte what the
+file store would write), and in one transaction inserts them into ``audit_log`` (with
+their Merkle leaves), deletes them from the queue, moves ``audit_head`` by
+compare-and-set, and notifies ``vm_tenant_sequenced``. Every replica's
+:class:`Acknowledger` then wakes the requests whose entries are now in the chain: a
+request is acknowledged only once its entries are sequenced.
+
+Why per-tenant order holds (the chain shows a tenant's decisions in the order the tenant's
+row lock serialised them): every transaction that changes a tenant, or writes an entry
+about it, holds that tenant's row lock (``SELECT ... FOR UPDATE``) until it commits.
+Take two of them, T1 then T2. T2 got the lock after T1 committed, and only then took its
+``qid`` from the sequence, which hands out rising values to calls in time order (no
+per-session cache): ``qid(T1) < qid(T2)``. PostgreSQL makes a transaction visible before
+it releases its locks, so every snapshot that sees T2 sees T1 too. A batch therefore
+never holds T2's rows without T1's, and orders them by ``qid``: T1's entries get the
+smaller seqs. Rows of unrelated tenants may be sequenced in another order than their
+commits; nothing depends on that.
+
+Why there is no gap or duplicate when the sequencer changes: the batch runs on the very
+connection that holds the lock, so a sequencer that lost its connection lost its lock and
+its open batch together (the server rolls that back). ``audit_log.seq`` is the primary
+key and the head moves only by compare-and-set from the head the batch started from, so
+even two sequencers at once (a bug) could not both commit the same seq.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from actors.journal.chain import canonical, decode_line, seal
+from actors.journal.entries import utc_now
+from actors.store.postgres.bridge import Connection, Database, StoreUnavailable
+from actors.store.postgres.schema import advisory_key
+
+log = logging.getLogger("vm_tenant.store.sequencer")
+
+SEQUENCER_LOCK = advisory_key("vm-tenant.audit.sequencer")
+#: NOTIFY channels: entries were queued / entries were sequenced (payload: the new head seq)
+QUEUED = "vm_tenant_queued"
+SEQUENCED = "vm_tenant_sequenced"
+#: the fields of an entry that its writer gives; the sequencer adds seq, ts, prev, hash
+FIELDS = ("op", "outcome", "tenant", "vm", "source", "request_id", "detail")
+
+
+async def enqueue(con: Connection, entries: Iterable[dict[str, Any]]) -> list[int]:
+    """Queue entries (dicts of :data:`FIELDS`) in the caller's transaction; their qids.
+
+    An entry that cannot be encoded raises here, before anything commits.
+    """
+    bodies: list[bytes] = []
+    tenants: list[str | None] = []
+    for entry in entries:
+        if set(entry) != set(FIELDS):
+            raise ValueError(f"an audit entry has exactly the fields {FIELDS}")
+        bodies.append(canonical(entry))
+        tenants.append(entry["tenant"])
+    if not bodies:
+        return []
+    rows = await con.fetch(
+        "INSERT INTO audit_queue (tenant, body) "
+        "SELECT * FROM unnest($1::text[], $2::bytea[]) RETURNING qid",
+        tenants,
+        bodies,
+    )
+    await con.execute("SELECT pg_notify($1, '')", QUEUED)
+    return sorted(row["qid"] for row in rows)
+
+
+def leaf_hash(line: bytes) -> bytes:
+    """RFC 9162 leaf hash of a stored line (without its newline)."""
+    return hashlib.sha256(b"\x00" + line).digest()
+
+
+@dataclass(slots=True)
+class _Head:
+    seq: int
+    hash: str
+    ts: str | None
+
+
+class HeadMoved(Exception):
+    """The head is not where this sequencer left it: another one wrote. Nothing committed."""
+
+
+class Sequencer:
+    """Assigns seqs to queued entries while this replica holds the sequencer lock.
+
+    ``clock`` gives an entry's ``ts`` (one per batch, never before the head's, so ``ts``
+    never goes backwards along the chain even across sequencers with skewed clocks).
+    ``standby_poll`` is how often a replica without the lock tries to take it, and so
+    bounds the takeover once the holder's connection is gone; ``idle_poll`` bounds the
+    wait for a queued entry whose notification was lost.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        batch: int = 1000,
+        standby_poll: float = 0.5,
+        idle_poll: float = 1.0,
+        retry: float = 1.0,
+        clock: Callable[[], str] = utc_now,
+    ) -> None:
+        self._db = db
+        self._batch = batch
+        self._standby_poll = standby_poll
+        self._idle_poll = idle_poll
+        self._retry = retry
+        self._clock = clock
+        #: True while this replica holds the lock
+        self.leading = False
+        self.sequenced = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stand by, lead when the lock is free, and start over after any outage."""
+        task_status.started()
+        while True:
+            try:
+                await self._serve()
+            except StoreUnavailable as error:
+                log.warning("sequencer lost the database (%s); retrying", error)
+            except HeadMoved as error:
+                log.error("sequencer stopped a batch: %s", error)
+            finally:
+                self.leading = False
+            await trio.sleep(self._retry)
+
+    async def _serve(self) -> None:
+        async with self._db.connection() as con:
+            await self._take_lock(con)
+            async with self._db.listen(QUEUED) as queued:
+                self.leading = True
+                log.info("this replica sequences the audit log now")
+                head = await self._read_head(con)
+                while True:
+                    head, count = await self._sequence_batch(con, head)
+                    if count == self._batch:
+                        continue  # more is waiting
+                    with trio.move_on_after(self._idle_poll):
+                        await queued.wait()
+
+    async def _take_lock(self, con: Connection) -> None:
+        """Wait until this connection holds the sequencer lock (the holder's session ends)."""
+        while True:
+            if await con.fetchval("SELECT pg_try_advisory_lock($1)", SEQUENCER_LOCK):
+                return
+            await trio.sleep(self._standby_poll)
+
+    @staticmethod
+    async def _read_head(con: Connection) -> _Head:
+        row = await con.fetchrow("SELECT seq, hash, ts FROM audit_head")
+        assert row is not None, "audit_head has its one row from the migration"
+        return _Head(row["seq"], row["hash"], row["ts"])
+
+    async def _sequence_batch(self, con: Connection, head: _Head) -> tuple[_Head, int]:
+        """Sequence up to ``batch`` queued entries in one transaction."""
+        async with con.transaction():
+            rows = await con.fetch(
+                "SELECT qid, tenant, body FROM audit_queue ORDER BY qid LIMIT $1", self._batch
+            )
+            if not rows:
+                return head, 0
+            ts = self._clock()
+            if head.ts is not None and ts < head.ts:
+                ts = head.ts
+            seq, prev = head.seq, head.hash
+            seqs, qids, tenants, hashes, lines, leaves = [], [], [], [], [], []
+            for row in rows:
+                seq += 1
+                fields = decode_line(row["body"])
+                entry = {"seq": seq, "ts": ts, **fields, "prev": prev}
+                line = seal(entry)[:-1]
+                prev = entry["hash"]
+                seqs.append(seq)
+                qids.append(row["qid"])
+                tenants.append(row["tenant"])
+                hashes.append(prev)
+                lines.append(line)
+                leaves.append(leaf_hash(line))
+            await con.execute(
+                "INSERT INTO audit_log (seq, qid, tenant, hash, line) "
+                "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], "
+                "$5::bytea[])",
+                seqs, qids, tenants, hashes, lines,
+            )  # fmt: skip
+            # The leaves of the RFC 9162 tree (level 0: leaf index = seq - 1).
+            await con.execute(
+                "INSERT INTO merkle_nodes (level, idx, hash) "
+                "SELECT 0, * FROM unnest($1::bigint[], $2::bytea[])",
+                [s - 1 for s in seqs],
+                leaves,
+            )
+            await con.execute("DELETE FROM audit_queue WHERE qid = ANY($1::bigint[])", qids)
+            moved = await con.fetchval(
+                "UPDATE audit_head SET seq = $1, hash = $2, ts = $3 "
+                "WHERE seq = $4 AND hash = $5 RETURNING seq",
+                seq, prev, ts, head.seq, head.hash,
+            )  # fmt: skip
+            if moved is None:
+                raise HeadMoved(f"expected the head at seq {head.seq}; another writer moved it")
+            await con.execute("SELECT pg_notify($1, $2)", SEQUENCED, str(seq))
+        self.sequenced += len(rows)
+        return _Head(seq, prev, ts), len(rows)
+
+
+class Acknowledgements:
+    """Wakes the requests of this replica once their queued entries are sequenced.
+
+    A writer calls :meth:`expect` with the qids of its entries *before* it commits them
+    (the sequencer cannot see them earlier, so no wake-up can be missed), then waits on
+    the returned :class:`Pending` after the commit. :meth:`run` follows the chain's head
+    (on every notification, and every ``poll`` seconds in case one was lost) and reads the
+    stored lines of the entries someone here waits for.
+    """
+
+    def __init__(self, db: Database, *, poll: float = 1.0) -> None:
+        self._db = db
+        self._poll = poll
+        self._waiting: dict[int, Pending] = {}
+        self._seen = -1  # the head seq followed so far; -1 until run() read it
+
+    @contextlib.contextmanager
+    def expect(self, qids: list[int]) -> Iterator[Pending]:
+        """Register ``qids`` for the duration of the context (leave it once answered)."""
+        pending = Pending(qids)
+        for qid in qids:
+            self._waiting[qid] = pending
+        try:
+            yield pending
+        finally:
+            for qid in qids:
+                self._waiting.pop(qid, None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the head until cancelled, reconnecting after outages.
+
+        It reports started only once it has read the head (no registration may come
+        before that point is known), so a replica does not start serving writes while
+        the database is away.
+        """
+        started = False
+        while True:
+            try:
+                async with self._db.listen(SEQUENCED) as sequenced:
+                    if self._seen < 0:
+                        self._seen = await self._db.fetchval("SELECT seq FROM audit_head")
+                    if not started:
+                        started = True
+                        task_status.started()
+                    while True:
+                        await self._catch_up()
+                        with trio.move_on_after(self._poll):
+                            await sequenced.wait()
+            except StoreUnavailable as error:
+                log.warning("acknowledgements lost the database (%s); retrying", error)
+                await trio.sleep(self._poll)
+
+    async def _catch_up(self) -> None:
+        wanted = list(self._waiting)
+        rows = await self._db.fetch(
+            "SELECT seq, qid, CASE WHEN qid = ANY($2::bigint[]) THEN line END AS line "
+            "FROM audit_log WHERE seq > $1 ORDER BY seq",
+            self._seen,
+            wanted,
+        )
+        if not rows:
+            return
+        lines: dict[int, bytes] = {}
+        late: list[int] = []
+        for row in rows:
+            qid = row["qid"]
+            if qid in self._waiting:
+                if row["line"] is None:
+                    late.append(qid)  # registered after the query was sent
+                else:
+                    lines[qid] = row["line"]
+        if late:
+            for row in await self._db.fetch(
+                "SELECT qid, line FROM audit_log WHERE qid = ANY($1::bigint[])", late
+            ):
+                lines[row["qid"]] = row["line"]
+        self._seen = rows[-1]["seq"]
+        for qid, line in lines.items():
+            pending = self._waiting.get(qid)
+            if pending is not None:
+                pending._resolve(qid, line)
+
+
+class Pending:
+    """The entries of one write, filled in as they are sequenced."""
+
+    def __init__(self, qids: list[int]) -> None:
+        self._qids = qids
+        self._lines: dict[int, bytes] = {}
+        self._done = trio.Event()
+
+    def _resolve(self, qid: int, line: bytes) -> None:
+        self._lines[qid] = line
+        if len(self._lines) == len(self._qids):
+            self._done.set()
+
+    async def wait(self) -> list[dict[str, Any]]:
+        """The stored entries, in queue order, once every one of them is in the chain."""
+        await self._done.wait()
+        return [decode_line(self._lines[qid]) for qid in self._qids]
