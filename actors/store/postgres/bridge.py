@@ -41,21 +41,23 @@ Rough edges of trio-asyncio, and what this module does about them:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import asyncpg
 import trio
 import trio_asyncio
 from asyncpg import exceptions as pgerr
+from asyncpg.pool import PoolConnectionProxy
 
 from actors.errors import AuditUnavailable
 
 T = TypeVar("T")
-#: trio-asyncio's loop: an asyncio loop running inside the Trio run
-asyncio_loop = trio_asyncio.TrioEventLoop
+#: a connection of the pool, while it is taken (generic in the stubs only, hence a string)
+PooledConnection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
 #: failures that mean "the database is not there for us right now"
@@ -116,7 +118,7 @@ def _unavailable(error: BaseException) -> bool:
     )
 
 
-def _gone(raw: asyncpg.Connection) -> bool:
+def _gone(raw: PooledConnection) -> bool:
     """True when the connection is closed or no longer ours (its pool took it back)."""
     try:
         return bool(raw.is_closed())
@@ -124,7 +126,7 @@ def _gone(raw: asyncpg.Connection) -> bool:
         return True
 
 
-def _terminate(raw: asyncpg.Connection) -> None:
+def _terminate(raw: PooledConnection) -> None:
     with contextlib.suppress(pgerr.InterfaceError):  # the pool took it back after it closed
         raw.terminate()
 
@@ -134,7 +136,7 @@ class Connection:
 
     __slots__ = ("_db", "raw")
 
-    def __init__(self, db: Database, raw: asyncpg.Connection) -> None:
+    def __init__(self, db: Database, raw: PooledConnection) -> None:
         self._db = db
         #: the asyncpg connection itself: only for :class:`Database` and the listener
         self.raw = raw
@@ -203,7 +205,12 @@ class Notifications:
 class Database:
     """A pool of asyncpg connections on the process's asyncio loop, for Trio code."""
 
-    def __init__(self, loop: asyncio_loop, pool: asyncpg.Pool, settings: DatabaseSettings) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: asyncpg.Pool[asyncpg.Record],
+        settings: DatabaseSettings,
+    ) -> None:
         self._loop = loop
         self._pool = pool
         self.settings = settings
@@ -219,7 +226,8 @@ class Database:
         limit = self.settings.call_timeout if within is None else within
         with trio.move_on_after(limit) as scope:
             try:
-                return await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args)
+                result: T = await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args)
+                return result
             except Exception as error:
                 if not _unavailable(error):
                     raise
@@ -246,7 +254,7 @@ class Database:
         finally:
             await self._release(raw)
 
-    async def _release(self, raw: asyncpg.Connection) -> None:
+    async def _release(self, raw: PooledConnection) -> None:
         # Shielded: a cancelled caller still returns its connection, and only a clean one
         # goes back (the pool waits for a pending cancel, rolls back, resets the session).
         with trio.CancelScope(shield=True):
@@ -283,7 +291,7 @@ class Database:
             )
 
     @contextlib.asynccontextmanager
-    async def _completing(self, raw: asyncpg.Connection, tx: Any) -> AsyncIterator[None]:
+    async def _completing(self, raw: PooledConnection, tx: Any) -> AsyncIterator[None]:
         """Commit a started transaction when the body returns; roll it back when it raises."""
         try:
             yield
@@ -295,7 +303,7 @@ class Database:
         except StoreUnavailable as error:
             raise CommitUnknown(f"the commit's outcome is unknown: {error}") from error
 
-    async def _begin(self, isolation: Isolation) -> tuple[asyncpg.Connection, Any]:
+    async def _begin(self, isolation: Isolation) -> tuple[PooledConnection, Any]:
         """A connection with a transaction started on it.
 
         Nothing has happened yet when BEGIN fails, so a connection that turns out broken
@@ -314,7 +322,7 @@ class Database:
             return raw, tx
         raise AssertionError("unreachable")
 
-    async def _rollback(self, raw: asyncpg.Connection, tx: Any) -> None:
+    async def _rollback(self, raw: PooledConnection, tx: Any) -> None:
         if _gone(raw):
             return  # the server rolls back a transaction whose connection is gone
         # Shielded and bounded: after a cancelled query, asyncpg waits for the server to
@@ -360,10 +368,12 @@ class Database:
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Rows of a read-only statement (use a transaction to write)."""
-        return await self._read("fetch", sql, args)
+        rows: list[asyncpg.Record] = await self._read("fetch", sql, args)
+        return rows
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        return await self._read("fetchrow", sql, args)
+        row: asyncpg.Record | None = await self._read("fetchrow", sql, args)
+        return row
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._read("fetchval", sql, args)
