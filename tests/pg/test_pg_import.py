@@ -29,11 +29,11 @@ async def make_history(data_dir: Path) -> None:
     """Two service lifetimes of tenants, tokens, spawns, a refusal, destroys, key rotation."""
     for lifetime in range(2):
         async with open_service(service_config(data_dir)) as service:
-            app = create_app(service, Authority.for_data_dir(data_dir))
+            app = create_app(service, Authority.for_store(service.store))
             api = Api(app.test_client(), service, (data_dir / "admin.token").read_text().strip())
             if lifetime == 0:
-                acme = await api.create_tenant("acme")
-                await api.create_tenant("gone")
+                acme = (await api.provision("acme")).bearer
+                await api.provision("gone")
                 spawned = []
                 for n in range(3):
                     response = await api.spawn(acme, name=f"vm-{n}", image="débian-12")
@@ -59,7 +59,7 @@ async def make_history(data_dir: Path) -> None:
                     json={"quota": {"vcpus": 9, "memory_mib": 9000, "vms": 9}},
                     headers=api.admin,
                 )
-                await api.create_tenant("later")
+                await api.provision("later")
 
 
 async def database_state(db: Database) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def folded_state(data_dir: Path) -> dict[str, Any]:
                    (t.allocated_vcpus, t.allocated_memory, len(t.vms)))
             for t in tenants
         },
-        "tokens": {(t.id, token) for t in tenants for token in t.tokens},
+        "tokens": {(t.id, token) for t in tenants for token in state.directory.tokens(t.id)},
         "vms": {
             vm.id: (t.id, vm.vcpus, vm.memory_mib, vm.image, vm.name, vm.created_at, vm.state,
                     vm.settled_state, vm.idempotency_key)

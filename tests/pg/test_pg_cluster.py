@@ -67,7 +67,7 @@ sys.stdin.read()
 
 def test_a_killed_owner_leaves_no_server_behind() -> None:
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, str(Path(__file__).parent)],
+        [sys.executable, "-c", OWNER, str(Path(__file__).parents[1])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -62,7 +62,7 @@ def verify(lines: list[bytes]) -> int:
 async def test_lines_are_byte_for_byte_the_file_stores(api: Api, data_dir: Path,
                                                        pg_db: PgDatabase) -> None:  # fmt: skip
     """The same entries, in the same order, at the same times: the very same bytes."""
-    token = await api.create_tenant("acme")
+    token = (await api.provision("acme")).bearer
     first = await api.spawn(token, name="web-ü")
     assert first.status_code == 201
     await api.spawn(token, vcpus=100)  # rejected: over quota

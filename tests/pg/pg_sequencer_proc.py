@@ -1,6 +1,6 @@
 """A sequencer alone in a process of its own, for the tests that kill it with SIGKILL.
 
-``python tests/pg_sequencer_proc.py DSN BATCH`` prints ``leading`` once it holds the
+``python tests/pg/pg_sequencer_proc.py DSN BATCH`` prints ``leading`` once it holds the
 sequencer lock, then sequences until it is killed.
 """
 
