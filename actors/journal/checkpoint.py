@@ -53,6 +53,13 @@ def signature_valid(key: Ed25519PublicKey, checkpoint: dict[str, Any]) -> bool:
     return True
 
 
+def sign_checkpoint(key: Ed25519PrivateKey, seq: int, head: str, ts: str) -> dict[str, Any]:
+    """The checkpoint ``{seq, hash, ts, signature}`` of a head, signed with ``key``."""
+    checkpoint: dict[str, Any] = {"seq": seq, "hash": head, "ts": ts}
+    checkpoint["signature"] = base64.b64encode(key.sign(_signed_bytes(checkpoint))).decode()
+    return checkpoint
+
+
 def read_checkpoints(data_dir: Path) -> list[dict[str, Any] | None]:
     """Every stored checkpoint in order; ``None`` for a line that does not parse."""
     path = checkpoints_path(data_dir)
@@ -98,10 +105,7 @@ class CheckpointSigner:
         self.latest: dict[str, Any] | None = stored[-1] if stored else None
 
     def sign(self, seq: int, head: str, ts: str) -> dict[str, Any]:
-        checkpoint: dict[str, Any] = {"seq": seq, "hash": head, "ts": ts}
-        signature = self._key.sign(_signed_bytes(checkpoint))
-        checkpoint["signature"] = base64.b64encode(signature).decode()
-        return checkpoint
+        return sign_checkpoint(self._key, seq, head, ts)
 
     def append(self, seq: int, head: str, ts: str) -> dict[str, Any]:
         """Sign the head and make the checkpoint durable (blocking: call from a thread)."""

@@ -55,9 +55,12 @@ claimed by one worker at a time.
   runs). A claim takes only rows whose lease expired (``FOR UPDATE SKIP LOCKED``, with a
   fencing counter); an outcome is written only while its writer still holds the lease,
   and a late writer's ticket returns the entry of whoever settled the operation instead.
-  A dead replica's operations of a tenant whose actor already runs elsewhere also need a
-  periodic look (the registry polling :meth:`Store.tenants_in_doubt` and asking running
-  actors to claim again): not built yet, as nothing here can leave them unowned.
+  Every :attr:`Store.claim_interval` seconds the registry asks
+  :meth:`Store.tenants_in_doubt` for tenants with operations nobody owns (their owner's
+  lease expired: it died, or lost the database for longer than a lease) and has their
+  actors claim them (``others_only``: this replica's own jobs still run theirs). A late
+  writer's ticket returns its own draft, unsequenced: nothing is written for it, the
+  claimer's resolution stands.
 
 **The journal** (append, read, head, checkpoints, verify), the signing keys (the
 keyring's storage), the admin token, and the checkpoint key live behind the boundary.
@@ -124,6 +127,10 @@ class KeyStorage(Protocol):
         """Replace the stored keys, durably (blocking: call it from a worker thread)."""
         ...
 
+    def watch(self, changed: Callable[[list[SigningKey]], None]) -> None:
+        """Call ``changed`` with the keys when someone else changed them (another replica)."""
+        ...
+
 
 class Store(Protocol):
     """Durable storage of one service: state, journal, keys (see the module docstring)."""
@@ -173,13 +180,21 @@ class Store(Protocol):
         spawn or destroy) is reconciled. Not audited (nothing happened yet)."""
         ...
 
-    async def claim_in_doubt(self, tenant_id: str) -> list[VmRecord]:
-        """The tenant's VMs in doubt that no worker owns, now owned by the caller (copies)."""
+    async def claim_in_doubt(self, tenant_id: str, *, others_only: bool = False) -> list[VmRecord]:
+        """The tenant's VMs in doubt that no worker owns, now owned by the caller (copies).
+
+        A tenant actor claims them when it starts; ``others_only`` (the periodic look) leaves
+        the operations this process's jobs work on alone.
+        """
         ...
 
-    def tenants_in_doubt(self) -> list[str]:
+    async def tenants_in_doubt(self) -> list[str]:
         """Tenants that have operations in doubt no worker owns."""
         ...
+
+    #: how often the registry looks for operations whose owner went away (None: never;
+    #: one process owns everything, so its actors claim at start)
+    claim_interval: float | None
 
     # -- the directory and the reads --------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
+from actors.errors import AuditUnavailable, Busy, Conflict, DomainError, NotFound
 from actors.fleet.client import FleetClient
 from actors.journal.entries import draft
 from actors.reply import Reply
@@ -34,7 +34,7 @@ from actors.state import Quota
 from actors.store import Store, Ticket
 from actors.tenants.actor import TenantActor
 from actors.tenants.limits import LimitSettings, TenantLimits
-from actors.tenants.protocol import Reopen, Retire, Source, TenantMessage
+from actors.tenants.protocol import Reclaim, Reopen, Retire, Source, TenantMessage
 
 log = logging.getLogger("vm_tenant.registry")
 
@@ -82,10 +82,15 @@ class TenantRegistry:
             self._nursery = nursery
             # Operations left in doubt by a crash are resolved right away, not on the
             # tenant's next request.
-            for tenant_id in self._store.tenants_in_doubt():
-                self.actor(tenant_id)
+            try:
+                for tenant_id in await self._store.tenants_in_doubt():
+                    self.actor(tenant_id)
+            except (AuditUnavailable, NotFound) as error:
+                log.warning("operations in doubt not looked up at start: %s", error)
             if self._passivate_after < inf:
                 nursery.start_soon(self._sweep)
+            if self._store.claim_interval is not None:
+                nursery.start_soon(self._claim_loop, self._store.claim_interval)
             task_status.started()
             await self._closed.wait()
             for actor in self._actors.values():
@@ -154,6 +159,34 @@ class TenantRegistry:
                 await self._closed.wait()
             if not self._closed.is_set():
                 self.passivate_idle()
+
+    async def _claim_loop(self, interval: float) -> None:
+        """Have operations whose owner went away (a dead replica) claimed and reconciled.
+
+        A tenant without a running actor gets one (starting claims); a running actor is
+        asked to claim with :class:`Reclaim`. A full mailbox skips the tenant this time.
+        """
+        while not self._closed.is_set():
+            with trio.move_on_after(interval):
+                await self._closed.wait()
+            if self._closed.is_set():
+                return
+            try:
+                tenants = await self._store.tenants_in_doubt()
+            except AuditUnavailable as error:
+                log.warning("could not look for operations in doubt: %s", error)
+                continue
+            for tenant_id in tenants:
+                if not self._directory.exists(tenant_id):
+                    continue
+                running = self._actors.get(tenant_id)
+                try:
+                    if running is None or running.failed:
+                        self.actor(tenant_id)
+                    else:
+                        running.inbox.send_nowait(Reclaim())
+                except (trio.WouldBlock, trio.ClosedResourceError, Busy):
+                    continue
 
     def is_active(self, tenant_id: str) -> bool:
         """Whether the tenant has a running actor now (not passivated, never started)."""
@@ -230,8 +263,10 @@ class TenantRegistry:
             try:
                 ticket = self._submit("tenant.delete", tenant_id, source, request_id, detail)
                 await ticket.wait()
-            except AuditUnavailable:
-                await self._reopen(actor)  # not deleted after all: take spawns again
+            except DomainError:
+                # not deleted after all (not durable; or, with replicas, another one spawned
+                # a VM meanwhile): take spawns again
+                await self._reopen(actor)
                 raise
         self._actors.pop(tenant_id, None)
         self.limits.forget(tenant_id)

@@ -233,18 +233,39 @@ class Acknowledgements:
         self._poll = poll
         self._waiting: dict[int, Pending] = {}
         self._seen = -1  # the head seq followed so far; -1 until run() read it
+        self._live = False
 
     @contextlib.contextmanager
     def expect(self, qids: list[int]) -> Iterator[Pending]:
         """Register ``qids`` for the duration of the context (leave it once answered)."""
-        pending = Pending(qids)
-        for qid in qids:
-            self._waiting[qid] = pending
+        pending = self.register(qids)
         try:
             yield pending
         finally:
-            for qid in qids:
-                self._waiting.pop(qid, None)
+            self.forget(pending)
+
+    def register(self, qids: list[int]) -> Pending:
+        """Register ``qids`` (before their commit); they are forgotten once answered, or by
+        :meth:`forget` (their transaction did not commit)."""
+        pending = Pending(qids)
+        for qid in qids:
+            self._waiting[qid] = pending
+        return pending
+
+    def forget(self, pending: Pending) -> None:
+        for qid in pending.qids:
+            if self._waiting.get(qid) is pending:
+                del self._waiting[qid]
+
+    @property
+    def waiting(self) -> int:
+        """Entries of this replica waiting for the sequencer."""
+        return len(self._waiting)
+
+    @property
+    def live(self) -> bool:
+        """Whether it follows the head now (False while it reconnects)."""
+        return self._live
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow the head until cancelled, reconnecting after outages.
@@ -259,6 +280,7 @@ class Acknowledgements:
                 async with self._db.listen(SEQUENCED) as sequenced:
                     if self._seen < 0:
                         self._seen = await self._db.fetchval("SELECT seq FROM audit_head")
+                    self._live = True
                     if not started:
                         started = True
                         task_status.started()
@@ -267,6 +289,7 @@ class Acknowledgements:
                         with trio.move_on_after(self._poll):
                             await sequenced.wait()
             except StoreUnavailable as error:
+                self._live = False
                 log.warning("acknowledgements lost the database (%s); retrying", error)
                 await trio.sleep(self._poll)
 
@@ -296,25 +319,29 @@ class Acknowledgements:
                 lines[row["qid"]] = row["line"]
         self._seen = rows[-1]["seq"]
         for qid, line in lines.items():
-            pending = self._waiting.get(qid)
+            pending = self._waiting.pop(qid, None)
             if pending is not None:
-                pending._resolve(qid, line)
+                pending.resolve(qid, line)
 
 
 class Pending:
     """The entries of one write, filled in as they are sequenced."""
 
     def __init__(self, qids: list[int]) -> None:
-        self._qids = qids
+        self.qids = qids
         self._lines: dict[int, bytes] = {}
         self._done = trio.Event()
 
-    def _resolve(self, qid: int, line: bytes) -> None:
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def resolve(self, qid: int, line: bytes) -> None:
         self._lines[qid] = line
-        if len(self._lines) == len(self._qids):
+        if len(self._lines) == len(self.qids):
             self._done.set()
 
     async def wait(self) -> list[dict[str, Any]]:
         """The stored entries, in queue order, once every one of them is in the chain."""
         await self._done.wait()
-        return [decode_line(self._lines[qid]) for qid in self._qids]
+        return [decode_line(self._lines[qid]) for qid in self.qids]

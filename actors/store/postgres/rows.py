@@ -1,0 +1,236 @@
+"""One tenant's rows inside a transaction: the slice a decision reads and the fold changes.
+
+:class:`RowSlice` satisfies :class:`~actors.state.TenantSlice` over what a transaction
+loaded under the tenant's row lock (the quota and allocation, the VM and the idempotency
+key the caller named), so the tenant's decisions and the fold
+(``actors/journal/fold.py``) run on it unchanged. Its mutators record what changed;
+:meth:`RowSlice.write` then writes exactly those rows back, in the same transaction.
+
+Ownership of an operation in flight goes with the VM's state: a row written in a state
+of :data:`~actors.state.IN_DOUBT_STATES` is owned by this replica with a fresh lease; a
+row that leaves those states loses its owner and its lease, and its fence rises (so a
+writer that read the older fence can tell that the operation was settled meanwhile).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from actors.errors import NotFound
+from actors.state import IN_DOUBT_STATES, IdempotencyRecord, Quota, VmRecord
+from actors.store.postgres.bridge import Connection
+
+#: how long a replica's claim on an operation in flight holds without renewal
+LEASE_SECONDS = 30.0
+
+VM_COLUMNS = (
+    "id, tenant, vcpus, memory_mib, image, name, created_at, state, settled_state, "
+    "idempotency_key, doubt, owner, fence"
+)
+
+
+def vm_record(row: asyncpg.Record) -> VmRecord:
+    return VmRecord(
+        id=row["id"],
+        tenant=row["tenant"],
+        vcpus=row["vcpus"],
+        memory_mib=row["memory_mib"],
+        image=row["image"],
+        name=row["name"],
+        created_at=row["created_at"],
+        state=row["state"],
+        settled_state=row["settled_state"],
+        idempotency_key=row["idempotency_key"],
+        doubt=row["doubt"],
+    )
+
+
+def key_record(row: asyncpg.Record) -> IdempotencyRecord:
+    body = None if row["body"] is None else msgspec.json.decode(row["body"])
+    return IdempotencyRecord(row["request_hash"], row["status"], body, row["created"])
+
+
+class RowSlice:
+    """A tenant's quota, allocation, one VM and one idempotency key, as loaded and changed."""
+
+    def __init__(
+        self,
+        tenant_id: str,
+        quota: Quota,
+        allocated: tuple[int, int, int],
+        vm: asyncpg.Record | None,
+        key: tuple[str, asyncpg.Record | None] | None,
+    ) -> None:
+        self._id = tenant_id
+        self.quota = quota
+        self._original_quota = quota
+        self._vcpus, self._memory, self._vms = allocated
+        self._changed_allocation = False
+        #: VM id -> record as loaded (None: none by that id), and what became of it
+        self._vm_loaded: dict[str, VmRecord | None] = {}
+        self.vm_fence: dict[str, int] = {}
+        self.vm_owner: dict[str, str | None] = {}
+        if vm is not None:
+            self._vm_loaded[vm["id"]] = vm_record(vm)
+            self.vm_fence[vm["id"]] = vm["fence"]
+            self.vm_owner[vm["id"]] = vm["owner"]
+        self._vms_now: dict[str, VmRecord | None] = dict(self._vm_loaded)
+        self._keys_loaded: dict[str, IdempotencyRecord | None] = {}
+        if key is not None:
+            name, row = key
+            self._keys_loaded[name] = None if row is None else key_record(row)
+        self._keys_now: dict[str, IdempotencyRecord | None] = dict(self._keys_loaded)
+
+    @classmethod
+    async def load(
+        cls, con: Connection, tenant_id: str, vm_id: str | None, key: str | None
+    ) -> RowSlice:
+        """Lock the tenant's row and load the slice; ``NotFound`` for an unknown tenant."""
+        row = await con.fetchrow(
+            "SELECT quota_vcpus, quota_memory_mib, quota_vms, allocated_vcpus, "
+            "allocated_memory_mib, allocated_vms FROM tenants WHERE id = $1 FOR UPDATE",
+            tenant_id,
+        )
+        if row is None:
+            raise NotFound("no such tenant")
+        vm = None
+        if vm_id is not None:
+            vm = await con.fetchrow(
+                f"SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant = $2", vm_id, tenant_id
+            )
+        loaded_key = None
+        if key is not None:
+            key_row = await con.fetchrow(
+                "SELECT request_hash, status, body, created FROM idempotency "
+                "WHERE tenant = $1 AND key = $2",
+                tenant_id,
+                key,
+            )
+            loaded_key = (key, key_row)
+        quota = Quota(row["quota_vcpus"], row["quota_memory_mib"], row["quota_vms"])
+        allocated = (row["allocated_vcpus"], row["allocated_memory_mib"], row["allocated_vms"])
+        return cls(tenant_id, quota, allocated, vm, loaded_key)
+
+    # -- the slice (actors.state.TenantSlice) -------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def allocated(self) -> Quota:
+        return Quota(self._vcpus, self._memory, self._vms)
+
+    def vm(self, vm_id: str) -> VmRecord | None:
+        return self._vms_now.get(vm_id)
+
+    def key(self, key: str) -> IdempotencyRecord | None:
+        return self._keys_now.get(key)
+
+    def add_vm(self, vm: VmRecord) -> None:
+        previous = self._vms_now.get(vm.id)
+        if previous is not None:
+            self._count(previous, -1)
+        self._vm_loaded.setdefault(vm.id, None)
+        self._vms_now[vm.id] = vm
+        self._count(vm, +1)
+
+    def remove_vm(self, vm_id: str) -> VmRecord | None:
+        vm = self._vms_now.get(vm_id)
+        if vm is not None:
+            self._vms_now[vm_id] = None
+            self._count(vm, -1)
+        return vm
+
+    def set_vm_state(
+        self, vm_id: str, state: str, *, settled: bool = False, doubt: str | None = None
+    ) -> None:
+        vm = self._vms_now.get(vm_id)
+        if vm is not None:
+            changed = msgspec.structs.replace(vm, state=state, doubt=doubt)
+            if settled:
+                changed.settled_state = state
+            self._vms_now[vm_id] = changed
+
+    def set_key(self, key: str, record: IdempotencyRecord) -> None:
+        self._keys_loaded.setdefault(key, None)
+        self._keys_now[key] = record
+
+    def drop_key(self, key: str) -> None:
+        if self._keys_now.get(key) is not None:
+            self._keys_now[key] = None
+
+    def _count(self, vm: VmRecord, sign: int) -> None:
+        self._vcpus += sign * vm.vcpus
+        self._memory += sign * vm.memory_mib
+        self._vms += sign
+        self._changed_allocation = True
+
+    # -- writing back -----------------------------------------------------------------------
+
+    async def write(self, con: Connection, owner: str) -> None:
+        """Write the rows the fold changed (``owner``: this replica, for VMs in flight)."""
+        if self.quota != self._original_quota or self._changed_allocation:
+            q = self.quota
+            await con.execute(
+                "UPDATE tenants SET quota_vcpus = $2, quota_memory_mib = $3, quota_vms = $4, "
+                "allocated_vcpus = $5, allocated_memory_mib = $6, allocated_vms = $7, "
+                "version = version + 1 WHERE id = $1",
+                self._id, q.vcpus, q.memory_mib, q.vms, self._vcpus, self._memory, self._vms,
+            )  # fmt: skip
+        for vm_id, now in self._vms_now.items():
+            before = self._vm_loaded.get(vm_id)
+            if now is before:
+                continue
+            if now is None:
+                await con.execute("DELETE FROM vms WHERE id = $1", vm_id)
+            elif before is None:
+                await _insert_vm(con, now, owner)
+            elif now != before:
+                await _update_vm(con, now, owner)
+        for key, record in self._keys_now.items():
+            if record is self._keys_loaded.get(key):
+                continue
+            if record is None:
+                await con.execute(
+                    "DELETE FROM idempotency WHERE tenant = $1 AND key = $2", self._id, key
+                )
+            else:
+                await con.execute(
+                    "INSERT INTO idempotency (tenant, key, request_hash, status, body, created) "
+                    "VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (tenant, key) DO UPDATE "
+                    "SET request_hash = $3, status = $4, body = $5::jsonb, created = $6",
+                    self._id, key, record.request_hash, record.status, _json(record.body),
+                    record.created,
+                )  # fmt: skip
+
+
+def _json(body: Any) -> str | None:
+    return None if body is None else msgspec.json.encode(body).decode()
+
+
+async def _insert_vm(con: Connection, vm: VmRecord, owner: str) -> None:
+    in_flight = vm.state in IN_DOUBT_STATES
+    await con.execute(
+        "INSERT INTO vms (id, tenant, vcpus, memory_mib, image, name, created_at, state, "
+        "settled_state, idempotency_key, doubt, owner, lease_expires) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
+        "CASE WHEN $13 THEN now() + make_interval(secs => $14) END)",
+        vm.id, vm.tenant, vm.vcpus, vm.memory_mib, vm.image, vm.name, vm.created_at, vm.state,
+        vm.settled_state, vm.idempotency_key, vm.doubt, owner if in_flight else None,
+        in_flight, LEASE_SECONDS,
+    )  # fmt: skip
+
+
+async def _update_vm(con: Connection, vm: VmRecord, owner: str) -> None:
+    in_flight = vm.state in IN_DOUBT_STATES
+    await con.execute(
+        "UPDATE vms SET state = $2, settled_state = $3, doubt = $4, owner = $5, "
+        "lease_expires = CASE WHEN $6 THEN now() + make_interval(secs => $7) END, "
+        "fence = fence + CASE WHEN $6 THEN 0 ELSE 1 END WHERE id = $1",
+        vm.id, vm.state, vm.settled_state, vm.doubt, owner if in_flight else None,
+        in_flight, LEASE_SECONDS,
+    )  # fmt: skip

@@ -1,0 +1,104 @@
+"""The service on the PostgreSQL store, in-process: every endpoint through the Quart test
+client, against a real database (one replica; the replica tests run several)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from actors.journal.chain import ChainVerifier
+from actors.service import open_service
+from actors.store.postgres.bridge import DatabaseSettings, open_database
+from actors.store.postgres.verify import verify_database
+from conftest import Api, service_config
+from pgcluster import PgDatabase
+from server.app import create_app
+from server.auth import Authority
+
+
+@pytest.fixture
+async def pg_api(data_dir: Path, pg_db: PgDatabase) -> AsyncIterator[Api]:
+    async with open_service(service_config(data_dir, store=pg_db.dsn)) as service:
+        app = create_app(service, Authority.for_store(service.store))
+        token = (data_dir / "admin.token").read_text().strip()
+        yield Api(app.test_client(), service, token)
+
+
+async def test_the_whole_api_on_postgresql(pg_api: Api, pg_db: PgDatabase) -> None:
+    api = pg_api
+    assert (await api.client.get("/readyz")).status_code == 200
+    acme = await api.provision("acme", {"vcpus": 4, "memory_mib": 4096, "vms": 2})
+    first = await api.spawn(acme.bearer, name="web-1")
+    assert first.status_code == 201, await first.get_json()
+    vm = await first.get_json()
+    second = await api.spawn(acme.bearer, vcpus=4)
+    assert second.status_code == 403
+    assert (await second.get_json())["dimension"] == "vcpus"
+    listed = await api.client.get("/v1/vms", headers=acme.auth)
+    assert [v["id"] for v in (await listed.get_json())["vms"]] == [vm["id"]]
+    usage = await (await api.client.get("/v1/usage", headers=acme.auth)).get_json()
+    assert usage["allocated"] == {"vcpus": 1, "memory_mib": 256, "vms": 1}
+    got = await api.client.get(f"/v1/vms/{vm['id']}", headers=acme.auth)
+    assert got.status_code == 200
+
+    # idempotency: the same key replays, another body conflicts
+    keyed = {"Authorization": acme.bearer, "Idempotency-Key": "k1"}
+    body = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
+    once = await api.client.post("/v1/vms", json=body, headers=keyed)
+    again = await api.client.post("/v1/vms", json=body, headers=keyed)
+    assert once.status_code == again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (await once.get_json())["id"] == (await again.get_json())["id"]
+    other = await api.client.post("/v1/vms", json={**body, "vcpus": 2}, headers=keyed)
+    assert other.status_code == 409
+
+    gone = await api.client.delete(f"/v1/vms/{vm['id']}", headers=acme.auth)
+    assert gone.status_code == 200, await gone.get_json()
+    assert (await api.client.get(f"/v1/vms/{vm['id']}", headers=acme.auth)).status_code == 404
+    missing = await api.client.delete("/v1/vms/vm-nope", headers=acme.auth)
+    assert missing.status_code == 404
+
+    # tokens: issue, revoke (401 at once on this replica)
+    issued = await (
+        await api.client.post("/v1/admin/tenants/acme/tokens", headers=api.admin)
+    ).get_json()
+    mine = {"Authorization": f"Bearer {issued['token']}"}
+    assert (await api.client.get("/v1/usage", headers=mine)).status_code == 200
+    revoked = await api.client.delete(
+        f"/v1/admin/tenants/acme/tokens/{issued['token_id']}", headers=api.admin
+    )
+    assert revoked.status_code == 204
+    assert (await api.client.get("/v1/usage", headers=mine)).status_code == 401
+
+    # quota change, tenant list, delete refused while it has VMs
+    patched = await api.client.patch(
+        "/v1/admin/tenants/acme",
+        json={"quota": {"vcpus": 8, "memory_mib": 8192, "vms": 3}},
+        headers=api.admin,
+    )
+    assert (await patched.get_json())["quota"]["vms"] == 3
+    await api.provision("beta")
+    page = await (await api.client.get("/v1/admin/tenants?limit=1", headers=api.admin)).get_json()
+    assert [t["id"] for t in page["tenants"]] == ["acme"] and page["next"]
+    assert (await api.client.delete("/v1/admin/tenants/acme", headers=api.admin)).status_code == 409
+    assert (await api.client.delete("/v1/admin/tenants/beta", headers=api.admin)).status_code == 204
+
+    # the audit log: one verified chain, a checkpoint signed on demand
+    entries = await api.audit()
+    verifier = ChainVerifier()
+    for e in entries:
+        verifier.check(api_line(e))
+    assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
+    head = await (await api.client.get("/v1/admin/audit/head", headers=api.admin)).get_json()
+    assert head["seq"] == entries[-1]["seq"]
+    async with open_database(DatabaseSettings(pg_db.dsn)) as db:
+        report = await verify_database(db)
+    assert report.verdict == "ok" and report.head_seq == len(entries)
+
+
+def api_line(entry: dict[str, object]) -> bytes:
+    import json
+
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
