@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypeVar
@@ -410,7 +411,9 @@ class Database:
 #: the session locks it held (the sequencer's) are released; a process that merely dies
 #: is noticed at once. A transaction left idle by a stuck client is ended after 30 s.
 SESSION_SETTINGS = {
-    "application_name": "vm-tenant",
+    # the process in pg_stat_activity: an operator (or a test) finds which replica holds
+    # the sequencer lock
+    "application_name": f"vm-tenant/{os.getpid()}",
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "5",
