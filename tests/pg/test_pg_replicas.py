@@ -16,6 +16,7 @@ import itertools
 import json
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +25,7 @@ import trio
 from pg.replicas import Replicas, replica_set, spawn
 
 from actors.journal.chain import ChainVerifier
-from conftest import bearer, vm_tenant
+from conftest import UNLIMITED, LiveServer, audit_lines, bearer, vm_tenant
 
 IN_DOUBT = {"spawning", "destroying", "unknown"}
 
@@ -357,3 +358,74 @@ async def test_postgresql_stopped_in_a_storm(replicas: Replicas) -> None:
             replicas.cluster.start()
         for client in clients:
             await client.aclose()
+
+
+# -- moving up: db import ------------------------------------------------------------------------
+
+
+async def test_db_import_then_replicas_serve_the_history(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """A single node's data dir, imported: the same chain, tenants, tokens, VMs and
+    idempotency keys, served by a replica on the database."""
+    node = LiveServer(
+        tmp_path / "node", env={**UNLIMITED, "VM_TENANT_FLEET": replicas.fleet.url}
+    ).start()
+    keyed = {"Idempotency-Key": "moved-1"}
+    try:
+        async with node.client() as client:
+            admin = bearer(node.admin_token)
+            token, _ = await provision(client, admin, "moved", {"vcpus": 8, "memory_mib": 8192,
+                                                                "vms": 8})  # fmt: skip
+            kept = (await spawn(client, token, name="kept")).json()
+            first = await client.post(
+                "/v1/vms", json={"vcpus": 1, "memory_mib": 256, "image": "debian-12"},
+                headers={**bearer(token), **keyed},
+            )  # fmt: skip
+            assert first.status_code == 201
+            assert (await spawn(client, token, vcpus=64)).status_code == 403
+            issued = (await client.post("/v1/admin/tenants/moved/tokens", headers=admin)).json()
+        assert node.stop() == 0
+    finally:
+        node.kill()
+    file_lines = audit_lines(node.data_dir)
+    local = vm_tenant("audit", "verify", "--data-dir", str(node.data_dir))
+    assert local.returncode == 0
+
+    dsn = replicas.cluster.dsn(replicas.cluster.create_database())
+    moved = vm_tenant("db", "import", "--data-dir", str(node.data_dir), "--store", dsn)
+    assert moved.returncode == 0, moved.stderr
+    assert f"imported {len(file_lines)} entries" in moved.stdout
+    again = vm_tenant("db", "import", "--data-dir", str(node.data_dir), "--store", dsn)
+    assert again.returncode == 1 and "not empty" in again.stderr
+    remote = vm_tenant("audit", "verify", "--store", dsn)
+    assert remote.returncode == 0 and remote.stdout == local.stdout
+
+    env = {**UNLIMITED, "VM_TENANT_STORE": dsn, "VM_TENANT_FLEET": replicas.fleet.url}
+    replica = LiveServer(tmp_path / "replica", env=env).start()
+    try:
+        assert not (replica.data_dir / "admin.token").exists()  # the node's token moved
+        async with replica.client() as client:
+            admin = bearer(node.admin_token)
+            entries = await whole_audit(client, admin)
+            assert [e["seq"] for e in entries] == list(range(1, len(file_lines) + 1))
+            assert [json.loads(line) for line in file_lines] == entries
+            for old in (token, issued["token"]):  # tokens and their keys carried over
+                vms = await listed(client, old)
+                assert set(vms) == {kept["id"], first.json()["id"]}
+            replay = await client.post(
+                "/v1/vms", json={"vcpus": 1, "memory_mib": 256, "image": "debian-12"},
+                headers={**bearer(token), **keyed},
+            )  # fmt: skip
+            assert replay.status_code == 201
+            assert replay.headers["Idempotent-Replayed"] == "true"
+            assert replay.json()["id"] == first.json()["id"]
+            usage = (await client.get("/v1/usage", headers=bearer(token))).json()
+            assert usage["allocated"] == {"vcpus": 2, "memory_mib": 512, "vms": 2}
+            assert (await spawn(client, token)).status_code == 201  # the chain goes on
+            after = await whole_audit(client, admin)
+            assert after[: len(entries)] == entries and len(after) > len(entries)
+            check_chain(after)
+    finally:
+        replica.kill()
+    assert "intact" in vm_tenant("audit", "verify", "--store", dsn).stdout
