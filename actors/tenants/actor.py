@@ -222,7 +222,13 @@ class TenantActor:
             case Retire(reply):
                 if self.closing:
                     send_reply(reply, outcome.Error(Conflict("the tenant is being deleted")))
-                elif (await self.store.usage(self.tenant_id)).allocated.vms:
+                    return
+                try:
+                    usage = await self.store.usage(self.tenant_id)
+                except DomainError as error:  # the store cannot tell (a database away)
+                    send_reply(reply, outcome.Error(error))
+                    return
+                if usage.allocated.vms:
                     send_reply(reply, outcome.Error(Conflict("the tenant still has VMs")))
                 else:
                     self.closing = True

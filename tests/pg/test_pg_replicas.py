@@ -200,6 +200,28 @@ async def test_revocation_and_deletion_reach_every_replica_within_a_second(
             await client.aclose()
 
 
+async def test_a_key_rotated_on_one_replica_signs_tokens_every_replica_accepts(
+    replicas: Replicas,
+) -> None:
+    clients = replicas.clients()
+    a, b, c = clients
+    try:
+        rotated = await a.post("/v1/admin/keys", headers=replicas.admin)
+        assert rotated.status_code == 201
+        token, _ = await provision(a, replicas.admin, "rotated", {"vcpus": 1, "memory_mib": 1,
+                                                                  "vms": 1})  # fmt: skip
+        with trio.fail_after(5):  # a hang guard: the others reload the keyring when told
+            for client in (b, c):
+                while (await client.get("/v1/usage", headers=bearer(token))).status_code != 200:
+                    await trio.sleep(0.05)
+        for client in clients:
+            keys = (await client.get("/v1/admin/keys", headers=replicas.admin)).json()["keys"]
+            assert rotated.json()["id"] in {key["id"] for key in keys}
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 # -- a replica killed ------------------------------------------------------------------------
 
 

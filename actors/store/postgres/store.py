@@ -184,13 +184,22 @@ class PostgresStore:
     def ready(self) -> bool:
         return self._healthy and self.acks.live
 
-    async def _call(self, body: Callable[[], Awaitable[T]]) -> T:
-        """Run a database call, following its health for ``/readyz``."""
+    async def _call(self, body: Callable[[], Awaitable[T]], *, commit_unknown: bool = False) -> T:
+        """Run a database call, following its health for ``/readyz``.
+
+        A commit whose outcome is unknown raises :class:`CommitUnknown` only to a caller
+        that finds out itself (``commit_unknown``); to any other it is an unavailability.
+        """
         try:
             result = await body()
-        except (StoreUnavailable, CommitUnknown):
+        except StoreUnavailable:
             self._healthy = False
             raise
+        except CommitUnknown as error:
+            self._healthy = False
+            if commit_unknown:
+                raise
+            raise StoreUnavailable(str(error)) from error
         self._healthy = True
         return result
 
@@ -221,7 +230,7 @@ class PostgresStore:
                 pending = await self._enqueue(con, [entry])
 
         try:
-            await self._call(transaction)
+            await self._call(transaction, commit_unknown=True)
         except CommitUnknown:
             # the decision may or may not have been committed: its ticket finds out
             log.warning("the commit of a decision of %s is in doubt", tenant_id)
@@ -274,9 +283,10 @@ class PostgresStore:
                 pending = await self._enqueue(con, [entry])
 
         try:
-            await self._call(transaction)
+            await self._call(transaction, commit_unknown=True)
         except CommitUnknown:
-            assert pending is not None
+            if pending is None:  # a late writer's empty transaction
+                return entry
             return (await self._acknowledged(pending, commit_known=False))[-1]
         except BaseException:
             if pending is not None:
