@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -69,10 +68,13 @@ def start_replica(workdir: Path, name: str, store: str) -> Server:
     return start_server(name, argv, port, "/readyz", workdir, NO_PIN, trace=False)
 
 
-def admin_of(workdir: Path, names: list[str]) -> str:
-    for name in names:
-        path = workdir / name / "admin.token"
-        if path.exists():
+def admin_of(workdir: Path, name: str | None = None) -> str:
+    """The operator's token: the file store's in its data dir (``name``), or the one the
+    database's first replica wrote (in a data dir whose name does not end in ``-file``)."""
+    if name is not None:
+        return (workdir / name / "admin.token").read_text().strip()
+    for path in workdir.glob("*/admin.token"):
+        if not path.parent.name.endswith("-file"):
             return path.read_text().strip()
     raise RuntimeError("no replica wrote admin.token")
 
@@ -112,7 +114,7 @@ def cpu_per_answer(
     name = f"{scenario}-{'file' if store == 'file' else 'pg'}"
     server = start_replica(workdir, name, store)
     try:
-        admin = (workdir / name / "admin.token").read_text().strip()
+        admin = admin_of(workdir, name if store == "file" else None)
         entries = provision(server.url, admin, [f"{name}-solo"], 20)
         data = write_data_file(workdir / f"{name}.txt", entries)
         user, system = server.cpu_seconds()
@@ -176,7 +178,7 @@ def behind_haproxy(
     figures = []
     try:
         time.sleep(3)  # two good health checks
-        admin = admin_of(workdir, [n for n in os.listdir(workdir) if (workdir / n).is_dir()])
+        admin = admin_of(workdir)
         for label, tenant_count, scenario in (
             ("one hot tenant", 1, "spawn"),
             ("1,000 tenants", 1000, "spawn_many"),

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from actors.store import SigningKey
-from actors.store.postgres.bridge import Connection, Database
+from actors.store.postgres.bridge import Database, Queries
 from actors.store.postgres.schema import MIGRATION_LOCK, migrate
 
 
@@ -55,7 +55,7 @@ async def bootstrap(db: Database) -> tuple[Secrets, str | None]:
     return loaded, made
 
 
-async def _create(con: Connection, admin_token: str) -> None:
+async def _create(con: Queries, admin_token: str) -> None:
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -77,7 +77,7 @@ async def _create(con: Connection, admin_token: str) -> None:
     )
 
 
-async def load_token_keys(con: Connection) -> list[SigningKey]:
+async def load_token_keys(con: Queries) -> list[SigningKey]:
     rows = await con.fetch(
         "SELECT id, created_at, state, secret, retired_at FROM signing_keys "
         "WHERE purpose = 'token' ORDER BY created_at, id"
@@ -87,7 +87,7 @@ async def load_token_keys(con: Connection) -> list[SigningKey]:
     ]
 
 
-async def load_secrets(con: Connection) -> Secrets:
+async def load_secrets(con: Queries) -> Secrets:
     meta = await con.fetchrow("SELECT origin, admin_token_sha256 FROM log_meta")
     pem = await con.fetchval(
         "SELECT secret FROM signing_keys WHERE purpose = 'audit' AND state = 'active' "
@@ -105,7 +105,7 @@ async def load_secrets(con: Connection) -> Secrets:
 KEYS_CHANNEL = "vm_tenant_keys"
 
 
-async def save_token_keys(con: Connection, keys: list[SigningKey]) -> None:
+async def save_token_keys(con: Queries, keys: list[SigningKey]) -> None:
     """Store the keyring's keys (in the caller's transaction), and tell the replicas.
 
     Keys are added or updated, never deleted, so two replicas rotating at the same moment

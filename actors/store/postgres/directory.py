@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import asyncpg
 import trio
 
 from actors.state import Directory
-from actors.store.postgres.bridge import Connection, Database, StoreUnavailable
+from actors.store.postgres.bridge import Database, Direct, Queries, StoreUnavailable
 
 log = logging.getLogger("vm_tenant.store.directory")
 
@@ -30,10 +31,20 @@ KEEP_CHANGES = "1 hour"
 RECENT = "30 seconds"
 
 
-async def note_change(con: Connection, tenant_id: str) -> None:
+async def note_change(con: Queries, tenant_id: str) -> None:
     """Record, in the caller's transaction, that ``tenant_id``'s tokens changed."""
     await con.execute("INSERT INTO directory_changes (tenant) VALUES ($1)", tenant_id)
     await con.execute("SELECT pg_notify($1, $2)", CHANNEL, tenant_id)
+
+
+async def _everything(con: Direct) -> tuple[int, list[asyncpg.Record]]:
+    """The last change's version and every tenant's tokens, in one snapshot."""
+    seen = await con.fetchval("SELECT coalesce(max(version), 0) FROM directory_changes")
+    rows = await con.fetch(
+        "SELECT t.id, array_remove(array_agg(k.token_id), NULL) AS tokens "
+        "FROM tenants t LEFT JOIN tokens k ON k.tenant = t.id GROUP BY t.id"
+    )
+    return seen, rows
 
 
 class DirectoryFollower:
@@ -47,12 +58,7 @@ class DirectoryFollower:
 
     async def load(self) -> None:
         """Read every tenant's tokens (at start, and after the database was away)."""
-        async with self._db.transaction("repeatable_read") as con:
-            seen = await con.fetchval("SELECT coalesce(max(version), 0) FROM directory_changes")
-            rows = await con.fetch(
-                "SELECT t.id, array_remove(array_agg(k.token_id), NULL) AS tokens "
-                "FROM tenants t LEFT JOIN tokens k ON k.tenant = t.id GROUP BY t.id"
-            )
+        seen, rows = await self._db.atomic(_everything, "repeatable_read")
         present = {row["id"]: set(row["tokens"]) for row in rows}
         directory = self.directory
         for tenant_id in [t for t in directory.tenant_ids() if t not in present]:

@@ -21,7 +21,7 @@ import msgspec
 
 from actors.errors import NotFound
 from actors.state import IN_DOUBT_STATES, IdempotencyRecord, Quota, VmRecord
-from actors.store.postgres.bridge import Connection
+from actors.store.postgres.bridge import Queries
 
 #: how long a replica's claim on an operation in flight holds without renewal
 LEASE_SECONDS = 30.0
@@ -86,7 +86,7 @@ class RowSlice:
 
     @classmethod
     async def load(
-        cls, con: Connection, tenant_id: str, vm_id: str | None, key: str | None
+        cls, con: Queries, tenant_id: str, vm_id: str | None, key: str | None
     ) -> RowSlice:
         """Lock the tenant's row and load the slice; ``NotFound`` for an unknown tenant."""
         row = await con.fetchrow(
@@ -171,7 +171,7 @@ class RowSlice:
 
     # -- writing back -----------------------------------------------------------------------
 
-    async def write(self, con: Connection, owner: str) -> None:
+    async def write(self, con: Queries, owner: str) -> None:
         """Write the rows the fold changed (``owner``: this replica, for VMs in flight)."""
         if self.quota != self._original_quota or self._changed_allocation:
             q = self.quota
@@ -212,7 +212,7 @@ def _json(body: Any) -> str | None:
     return None if body is None else msgspec.json.encode(body).decode()
 
 
-async def _insert_vm(con: Connection, vm: VmRecord, owner: str) -> None:
+async def _insert_vm(con: Queries, vm: VmRecord, owner: str) -> None:
     in_flight = vm.state in IN_DOUBT_STATES
     await con.execute(
         "INSERT INTO vms (id, tenant, vcpus, memory_mib, image, name, created_at, state, "
@@ -225,7 +225,7 @@ async def _insert_vm(con: Connection, vm: VmRecord, owner: str) -> None:
     )  # fmt: skip
 
 
-async def _update_vm(con: Connection, vm: VmRecord, owner: str) -> None:
+async def _update_vm(con: Queries, vm: VmRecord, owner: str) -> None:
     in_flight = vm.state in IN_DOUBT_STATES
     await con.execute(
         "UPDATE vms SET state = $2, settled_state = $3, doubt = $4, owner = $5, "

@@ -43,7 +43,14 @@ import trio
 
 from actors.journal.chain import canonical, decode_line, seal
 from actors.journal.entries import utc_now
-from actors.store.postgres.bridge import Connection, Database, StoreUnavailable
+from actors.store.postgres.bridge import (
+    CommitUnknown,
+    Connection,
+    Database,
+    Direct,
+    Queries,
+    StoreUnavailable,
+)
 from actors.store.postgres.schema import advisory_key
 
 log = logging.getLogger("vm_tenant.store.sequencer")
@@ -56,7 +63,7 @@ SEQUENCED = "vm_tenant_sequenced"
 FIELDS = ("op", "outcome", "tenant", "vm", "source", "request_id", "detail")
 
 
-async def enqueue(con: Connection, entries: Iterable[dict[str, Any]]) -> list[int]:
+async def enqueue(con: Queries, entries: Iterable[dict[str, Any]]) -> list[int]:
     """Queue entries (dicts of :data:`FIELDS`) in the caller's transaction; their qids.
 
     An entry that cannot be encoded raises here, before anything commits.
@@ -70,13 +77,15 @@ async def enqueue(con: Connection, entries: Iterable[dict[str, Any]]) -> list[in
         tenants.append(entry["tenant"])
     if not bodies:
         return []
+    # one statement: the rows and the wake-up (several in one transaction arrive as one)
     rows = await con.fetch(
-        "INSERT INTO audit_queue (tenant, body) "
-        "SELECT * FROM unnest($1::text[], $2::bytea[]) RETURNING qid",
+        "WITH queued AS (INSERT INTO audit_queue (tenant, body) "
+        "SELECT * FROM unnest($1::text[], $2::bytea[]) RETURNING qid) "
+        "SELECT qid, pg_notify($3, '') FROM queued",
         tenants,
         bodies,
+        QUEUED,
     )
-    await con.execute("SELECT pg_notify($1, '')", QUEUED)
     return sorted(row["qid"] for row in rows)
 
 
@@ -132,7 +141,8 @@ class Sequencer:
         while True:
             try:
                 await self._serve()
-            except StoreUnavailable as error:
+            except (StoreUnavailable, CommitUnknown) as error:
+                # a batch whose commit is in doubt: the next leader reads the head anew
                 log.warning("sequencer lost the database (%s); retrying", error)
             except HeadMoved as error:
                 log.error("sequencer stopped a batch: %s", error)
@@ -168,53 +178,58 @@ class Sequencer:
         return _Head(row["seq"], row["hash"], row["ts"])
 
     async def _sequence_batch(self, con: Connection, head: _Head) -> tuple[_Head, int]:
-        """Sequence up to ``batch`` queued entries in one transaction."""
-        async with con.transaction():
-            rows = await con.fetch(
-                "SELECT qid, tenant, body FROM audit_queue ORDER BY qid LIMIT $1", self._batch
-            )
-            if not rows:
-                return head, 0
-            ts = self._clock()
-            if head.ts is not None and ts < head.ts:
-                ts = head.ts
-            seq, prev = head.seq, head.hash
-            seqs, qids, tenants, hashes, lines, leaves = [], [], [], [], [], []
-            for row in rows:
-                seq += 1
-                fields = decode_line(row["body"])
-                entry = {"seq": seq, "ts": ts, **fields, "prev": prev}
-                line = seal(entry)[:-1]
-                prev = entry["hash"]
-                seqs.append(seq)
-                qids.append(row["qid"])
-                tenants.append(row["tenant"])
-                hashes.append(prev)
-                lines.append(line)
-                leaves.append(leaf_hash(line))
-            await con.execute(
-                "INSERT INTO audit_log (seq, qid, tenant, hash, line) "
-                "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], "
-                "$5::bytea[])",
-                seqs, qids, tenants, hashes, lines,
-            )  # fmt: skip
-            # The leaves of the RFC 9162 tree (level 0: leaf index = seq - 1).
-            await con.execute(
-                "INSERT INTO merkle_nodes (level, idx, hash) "
-                "SELECT 0, * FROM unnest($1::bigint[], $2::bytea[])",
-                [s - 1 for s in seqs],
-                leaves,
-            )
-            await con.execute("DELETE FROM audit_queue WHERE qid = ANY($1::bigint[])", qids)
-            moved = await con.fetchval(
-                "UPDATE audit_head SET seq = $1, hash = $2, ts = $3 "
-                "WHERE seq = $4 AND hash = $5 RETURNING seq",
-                seq, prev, ts, head.seq, head.hash,
-            )  # fmt: skip
-            if moved is None:
-                raise HeadMoved(f"expected the head at seq {head.seq}; another writer moved it")
-            await con.execute("SELECT pg_notify($1, $2)", SEQUENCED, str(seq))
-        self.sequenced += len(rows)
+        """Sequence up to ``batch`` queued entries in one transaction (one crossing of the
+        bridge: the whole batch runs inside asyncio)."""
+        moved, count = await con.atomic(lambda direct: self._batch_body(direct, head))
+        self.sequenced += count
+        return moved, count
+
+    async def _batch_body(self, con: Direct, head: _Head) -> tuple[_Head, int]:
+        """The batch's transaction body (inside asyncio: no Trio call here)."""
+        rows = await con.fetch(
+            "SELECT qid, tenant, body FROM audit_queue ORDER BY qid LIMIT $1", self._batch
+        )
+        if not rows:
+            return head, 0
+        ts = self._clock()
+        if head.ts is not None and ts < head.ts:
+            ts = head.ts
+        seq, prev = head.seq, head.hash
+        seqs, qids, tenants, hashes, lines, leaves = [], [], [], [], [], []
+        for row in rows:
+            seq += 1
+            fields = decode_line(row["body"])
+            entry = {"seq": seq, "ts": ts, **fields, "prev": prev}
+            line = seal(entry)[:-1]
+            prev = entry["hash"]
+            seqs.append(seq)
+            qids.append(row["qid"])
+            tenants.append(row["tenant"])
+            hashes.append(prev)
+            lines.append(line)
+            leaves.append(leaf_hash(line))
+        await con.execute(
+            "INSERT INTO audit_log (seq, qid, tenant, hash, line) "
+            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], "
+            "$5::bytea[])",
+            seqs, qids, tenants, hashes, lines,
+        )  # fmt: skip
+        # The leaves of the RFC 9162 tree (level 0: leaf index = seq - 1).
+        await con.execute(
+            "INSERT INTO merkle_nodes (level, idx, hash) "
+            "SELECT 0, * FROM unnest($1::bigint[], $2::bytea[])",
+            [s - 1 for s in seqs],
+            leaves,
+        )
+        await con.execute("DELETE FROM audit_queue WHERE qid = ANY($1::bigint[])", qids)
+        moved = await con.fetchval(
+            "UPDATE audit_head SET seq = $1, hash = $2, ts = $3 "
+            "WHERE seq = $4 AND hash = $5 RETURNING seq",
+            seq, prev, ts, head.seq, head.hash,
+        )  # fmt: skip
+        if moved is None:
+            raise HeadMoved(f"expected the head at seq {head.seq}; another writer moved it")
+        await con.execute("SELECT pg_notify($1, $2)", SEQUENCED, str(seq))
         return _Head(seq, prev, ts), len(rows)
 
 

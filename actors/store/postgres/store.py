@@ -55,9 +55,10 @@ from actors.store.postgres.bootstrap import (
 )
 from actors.store.postgres.bridge import (
     CommitUnknown,
-    Connection,
     Database,
     DatabaseSettings,
+    Direct,
+    Queries,
     StoreUnavailable,
     open_database,
 )
@@ -72,9 +73,13 @@ log = logging.getLogger("vm_tenant.store")
 D = TypeVar("D", bound=Decided)
 T = TypeVar("T")
 
-IN_DOUBT = sorted(IN_DOUBT_STATES)
+#: the predicate of the partial index ``vms_in_doubt``, spelt so the planner uses it: the
+#: rows in doubt are few, the VMs may be millions
+IN_DOUBT = "state IN (" + ", ".join(f"'{state}'" for state in sorted(IN_DOUBT_STATES)) + ")"
 #: a ticket not answered within this long reads the chain itself (a lost wake-up)
 TICKET_CHECK = 1.0
+#: seconds between two rounds of housekeeping (metrics counts, pruning)
+HOUSEKEEPING = 15.0
 #: how often the checkpoint loop looks at the head's count since the last checkpoint
 CHECKPOINT_TICK = 0.5
 
@@ -217,20 +222,19 @@ class PostgresStore:
         pending: Pending | None = None
         decided: D | None = None
 
-        async def transaction() -> None:
+        async def body(con: Direct) -> None:  # inside asyncio: no Trio call here
             nonlocal pending, decided
-            async with self.db.transaction() as con:
-                rows = await RowSlice.load(con, tenant_id, vm_id, key)
-                decided = decide(rows)
-                entry = decided.entry
-                if entry is None:
-                    return
-                fold.apply_to_tenant(rows, entry)
-                await rows.write(con, self.owner)
-                pending = await self._enqueue(con, [entry])
+            rows = await RowSlice.load(con, tenant_id, vm_id, key)
+            decided = decide(rows)
+            entry = decided.entry
+            if entry is None:
+                return
+            fold.apply_to_tenant(rows, entry)
+            await rows.write(con, self.owner)
+            pending = await self._enqueue(con, [entry])
 
         try:
-            await self._call(transaction, commit_unknown=True)
+            await self._call(lambda: self.db.atomic(body), commit_unknown=True)
         except CommitUnknown:
             # the decision may or may not have been committed: its ticket finds out
             log.warning("the commit of a decision of %s is in doubt", tenant_id)
@@ -245,7 +249,7 @@ class PostgresStore:
         assert decided is not None
         return decided, (None if pending is None else _Ticket(self, pending))
 
-    async def _enqueue(self, con: Connection, entries: list[Entry]) -> Pending:
+    async def _enqueue(self, con: Queries, entries: list[Entry]) -> Pending:
         qids = await enqueue(con, [{name: e[name] for name in FIELDS} for e in entries])
         # registered before the commit, so that the sequencer cannot answer too early
         return self.acks.register(qids)
@@ -259,31 +263,30 @@ class PostgresStore:
         pending: Pending | None = None
         late = False
 
-        async def transaction() -> None:
+        async def body(con: Direct) -> None:  # inside asyncio: no Trio call here
             nonlocal pending, late
-            async with self.db.transaction() as con:
-                tenant_id = entry["tenant"]
-                if op == "tenant.create":
-                    await self._create_tenant(con, entry)
-                else:
-                    exists = await con.fetchval(
-                        "SELECT true FROM tenants WHERE id = $1 FOR UPDATE", tenant_id
-                    )
-                    if not exists:
-                        raise NotFound("no such tenant")
-                    if op == "tenant.delete":
-                        await self._delete_tenant(con, entry)
-                    elif op == "token.issue":
-                        await self._issue_token(con, entry)
-                    elif op == "token.revoke":
-                        await self._revoke_token(con, entry)
-                    elif not await self._fold_outcome(con, entry):
-                        late = True
-                        return
-                pending = await self._enqueue(con, [entry])
+            tenant_id = entry["tenant"]
+            if op == "tenant.create":
+                await self._create_tenant(con, entry)
+            else:
+                exists = await con.fetchval(
+                    "SELECT true FROM tenants WHERE id = $1 FOR UPDATE", tenant_id
+                )
+                if not exists:
+                    raise NotFound("no such tenant")
+                if op == "tenant.delete":
+                    await self._delete_tenant(con, entry)
+                elif op == "token.issue":
+                    await self._issue_token(con, entry)
+                elif op == "token.revoke":
+                    await self._revoke_token(con, entry)
+                elif not await self._fold_outcome(con, entry):
+                    late = True
+                    return
+            pending = await self._enqueue(con, [entry])
 
         try:
-            await self._call(transaction, commit_unknown=True)
+            await self._call(lambda: self.db.atomic(body), commit_unknown=True)
         except CommitUnknown:
             if pending is None:  # a late writer's empty transaction
                 return entry
@@ -303,7 +306,7 @@ class PostgresStore:
         self._apply_directory(entry)
         return (await self._acknowledged(pending, commit_known=True))[-1]
 
-    async def _fold_outcome(self, con: Connection, entry: Entry) -> bool:
+    async def _fold_outcome(self, con: Queries, entry: Entry) -> bool:
         """Fold an outcome (or a quota change) into the tenant's rows; False when this
         replica no longer owns the operation (another settled or claimed it)."""
         vm_id, key = entry["vm"], entry["detail"].get("idempotency_key")
@@ -315,7 +318,7 @@ class PostgresStore:
         await rows.write(con, self.owner)
         return True
 
-    async def _create_tenant(self, con: Connection, entry: Entry) -> None:
+    async def _create_tenant(self, con: Queries, entry: Entry) -> None:
         quota = fold.quota_from(entry["detail"]["quota"])
         created = await con.fetchval(
             "INSERT INTO tenants (id, quota_vcpus, quota_memory_mib, quota_vms) "
@@ -331,14 +334,14 @@ class PostgresStore:
         )
         await note_change(con, entry["tenant"])
 
-    async def _delete_tenant(self, con: Connection, entry: Entry) -> None:
+    async def _delete_tenant(self, con: Queries, entry: Entry) -> None:
         tenant_id = entry["tenant"]
         if await con.fetchval("SELECT count(*) FROM vms WHERE tenant = $1", tenant_id):
             raise Conflict("the tenant still has VMs")
         await con.execute("DELETE FROM tenants WHERE id = $1", tenant_id)
         await note_change(con, tenant_id)
 
-    async def _issue_token(self, con: Connection, entry: Entry) -> None:
+    async def _issue_token(self, con: Queries, entry: Entry) -> None:
         await con.execute(
             "INSERT INTO tokens (tenant, token_id) VALUES ($1, $2)",
             entry["tenant"],
@@ -346,7 +349,7 @@ class PostgresStore:
         )
         await note_change(con, entry["tenant"])
 
-    async def _revoke_token(self, con: Connection, entry: Entry) -> None:
+    async def _revoke_token(self, con: Queries, entry: Entry) -> None:
         revoked = await con.fetchval(
             "DELETE FROM tokens WHERE tenant = $1 AND token_id = $2 RETURNING true",
             entry["tenant"],
@@ -417,19 +420,18 @@ class PostgresStore:
         """Take the tenant's operations in doubt that nobody works on: no owner, an expired
         lease, or (unless ``others_only``) this replica's own from before its actor started."""
 
-        async def claim() -> list[VmRecord]:
-            async with self.db.transaction() as con:
-                rows = await con.fetch(
-                    f"UPDATE vms SET owner = $2, fence = fence + 1, "
-                    f"lease_expires = now() + make_interval(secs => $4) "
-                    f"WHERE id IN (SELECT id FROM vms WHERE tenant = $1 "
-                    f"AND state = ANY($5::text[]) AND (owner IS NULL OR lease_expires < now() "
-                    f"OR (owner = $2 AND NOT $3)) FOR UPDATE SKIP LOCKED) RETURNING {VM_COLUMNS}",
-                    tenant_id, self.owner, others_only, LEASE_SECONDS, IN_DOUBT,
-                )  # fmt: skip
+        async def claim(con: Direct) -> list[VmRecord]:
+            rows = await con.fetch(
+                f"UPDATE vms SET owner = $2, fence = fence + 1, "
+                f"lease_expires = now() + make_interval(secs => $4) "
+                f"WHERE id IN (SELECT id FROM vms WHERE tenant = $1 "
+                f"AND {IN_DOUBT} AND (owner IS NULL OR lease_expires < now() "
+                f"OR (owner = $2 AND NOT $3)) FOR UPDATE SKIP LOCKED) RETURNING {VM_COLUMNS}",
+                tenant_id, self.owner, others_only, LEASE_SECONDS,
+            )  # fmt: skip
             return [vm_record(row) for row in rows]
 
-        claimed = await self._call(claim)
+        claimed = await self._call(lambda: self.db.atomic(claim))
         for vm in claimed:
             log.info("claimed %s of %s (in doubt, %s)", vm.id, tenant_id, vm.state)
         return claimed
@@ -437,9 +439,9 @@ class PostgresStore:
     async def tenants_in_doubt(self) -> list[str]:
         rows = await self._call(
             lambda: self.db.fetch(
-                "SELECT DISTINCT tenant FROM vms WHERE state = ANY($1::text[]) "
-                "AND (owner IS NULL OR lease_expires < now()) AND owner IS DISTINCT FROM $2",
-                IN_DOUBT, self.owner,
+                f"SELECT DISTINCT tenant FROM vms WHERE {IN_DOUBT} "
+                "AND (owner IS NULL OR lease_expires < now()) AND owner IS DISTINCT FROM $1",
+                self.owner,
             )
         )  # fmt: skip
         return [row["tenant"] for row in rows]
@@ -451,8 +453,8 @@ class PostgresStore:
             try:
                 await self.db.execute(
                     "UPDATE vms SET lease_expires = now() + make_interval(secs => $2) "
-                    "WHERE owner = $1 AND state = ANY($3::text[])",
-                    self.owner, LEASE_SECONDS, IN_DOUBT,
+                    f"WHERE owner = $1 AND {IN_DOUBT}",
+                    self.owner, LEASE_SECONDS,
                 )  # fmt: skip
             except StoreUnavailable as error:
                 log.warning("could not renew leases: %s", error)
@@ -525,18 +527,17 @@ class PostgresStore:
         return self._head
 
     async def audit_page(self, after: int, limit: int) -> tuple[list[bytes], int, str]:
-        async def page() -> tuple[list[bytes], int, str]:
-            async with self.db.transaction("repeatable_read") as con:
-                head = await con.fetchrow("SELECT seq, hash FROM audit_head")
-                assert head is not None
-                rows = await con.fetch(
-                    "SELECT line FROM audit_log WHERE seq > $1 AND seq <= $2 ORDER BY seq "
-                    "LIMIT $3",
-                    after, head["seq"], limit,
-                )  # fmt: skip
+        async def page(con: Direct) -> tuple[list[bytes], int, str]:
+            head = await con.fetchrow("SELECT seq, hash FROM audit_head")
+            assert head is not None
+            rows = await con.fetch(
+                "SELECT line FROM audit_log WHERE seq > $1 AND seq <= $2 ORDER BY seq "
+                "LIMIT $3",
+                after, head["seq"], limit,
+            )  # fmt: skip
             return [bytes(row["line"]) for row in rows], head["seq"], head["hash"]
 
-        return await self._call(page)
+        return await self._call(lambda: self.db.atomic(page, "repeatable_read"))
 
     def observe(self, observer: Observer) -> None:
         self._observers.append(observer)
@@ -547,24 +548,27 @@ class PostgresStore:
         return await self._call(self._sign_head)
 
     async def _sign_head(self) -> dict[str, Any] | None:
-        async with self.db.transaction() as con:
-            head = await con.fetchrow("SELECT seq, hash FROM audit_head")
-            latest = await con.fetchrow(
-                "SELECT seq, hash, ts, signature FROM checkpoints ORDER BY id DESC LIMIT 1"
-            )
-            assert head is not None
-            if head["seq"] == 0 or (latest is not None and latest["seq"] >= head["seq"]):
-                checkpoint = None if latest is None else dict(latest)
-            else:
-                key = self._secrets.audit_key
-                checkpoint = sign_checkpoint(key, head["seq"], head["hash"], utc_now())
-                await con.execute(
-                    "INSERT INTO checkpoints (seq, hash, ts, signature) VALUES ($1, $2, $3, $4)",
-                    checkpoint["seq"], checkpoint["hash"], checkpoint["ts"],
-                    checkpoint["signature"],
-                )  # fmt: skip
+        checkpoint = await self.db.atomic(self._sign_body)
         if checkpoint is not None:
             self._latest_checkpoint = checkpoint
+        return checkpoint
+
+    async def _sign_body(self, con: Direct) -> dict[str, Any] | None:
+        head = await con.fetchrow("SELECT seq, hash FROM audit_head")
+        latest = await con.fetchrow(
+            "SELECT seq, hash, ts, signature FROM checkpoints ORDER BY id DESC LIMIT 1"
+        )
+        assert head is not None
+        if head["seq"] == 0 or (latest is not None and latest["seq"] >= head["seq"]):
+            checkpoint = None if latest is None else dict(latest)
+        else:
+            key = self._secrets.audit_key
+            checkpoint = sign_checkpoint(key, head["seq"], head["hash"], utc_now())
+            await con.execute(
+                "INSERT INTO checkpoints (seq, hash, ts, signature) VALUES ($1, $2, $3, $4)",
+                checkpoint["seq"], checkpoint["hash"], checkpoint["ts"],
+                checkpoint["signature"],
+            )  # fmt: skip
         return checkpoint
 
     def journal_stats(self) -> JournalStats:
@@ -585,11 +589,7 @@ class PostgresStore:
         return self._keys
 
     async def _save_keys(self, keys: list[SigningKey]) -> None:
-        async def save() -> None:
-            async with self.db.transaction() as con:
-                await save_token_keys(con, keys)
-
-        await self._call(save)
+        await self._call(lambda: self.db.atomic(lambda con: save_token_keys(con, keys)))
 
     async def _follow_keys(self) -> None:
         """Reload the keyring when another replica changed it (notified, and every 5 s)."""
@@ -597,8 +597,7 @@ class PostgresStore:
             try:
                 async with self.db.listen(KEYS_CHANNEL) as notifications:
                     while True:
-                        async with self.db.connection() as con:
-                            keys = await load_token_keys(con)
+                        keys = await self.db.atomic(load_token_keys)
                         self._keys._reloaded(keys)
                         with trio.move_on_after(5.0):
                             await notifications.wait()
@@ -634,7 +633,10 @@ class PostgresStore:
                 signed_at = checkpoint["seq"]
 
     async def _housekeeping(self) -> None:
-        """Counts for the metrics; old idempotency records and directory changes pruned."""
+        """Counts for the metrics; old idempotency records and directory changes pruned.
+
+        The count by state reads every VM row: every ``HOUSEKEEPING`` seconds, not per scrape.
+        """
         while True:
             try:
                 rows = await self.db.fetch("SELECT state, count(*) AS n FROM vms GROUP BY state")
@@ -649,7 +651,7 @@ class PostgresStore:
                     await self._directory.prune()
             except StoreUnavailable as error:
                 log.warning("housekeeping skipped: %s", error)
-            await trio.sleep(5.0)
+            await trio.sleep(HOUSEKEEPING)
 
     async def _probe(self) -> None:
         """Follow the database's health and the head, at least every ``probe_interval``."""
