@@ -329,10 +329,12 @@ class Database:
 
     async def _release(self, raw: PooledConnection) -> None:
         # Shielded: a cancelled caller still returns its connection, and only a clean one
-        # goes back (the pool waits for a pending cancel, rolls back, resets the session).
+        # goes back (the pool waits for a pending cancel and rolls back; the session is
+        # reset here: a connection handed out whole may hold locks and LISTENs).
         with trio.CancelScope(shield=True):
             try:
-                await self.call(self._pool.release, raw, within=self.settings.release_timeout)
+                await self.call(_reset_and_release, self._pool, raw,
+                                within=self.settings.release_timeout)  # fmt: skip
             except (StoreUnavailable, pgerr.PostgresError, pgerr.InterfaceError):
                 _terminate(raw)
 
@@ -528,6 +530,22 @@ SESSION_SETTINGS = {
 }
 
 
+async def _reset_and_release(pool: asyncpg.Pool, raw: PooledConnection) -> None:
+    """Inside asyncio: reset the session (advisory locks, LISTENs, settings), give it back."""
+    if not raw.is_closed():
+        await raw.reset()
+    await pool.release(raw)
+
+
+async def _session_untouched(_con: object) -> None:
+    """The pool's reset of connections it lends for one call or one transaction.
+
+    Those never change the session (no SET, no session lock, no LISTEN) and the pool has
+    already rolled back any transaction left open, so the reset query's round trip (a
+    second one per read) is skipped; connections handed out whole are reset on release.
+    """
+
+
 async def _create_pool(settings: DatabaseSettings) -> asyncpg.Pool:
     """The pool, made inside the asyncio loop (asyncpg binds it to the running loop)."""
     return await asyncpg.create_pool(
@@ -539,6 +557,7 @@ async def _create_pool(settings: DatabaseSettings) -> asyncpg.Pool:
         # so a pool shrinks again after a burst
         max_inactive_connection_lifetime=60.0,
         server_settings=SESSION_SETTINGS,
+        reset=_session_untouched,
     )
 
 
