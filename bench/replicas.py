@@ -137,7 +137,7 @@ def cpu_per_answer(
 
 
 HAPROXY = """global
-    maxconn 20000
+    maxconn 2000
 defaults
     mode http
     timeout connect 2s

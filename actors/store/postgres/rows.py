@@ -4,7 +4,8 @@
 loaded under the tenant's row lock (the quota and allocation, the VM and the idempotency
 key the caller named), so the tenant's decisions and the fold
 (``actors/journal/fold.py``) run on it unchanged. Its mutators record what changed;
-:meth:`RowSlice.write` then writes exactly those rows back, in the same transaction.
+:meth:`RowSlice.changes` then gives the writes of exactly those rows, made in the same
+statement that queues the entry.
 
 Ownership of an operation in flight goes with the VM's state: a row written in a state
 of :data:`~actors.state.IN_DOUBT_STATES` is owned by this replica with a fresh lease; a
@@ -14,6 +15,7 @@ writer that read the older fence can tell that the operation was settled meanwhi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -22,17 +24,35 @@ import msgspec
 from actors.errors import NotFound
 from actors.state import IN_DOUBT_STATES, IdempotencyRecord, Quota, VmRecord
 from actors.store.postgres.bridge import Queries
+from actors.store.postgres.sequencer import Statement
 
 #: how long a replica's claim on an operation in flight holds without renewal
 LEASE_SECONDS = 30.0
 
-VM_COLUMNS = (
-    "id, tenant, vcpus, memory_mib, image, name, created_at, state, settled_state, "
-    "idempotency_key, doubt, owner, fence"
+VM_FIELDS = (
+    "id", "tenant", "vcpus", "memory_mib", "image", "name", "created_at", "state",
+    "settled_state", "idempotency_key", "doubt", "owner", "fence",
+)  # fmt: skip
+VM_COLUMNS = ", ".join(VM_FIELDS)
+KEY_FIELDS = ("request_hash", "status", "body", "created")
+
+#: the tenant's row (locked), the named VM and the named idempotency record, at once
+LOAD = (
+    "SELECT t.quota_vcpus, t.quota_memory_mib, t.quota_vms, t.allocated_vcpus, "
+    "t.allocated_memory_mib, t.allocated_vms, "
+    + ", ".join(f"v.{name} AS vm_{name}" for name in VM_FIELDS)
+    + ", "
+    + ", ".join(f"k.{name} AS k_{name}" for name in KEY_FIELDS)
+    + " FROM tenants t LEFT JOIN vms v ON v.id = $2 AND v.tenant = t.id "
+    "LEFT JOIN idempotency k ON k.tenant = t.id AND k.key = $3 "
+    "WHERE t.id = $1 FOR UPDATE OF t"
 )
 
+#: a loaded row: a record, or the columns of a joined one by name
+Row = Mapping[str, Any] | asyncpg.Record
 
-def vm_record(row: asyncpg.Record) -> VmRecord:
+
+def vm_record(row: Row) -> VmRecord:
     return VmRecord(
         id=row["id"],
         tenant=row["tenant"],
@@ -48,7 +68,7 @@ def vm_record(row: asyncpg.Record) -> VmRecord:
     )
 
 
-def key_record(row: asyncpg.Record) -> IdempotencyRecord:
+def key_record(row: Row) -> IdempotencyRecord:
     body = None if row["body"] is None else msgspec.json.decode(row["body"])
     return IdempotencyRecord(row["request_hash"], row["status"], body, row["created"])
 
@@ -61,8 +81,8 @@ class RowSlice:
         tenant_id: str,
         quota: Quota,
         allocated: tuple[int, int, int],
-        vm: asyncpg.Record | None,
-        key: tuple[str, asyncpg.Record | None] | None,
+        vm: Row | None,
+        key: tuple[str, Row | None] | None,
     ) -> None:
         self._id = tenant_id
         self.quota = quota
@@ -88,28 +108,18 @@ class RowSlice:
     async def load(
         cls, con: Queries, tenant_id: str, vm_id: str | None, key: str | None
     ) -> RowSlice:
-        """Lock the tenant's row and load the slice; ``NotFound`` for an unknown tenant."""
-        row = await con.fetchrow(
-            "SELECT quota_vcpus, quota_memory_mib, quota_vms, allocated_vcpus, "
-            "allocated_memory_mib, allocated_vms FROM tenants WHERE id = $1 FOR UPDATE",
-            tenant_id,
-        )
+        """Lock the tenant's row and load the slice, in one statement; ``NotFound`` for an
+        unknown tenant."""
+        row = await con.fetchrow(LOAD, tenant_id, vm_id, key)
         if row is None:
             raise NotFound("no such tenant")
         vm = None
-        if vm_id is not None:
-            vm = await con.fetchrow(
-                f"SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant = $2", vm_id, tenant_id
-            )
+        if row["vm_id"] is not None:
+            vm = {name: row[f"vm_{name}"] for name in VM_FIELDS}
         loaded_key = None
         if key is not None:
-            key_row = await con.fetchrow(
-                "SELECT request_hash, status, body, created FROM idempotency "
-                "WHERE tenant = $1 AND key = $2",
-                tenant_id,
-                key,
-            )
-            loaded_key = (key, key_row)
+            found = row["k_request_hash"] is not None
+            loaded_key = (key, {n: row[f"k_{n}"] for n in KEY_FIELDS} if found else None)
         quota = Quota(row["quota_vcpus"], row["quota_memory_mib"], row["quota_vms"])
         allocated = (row["allocated_vcpus"], row["allocated_memory_mib"], row["allocated_vms"])
         return cls(tenant_id, quota, allocated, vm, loaded_key)
@@ -171,66 +181,70 @@ class RowSlice:
 
     # -- writing back -----------------------------------------------------------------------
 
-    async def write(self, con: Queries, owner: str) -> None:
-        """Write the rows the fold changed (``owner``: this replica, for VMs in flight)."""
+    def changes(self, owner: str) -> list[Statement]:
+        """The writes of the rows the fold changed (``owner``: this replica, for VMs in
+        flight), each touching one row, for :func:`~actors.store.postgres.sequencer.enqueue`
+        to make in the statement that queues the entry."""
+        writes: list[Statement] = []
         if self.quota != self._original_quota or self._changed_allocation:
             q = self.quota
-            await con.execute(
+            writes.append((
                 "UPDATE tenants SET quota_vcpus = $2, quota_memory_mib = $3, quota_vms = $4, "
                 "allocated_vcpus = $5, allocated_memory_mib = $6, allocated_vms = $7, "
                 "version = version + 1 WHERE id = $1",
-                self._id, q.vcpus, q.memory_mib, q.vms, self._vcpus, self._memory, self._vms,
-            )  # fmt: skip
+                [self._id, q.vcpus, q.memory_mib, q.vms, self._vcpus, self._memory, self._vms],
+            ))  # fmt: skip
         for vm_id, now in self._vms_now.items():
             before = self._vm_loaded.get(vm_id)
             if now is before:
                 continue
             if now is None:
-                await con.execute("DELETE FROM vms WHERE id = $1", vm_id)
+                writes.append(("DELETE FROM vms WHERE id = $1", [vm_id]))
             elif before is None:
-                await _insert_vm(con, now, owner)
+                writes.append(_insert_vm(now, owner))
             elif now != before:
-                await _update_vm(con, now, owner)
+                writes.append(_update_vm(now, owner))
         for key, record in self._keys_now.items():
             if record is self._keys_loaded.get(key):
                 continue
             if record is None:
-                await con.execute(
-                    "DELETE FROM idempotency WHERE tenant = $1 AND key = $2", self._id, key
+                writes.append(
+                    ("DELETE FROM idempotency WHERE tenant = $1 AND key = $2", [self._id, key])
                 )
             else:
-                await con.execute(
+                writes.append((
                     "INSERT INTO idempotency (tenant, key, request_hash, status, body, created) "
                     "VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (tenant, key) DO UPDATE "
                     "SET request_hash = $3, status = $4, body = $5::jsonb, created = $6",
-                    self._id, key, record.request_hash, record.status, _json(record.body),
-                    record.created,
-                )  # fmt: skip
+                    [self._id, key, record.request_hash, record.status, _json(record.body),
+                     record.created],
+                ))  # fmt: skip
+        return writes
 
 
 def _json(body: Any) -> str | None:
     return None if body is None else msgspec.json.encode(body).decode()
 
 
-async def _insert_vm(con: Queries, vm: VmRecord, owner: str) -> None:
+def _insert_vm(vm: VmRecord, owner: str) -> Statement:
     in_flight = vm.state in IN_DOUBT_STATES
-    await con.execute(
+    return (
         "INSERT INTO vms (id, tenant, vcpus, memory_mib, image, name, created_at, state, "
         "settled_state, idempotency_key, doubt, owner, lease_expires) "
         "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
         "CASE WHEN $13 THEN now() + make_interval(secs => $14) END)",
-        vm.id, vm.tenant, vm.vcpus, vm.memory_mib, vm.image, vm.name, vm.created_at, vm.state,
-        vm.settled_state, vm.idempotency_key, vm.doubt, owner if in_flight else None,
-        in_flight, LEASE_SECONDS,
+        [vm.id, vm.tenant, vm.vcpus, vm.memory_mib, vm.image, vm.name, vm.created_at, vm.state,
+         vm.settled_state, vm.idempotency_key, vm.doubt, owner if in_flight else None,
+         in_flight, LEASE_SECONDS],
     )  # fmt: skip
 
 
-async def _update_vm(con: Queries, vm: VmRecord, owner: str) -> None:
+def _update_vm(vm: VmRecord, owner: str) -> Statement:
     in_flight = vm.state in IN_DOUBT_STATES
-    await con.execute(
+    return (
         "UPDATE vms SET state = $2, settled_state = $3, doubt = $4, owner = $5, "
         "lease_expires = CASE WHEN $6 THEN now() + make_interval(secs => $7) END, "
         "fence = fence + CASE WHEN $6 THEN 0 ELSE 1 END WHERE id = $1",
-        vm.id, vm.state, vm.settled_state, vm.doubt, owner if in_flight else None,
-        in_flight, LEASE_SECONDS,
+        [vm.id, vm.state, vm.settled_state, vm.doubt, owner if in_flight else None,
+         in_flight, LEASE_SECONDS],
     )  # fmt: skip

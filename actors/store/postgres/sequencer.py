@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +64,20 @@ SEQUENCED = "vm_tenant_sequenced"
 FIELDS = ("op", "outcome", "tenant", "vm", "source", "request_id", "detail")
 
 
-async def enqueue(con: Queries, entries: Iterable[dict[str, Any]]) -> list[int]:
+#: one SQL statement and its arguments (numbered from $1)
+Statement = tuple[str, list[Any]]
+
+
+async def enqueue(
+    con: Queries, entries: Iterable[dict[str, Any]], also: Iterable[Statement] = ()
+) -> list[int]:
     """Queue entries (dicts of :data:`FIELDS`) in the caller's transaction; their qids.
 
-    An entry that cannot be encoded raises here, before anything commits.
+    ``also`` are writes (INSERT, UPDATE, DELETE without RETURNING) made in the very same
+    statement, as data-modifying CTEs: one round trip for a decision's rows, its entries
+    and the sequencer's wake-up. They must not touch the same row twice, and see the
+    snapshot the statement starts from (not each other's changes). An entry that cannot
+    be encoded raises here, before anything commits.
     """
     bodies: list[bytes] = []
     tenants: list[str | None] = []
@@ -77,16 +88,30 @@ async def enqueue(con: Queries, entries: Iterable[dict[str, Any]]) -> list[int]:
         tenants.append(entry["tenant"])
     if not bodies:
         return []
-    # one statement: the rows and the wake-up (several in one transaction arrive as one)
+    parts: list[str] = []
+    args: list[Any] = []
+    for number, (sql, params) in enumerate(also):
+        parts.append(f"w{number} AS ({_shifted(sql, len(args))})")
+        args.extend(params)
+    n = len(args)
+    parts.append(
+        f"queued AS (INSERT INTO audit_queue (tenant, body) "
+        f"SELECT * FROM unnest(${n + 1}::text[], ${n + 2}::bytea[]) RETURNING qid)"
+    )
+    # several wake-ups in one transaction arrive as one
     rows = await con.fetch(
-        "WITH queued AS (INSERT INTO audit_queue (tenant, body) "
-        "SELECT * FROM unnest($1::text[], $2::bytea[]) RETURNING qid) "
-        "SELECT qid, pg_notify($3, '') FROM queued",
+        f"WITH {', '.join(parts)} SELECT qid, pg_notify(${n + 3}, '') FROM queued",
+        *args,
         tenants,
         bodies,
         QUEUED,
     )
     return sorted(row["qid"] for row in rows)
+
+
+def _shifted(sql: str, offset: int) -> str:
+    """``sql`` with its parameters ``$k`` renumbered ``$(k + offset)``."""
+    return re.sub(r"\$(\d+)", lambda match: f"${int(match.group(1)) + offset}", sql)
 
 
 def leaf_hash(line: bytes) -> bytes:

@@ -65,7 +65,14 @@ from actors.store.postgres.bridge import (
 from actors.store.postgres.directory import DirectoryFollower, note_change
 from actors.store.postgres.rows import LEASE_SECONDS, VM_COLUMNS, RowSlice, vm_record
 from actors.store.postgres.schema import SchemaError
-from actors.store.postgres.sequencer import FIELDS, Acknowledgements, Pending, Sequencer, enqueue
+from actors.store.postgres.sequencer import (
+    FIELDS,
+    Acknowledgements,
+    Pending,
+    Sequencer,
+    Statement,
+    enqueue,
+)
 from actors.views import Tenant, Usage, Vm, vm_view
 
 log = logging.getLogger("vm_tenant.store")
@@ -230,8 +237,7 @@ class PostgresStore:
             if entry is None:
                 return
             fold.apply_to_tenant(rows, entry)
-            await rows.write(con, self.owner)
-            pending = await self._enqueue(con, [entry])
+            pending = await self._enqueue(con, [entry], rows.changes(self.owner))
 
         try:
             await self._call(lambda: self.db.atomic(body), commit_unknown=True)
@@ -249,8 +255,11 @@ class PostgresStore:
         assert decided is not None
         return decided, (None if pending is None else _Ticket(self, pending))
 
-    async def _enqueue(self, con: Queries, entries: list[Entry]) -> Pending:
-        qids = await enqueue(con, [{name: e[name] for name in FIELDS} for e in entries])
+    async def _enqueue(
+        self, con: Queries, entries: list[Entry], writes: list[Statement] | None = None
+    ) -> Pending:
+        drafts = [{name: e[name] for name in FIELDS} for e in entries]
+        qids = await enqueue(con, drafts, writes or ())
         # registered before the commit, so that the sequencer cannot answer too early
         return self.acks.register(qids)
 
@@ -266,24 +275,23 @@ class PostgresStore:
         async def body(con: Direct) -> None:  # inside asyncio: no Trio call here
             nonlocal pending, late
             tenant_id = entry["tenant"]
+            writes: list[Statement] = []
             if op == "tenant.create":
                 await self._create_tenant(con, entry)
-            else:
+            elif op in DIRECTORY_OPS:
                 exists = await con.fetchval(
                     "SELECT true FROM tenants WHERE id = $1 FOR UPDATE", tenant_id
                 )
                 if not exists:
                     raise NotFound("no such tenant")
-                if op == "tenant.delete":
-                    await self._delete_tenant(con, entry)
-                elif op == "token.issue":
-                    await self._issue_token(con, entry)
-                elif op == "token.revoke":
-                    await self._revoke_token(con, entry)
-                elif not await self._fold_outcome(con, entry):
+                await DIRECTORY_OPS[op](self, con, entry)
+            else:
+                folded = await self._fold_outcome(con, entry)
+                if folded is None:
                     late = True
                     return
-            pending = await self._enqueue(con, [entry])
+                writes = folded
+            pending = await self._enqueue(con, [entry], writes)
 
         try:
             await self._call(lambda: self.db.atomic(body), commit_unknown=True)
@@ -306,17 +314,16 @@ class PostgresStore:
         self._apply_directory(entry)
         return (await self._acknowledged(pending, commit_known=True))[-1]
 
-    async def _fold_outcome(self, con: Queries, entry: Entry) -> bool:
-        """Fold an outcome (or a quota change) into the tenant's rows; False when this
-        replica no longer owns the operation (another settled or claimed it)."""
+    async def _fold_outcome(self, con: Queries, entry: Entry) -> list[Statement] | None:
+        """Fold an outcome (or a quota change) into the tenant's rows: the writes to make;
+        None when this replica no longer owns the operation (another settled or claimed it)."""
         vm_id, key = entry["vm"], entry["detail"].get("idempotency_key")
         rows = await RowSlice.load(con, entry["tenant"], vm_id, key)
         settles = entry["op"].startswith("vm.") and entry["outcome"] in ("succeeded", "failed")
         if settles and (rows.vm(vm_id) is None or rows.vm_owner.get(vm_id) != self.owner):
-            return False
+            return None
         fold.apply_to_tenant(rows, entry)
-        await rows.write(con, self.owner)
-        return True
+        return rows.changes(self.owner)
 
     async def _create_tenant(self, con: Queries, entry: Entry) -> None:
         quota = fold.quota_from(entry["detail"]["quota"])
@@ -668,6 +675,14 @@ class PostgresStore:
         if row["seq"] > self._head[0]:
             self._head = (row["seq"], row["hash"])
         self._healthy = True
+
+
+#: the tenant and token changes, each made under the tenant's row lock
+DIRECTORY_OPS: dict[str, Callable[[PostgresStore, Queries, Entry], Awaitable[None]]] = {
+    "tenant.delete": PostgresStore._delete_tenant,
+    "token.issue": PostgresStore._issue_token,
+    "token.revoke": PostgresStore._revoke_token,
+}
 
 
 def _quotas(row: Any) -> tuple[Quota, Quota]:
