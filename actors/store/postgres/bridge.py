@@ -226,6 +226,13 @@ class Connection:
         async with self._db._completing(self.raw, tx):
             yield
 
+    async def session(self, body: Callable[[Direct], Awaitable[T]]) -> T:
+        """``body`` on this very connection, whole inside asyncio (one crossing), each
+        statement committed on its own; errors as :meth:`Database.session`."""
+        return await self._db.call(
+            body, Direct(self.raw), within=self._db.settings.transaction_timeout
+        )
+
     async def atomic(
         self, body: Callable[[Direct], Awaitable[T]], isolation: Isolation = "read_committed"
     ) -> T:
@@ -439,6 +446,22 @@ class Database:
             if committing:
                 raise CommitUnknown(f"the commit's outcome is unknown: {error}") from error
             raise
+
+    async def session(
+        self, body: Callable[[Direct], Awaitable[T]], *, within: float | None = None
+    ) -> T:
+        """``body`` on one connection, whole inside asyncio (one crossing), its statements
+        each committed on its own (no transaction around them). ``StoreUnavailable``
+        when the database failed or ``within`` (default ``transaction_timeout``) passed:
+        the statement running then may or may not have taken effect (``body`` knows
+        which one that was)."""
+        limit = self.settings.transaction_timeout if within is None else within
+
+        async def run() -> T:
+            async with self._pool.acquire(timeout=self.settings.connect_timeout) as raw:
+                return await body(Direct(raw))
+
+        return await self.call(run, within=limit)
 
     async def transact(
         self,

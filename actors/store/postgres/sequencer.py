@@ -69,15 +69,24 @@ Statement = tuple[str, list[Any]]
 
 
 async def enqueue(
-    con: Queries, entries: Iterable[dict[str, Any]], also: Iterable[Statement] = ()
+    con: Queries,
+    entries: Iterable[dict[str, Any]],
+    also: Iterable[Statement] = (),
+    guard: Statement | None = None,
+    qids: list[int] | None = None,
 ) -> list[int]:
-    """Queue entries (dicts of :data:`FIELDS`) in the caller's transaction; their qids.
+    """Queue entries (dicts of :data:`FIELDS`) in the caller's transaction (or as a
+    statement of its own); their qids.
 
     ``also`` are writes (INSERT, UPDATE, DELETE without RETURNING) made in the very same
     statement, as data-modifying CTEs: one round trip for a decision's rows, its entries
     and the sequencer's wake-up. They must not touch the same row twice, and see the
-    snapshot the statement starts from (not each other's changes). An entry that cannot
-    be encoded raises here, before anything commits.
+    snapshot the statement starts from (not each other's changes). With a ``guard`` (a
+    write ``... RETURNING`` something, the CTE ``g``), the writes and the entries happen
+    only if the guard wrote a row (``also`` then carries the condition on ``g``), and no
+    qid back means that nothing was written. ``qids``: taken from ``audit_queue_qid_seq``
+    beforehand, one per entry (else the queue takes them). An entry that cannot be encoded
+    raises here, before anything is written.
     """
     bodies: list[bytes] = []
     tenants: list[str | None] = []
@@ -90,21 +99,27 @@ async def enqueue(
         return []
     parts: list[str] = []
     args: list[Any] = []
+    condition = ""
+    if guard is not None:
+        parts.append(f"g AS ({guard[0]})")
+        args.extend(guard[1])
+        condition = " WHERE EXISTS (SELECT 1 FROM g)"
     for number, (sql, params) in enumerate(also):
         parts.append(f"w{number} AS ({_shifted(sql, len(args))})")
         args.extend(params)
     n = len(args)
+    args += [QUEUED, tenants, bodies]
+    columns, values = "tenant, body", f"${n + 2}::text[], ${n + 3}::bytea[]"
+    if qids is not None:
+        args.append(qids)
+        columns, values = f"qid, {columns}", f"${n + 4}::bigint[], {values}"
     parts.append(
-        f"queued AS (INSERT INTO audit_queue (tenant, body) "
-        f"SELECT * FROM unnest(${n + 1}::text[], ${n + 2}::bytea[]) RETURNING qid)"
+        f"queued AS (INSERT INTO audit_queue ({columns}) SELECT * FROM unnest({values})"
+        f"{condition} RETURNING qid)"
     )
     # several wake-ups in one transaction arrive as one
     rows = await con.fetch(
-        f"WITH {', '.join(parts)} SELECT qid, pg_notify(${n + 3}, '') FROM queued",
-        *args,
-        tenants,
-        bodies,
-        QUEUED,
+        f"WITH {', '.join(parts)} SELECT qid, pg_notify(${n + 1}, '') FROM queued", *args
     )
     return sorted(row["qid"] for row in rows)
 
@@ -203,9 +218,9 @@ class Sequencer:
         return _Head(row["seq"], row["hash"], row["ts"])
 
     async def _sequence_batch(self, con: Connection, head: _Head) -> tuple[_Head, int]:
-        """Sequence up to ``batch`` queued entries in one transaction (one crossing of the
-        bridge: the whole batch runs inside asyncio)."""
-        moved, count = await con.atomic(lambda direct: self._batch_body(direct, head))
+        """Sequence up to ``batch`` queued entries: one read, then one statement that writes
+        the lot behind a compare-and-set of the head (one crossing of the bridge)."""
+        moved, count = await con.session(lambda direct: self._batch_body(direct, head))
         self.sequenced += count
         return moved, count
 
@@ -233,28 +248,25 @@ class Sequencer:
             hashes.append(prev)
             lines.append(line)
             leaves.append(leaf_hash(line))
-        await con.execute(
-            "INSERT INTO audit_log (seq, qid, tenant, hash, line) "
-            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], "
-            "$5::bytea[])",
-            seqs, qids, tenants, hashes, lines,
-        )  # fmt: skip
-        # The leaves of the RFC 9162 tree (level 0: leaf index = seq - 1).
-        await con.execute(
-            "INSERT INTO merkle_nodes (level, idx, hash) "
-            "SELECT 0, * FROM unnest($1::bigint[], $2::bytea[])",
-            [s - 1 for s in seqs],
-            leaves,
-        )
-        await con.execute("DELETE FROM audit_queue WHERE qid = ANY($1::bigint[])", qids)
+        # One statement, so one transaction: the head moves by compare-and-set, and the
+        # lines, their RFC 9162 leaves (level 0: leaf index = seq - 1) and the queue's
+        # deletion happen only if it moved.
         moved = await con.fetchval(
-            "UPDATE audit_head SET seq = $1, hash = $2, ts = $3 "
-            "WHERE seq = $4 AND hash = $5 RETURNING seq",
-            seq, prev, ts, head.seq, head.hash,
+            "WITH h AS (UPDATE audit_head SET seq = $1, hash = $2, ts = $3 "
+            "WHERE seq = $4 AND hash = $5 RETURNING seq), "
+            "l AS (INSERT INTO audit_log (seq, qid, tenant, hash, line) "
+            "SELECT * FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], "
+            "$10::bytea[]) WHERE EXISTS (SELECT 1 FROM h)), "
+            "m AS (INSERT INTO merkle_nodes (level, idx, hash) "
+            "SELECT 0, * FROM unnest($11::bigint[], $12::bytea[]) WHERE EXISTS (SELECT 1 FROM h)), "
+            "d AS (DELETE FROM audit_queue WHERE qid = ANY($7::bigint[]) "
+            "AND EXISTS (SELECT 1 FROM h)) "
+            "SELECT seq FROM h, pg_notify($13, $1::text)",
+            seq, prev, ts, head.seq, head.hash, seqs, qids, tenants, hashes, lines,
+            [s - 1 for s in seqs], leaves, SEQUENCED,
         )  # fmt: skip
         if moved is None:
             raise HeadMoved(f"expected the head at seq {head.seq}; another writer moved it")
-        await con.execute("SELECT pg_notify($1, $2)", SEQUENCED, str(seq))
         return _Head(seq, prev, ts), len(rows)
 
 

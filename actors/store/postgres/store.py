@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from actors.errors import AuditUnavailable, Conflict, NotFound, StartupError
+from actors.errors import AuditUnavailable, Busy, Conflict, NotFound, StartupError
 from actors.fsutil import create_private
 from actors.journal import fold
 from actors.journal.checkpoint import sign_checkpoint
@@ -87,6 +87,8 @@ IN_DOUBT = "state IN (" + ", ".join(f"'{state}'" for state in sorted(IN_DOUBT_ST
 TICKET_CHECK = 1.0
 #: seconds between two rounds of housekeeping (metrics counts, pruning)
 HOUSEKEEPING = 15.0
+#: tries of a decision whose tenant changed under it (another replica decided first)
+DECIDE_ATTEMPTS = 50
 #: how often the checkpoint loop looks at the head's count since the last checkpoint
 CHECKPOINT_TICK = 0.5
 
@@ -135,6 +137,13 @@ class _RecordTicket:
         if self._result is None:
             self._result = await self._store._record(self._entry)
         return self._result
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A decision that writes a given entry (an entry recorded as if decided)."""
+
+    entry: Entry
 
 
 class PgKeyStorage:
@@ -225,29 +234,43 @@ class PostgresStore:
         vm_id: str | None = None,
         key: str | None = None,
     ) -> tuple[D, _Ticket | None]:
-        """Decide under the tenant's row lock, fold, write the rows, queue the entry."""
+        """Decide on the tenant's rows, fold, and write the rows and the entry behind a
+        compare-and-set of the tenant's version (``rows.py``): a decision made on a state
+        that changed meanwhile (another replica decided) writes nothing and is made again.
+        One crossing of the bridge, two statements a try."""
         pending: Pending | None = None
         decided: D | None = None
+        writing = False
 
         async def body(con: Direct) -> None:  # inside asyncio: no Trio call here
-            nonlocal pending, decided
-            rows = await RowSlice.load(con, tenant_id, vm_id, key)
-            decided = decide(rows)
-            entry = decided.entry
-            if entry is None:
-                return
-            fold.apply_to_tenant(rows, entry)
-            pending = await self._enqueue(con, [entry], rows.changes(self.owner))
+            nonlocal pending, decided, writing
+            for _ in range(DECIDE_ATTEMPTS):
+                rows = await RowSlice.load(con, tenant_id, vm_id, key)
+                decided = decide(rows)
+                entry = decided.entry
+                if entry is None:
+                    return
+                fold.apply_to_tenant(rows, entry)
+                guard, writes = rows.decision_writes(self.owner)
+                pending = self.acks.register([rows.qid])  # before anyone can sequence it
+                writing = True
+                if await self._enqueue(con, [entry], writes, guard, rows.qid):
+                    return
+                writing = False
+                self.acks.forget(pending)
+                pending = None
+            raise Busy("the tenant changed too often to decide; try again", reason="contention")
 
         try:
-            await self._call(lambda: self.db.atomic(body), commit_unknown=True)
-        except CommitUnknown:
-            # the decision may or may not have been committed: its ticket finds out
-            log.warning("the commit of a decision of %s is in doubt", tenant_id)
-            assert decided is not None
-            if pending is None:
-                return decided, None
-            return decided, _Ticket(self, pending, commit_known=False)
+            await self._call(lambda: self.db.session(body))
+        except StoreUnavailable:
+            if writing and pending is not None and decided is not None:
+                # the write may or may not have taken effect: its ticket finds out
+                log.warning("the write of a decision of %s is in doubt", tenant_id)
+                return decided, _Ticket(self, pending, commit_known=False)
+            if pending is not None:
+                self.acks.forget(pending)
+            raise
         except BaseException:
             if pending is not None:
                 self.acks.forget(pending)
@@ -256,10 +279,21 @@ class PostgresStore:
         return decided, (None if pending is None else _Ticket(self, pending))
 
     async def _enqueue(
-        self, con: Queries, entries: list[Entry], writes: list[Statement] | None = None
-    ) -> Pending:
+        self,
+        con: Queries,
+        entries: list[Entry],
+        writes: list[Statement] | None = None,
+        guard: Statement | None = None,
+        qid: int | None = None,
+    ) -> list[int]:
+        """Queue ``entries`` (with ``writes``, behind ``guard``); their qids, none when the
+        guard wrote nothing."""
         drafts = [{name: e[name] for name in FIELDS} for e in entries]
-        qids = await enqueue(con, drafts, writes or ())
+        return await enqueue(con, drafts, writes or (), guard, None if qid is None else [qid])
+
+    async def _queue(self, con: Queries, entries: list[Entry]) -> Pending:
+        """Queue ``entries`` in the caller's transaction, registered before its commit."""
+        qids = await self._enqueue(con, entries)
         # registered before the commit, so that the sequencer cannot answer too early
         return self.acks.register(qids)
 
@@ -268,62 +302,84 @@ class PostgresStore:
 
     async def _record(self, entry: Entry) -> Entry:
         """Write an entry that is not a decision, and wait until it is in the chain."""
+        if entry["op"] in ("tenant.create", *DIRECTORY_OPS):
+            return await self._record_directory(entry)
+        if entry["op"].startswith("vm.") and entry["outcome"] in ("succeeded", "failed"):
+            return await self._record_outcome(entry)
+        # anything else about a tenant's rows is written like a decision that writes it
+        _, ticket = await self.decide(entry["tenant"], lambda _: _Written(entry))
+        assert ticket is not None
+        return await ticket.wait()
+
+    async def _record_directory(self, entry: Entry) -> Entry:
+        """A tenant or token change: one transaction under the tenant's row lock."""
         op = entry["op"]
         pending: Pending | None = None
-        late = False
 
         async def body(con: Direct) -> None:  # inside asyncio: no Trio call here
-            nonlocal pending, late
-            tenant_id = entry["tenant"]
-            writes: list[Statement] = []
+            nonlocal pending
             if op == "tenant.create":
                 await self._create_tenant(con, entry)
-            elif op in DIRECTORY_OPS:
+            else:
                 exists = await con.fetchval(
-                    "SELECT true FROM tenants WHERE id = $1 FOR UPDATE", tenant_id
+                    "SELECT true FROM tenants WHERE id = $1 FOR UPDATE", entry["tenant"]
                 )
                 if not exists:
                     raise NotFound("no such tenant")
                 await DIRECTORY_OPS[op](self, con, entry)
-            else:
-                folded = await self._fold_outcome(con, entry)
-                if folded is None:
-                    late = True
-                    return
-                writes = folded
-            pending = await self._enqueue(con, [entry], writes)
+            pending = await self._queue(con, [entry])
 
         try:
             await self._call(lambda: self.db.atomic(body), commit_unknown=True)
         except CommitUnknown:
-            if pending is None:  # a late writer's empty transaction
-                return entry
+            assert pending is not None
             return (await self._acknowledged(pending, commit_known=False))[-1]
         except BaseException:
             if pending is not None:
                 self.acks.forget(pending)
             raise
-        if late:
-            log.info(
-                "%s of %s settled by another replica; this outcome is not recorded",
-                op,
-                entry["vm"],
-            )
-            return entry
         assert pending is not None
         self._apply_directory(entry)
         return (await self._acknowledged(pending, commit_known=True))[-1]
 
-    async def _fold_outcome(self, con: Queries, entry: Entry) -> list[Statement] | None:
-        """Fold an outcome (or a quota change) into the tenant's rows: the writes to make;
-        None when this replica no longer owns the operation (another settled or claimed it)."""
+    async def _record_outcome(self, entry: Entry) -> Entry:
+        """An operation's outcome, written only while this replica owns the operation (the
+        VM row's write is the guard: ``rows.py``). A late writer (another replica claimed
+        the operation) writes nothing and gets its draft back, unsequenced."""
         vm_id, key = entry["vm"], entry["detail"].get("idempotency_key")
-        rows = await RowSlice.load(con, entry["tenant"], vm_id, key)
-        settles = entry["op"].startswith("vm.") and entry["outcome"] in ("succeeded", "failed")
-        if settles and (rows.vm(vm_id) is None or rows.vm_owner.get(vm_id) != self.owner):
-            return None
-        fold.apply_to_tenant(rows, entry)
-        return rows.changes(self.owner)
+        pending: Pending | None = None
+        writing = False
+
+        async def body(con: Direct) -> None:  # inside asyncio: no Trio call here
+            nonlocal pending, writing
+            rows = await RowSlice.load(con, entry["tenant"], vm_id, key)
+            if rows.vm(vm_id) is None or rows.vm_owner.get(vm_id) != self.owner:
+                return
+            fold.apply_to_tenant(rows, entry)
+            guard, writes = rows.outcome_writes(vm_id, self.owner)
+            pending = self.acks.register([rows.qid])
+            writing = True
+            if not await self._enqueue(con, [entry], writes, guard, rows.qid):
+                self.acks.forget(pending)
+                pending = None
+            writing = False
+
+        try:
+            await self._call(lambda: self.db.session(body))
+        except StoreUnavailable:
+            if writing and pending is not None:
+                return (await self._acknowledged(pending, commit_known=False))[-1]
+            if pending is not None:
+                self.acks.forget(pending)
+            raise
+        except BaseException:
+            if pending is not None:
+                self.acks.forget(pending)
+            raise
+        if pending is None:
+            log.info("%s of %s settled by another replica; not recorded here", entry["op"], vm_id)
+            return entry
+        return (await self._acknowledged(pending, commit_known=True))[-1]
 
     async def _create_tenant(self, con: Queries, entry: Entry) -> None:
         quota = fold.quota_from(entry["detail"]["quota"])
