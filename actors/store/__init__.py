@@ -16,14 +16,15 @@ durable, with the fold (``actors/journal/fold.py``) as the only code that change
   ``Idempotency-Key``) is folded in at once, so the tenant's next decision sees it, and
   the entry goes to the audit writer's group commit; if it is not made durable, the
   fold is undone (:func:`~actors.journal.fold.undo`) before the ticket fails.
-- postgresql: one transaction that locks the tenant's row (``SELECT ... FOR UPDATE``),
-  loads the slice the decision names (``vm_id``, ``key``: the quota and allocation, that
-  VM row, that idempotency row) as a :class:`~actors.state.TenantSlice` whose mutators
-  record the rows the fold changes, runs the same decision and the same fold, writes
-  those rows and queues the entry, and commits. The gate across replicas is the row
-  lock; the actor still serialises the tenant's commands on its replica (and may hand
-  the store several queued ones at once). Nothing to undo: a transaction that did not
-  commit changed nothing.
+- postgresql: one statement loads the slice the decision names (``vm_id``, ``key``: the
+  quota, allocation and version, that VM row, that idempotency row) as a
+  :class:`~actors.state.TenantSlice` whose mutators record the rows the fold changes;
+  the same decision and the same fold run on it; one more statement writes those rows
+  and queues the entry behind a compare-and-set of the tenant's version, and a decision
+  whose tenant changed meanwhile is made again. The gate across replicas is that
+  compare-and-set (it holds the tenant's row lock while it writes); the actor still
+  serialises the tenant's commands on its replica. Nothing to undo: a write that did not
+  happen changed nothing.
 
 **Acknowledged** means *in the chain* (sequenced), in both stores: a :class:`Ticket`'s
 :meth:`~Ticket.wait` returns the stored entry (with its ``seq`` and ``hash``) only then,

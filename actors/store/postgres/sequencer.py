@@ -12,22 +12,28 @@ compare-and-set, and notifies ``vm_tenant_sequenced``. Every replica's
 :class:`Acknowledger` then wakes the requests whose entries are now in the chain: a
 request is acknowledged only once its entries are sequenced.
 
-Why per-tenant order holds (the chain shows a tenant's decisions in the order the tenant's
-row lock serialised them): every transaction that changes a tenant, or writes an entry
-about it, holds that tenant's row lock (``SELECT ... FOR UPDATE``) until it commits.
-Take two of them, T1 then T2. T2 got the lock after T1 committed, and only then took its
-``qid`` from the sequence, which hands out rising values to calls in time order (no
-per-session cache): ``qid(T1) < qid(T2)``. PostgreSQL makes a transaction visible before
-it releases its locks, so every snapshot that sees T2 sees T1 too. A batch therefore
-never holds T2's rows without T1's, and orders them by ``qid``: T1's entries get the
-smaller seqs. Rows of unrelated tenants may be sequenced in another order than their
-commits; nothing depends on that.
+Why per-tenant order holds (the chain shows a tenant's decisions in the order they took
+effect): a decision reads the tenant's row (its ``version``) and takes its entry's ``qid``
+in the same statement, then writes behind a compare-and-set of that version
+(``rows.py``); a tenant or token change does both inside a transaction that holds the
+tenant's row lock. Take two decisions that took effect, T1 then T2. T2's write found the
+version T1 wrote, so T2's read saw T1 committed, and T2 took its ``qid`` after T1 took
+its own: the sequence hands out rising values in call order (no per-session cache), so
+``qid(T1) < qid(T2)``. PostgreSQL makes a write visible to others only once committed,
+so every snapshot that sees T2 sees T1 too. A batch therefore never holds T2's rows
+without T1's, and orders them by ``qid``: T1's entries get the smaller seqs. A decision
+that lost the compare-and-set wrote nothing (its ``qid`` is a gap, which is harmless).
+Outcomes only release capacity and do not move the version; each follows its operation's
+``requested`` entry because it is written only after that one was acknowledged. Rows of
+unrelated tenants may be sequenced in another order than their commits; nothing depends
+on that.
 
-Why there is no gap or duplicate when the sequencer changes: the batch runs on the very
-connection that holds the lock, so a sequencer that lost its connection lost its lock and
-its open batch together (the server rolls that back). ``audit_log.seq`` is the primary
-key and the head moves only by compare-and-set from the head the batch started from, so
-even two sequencers at once (a bug) could not both commit the same seq.
+Why there is no gap or duplicate when the sequencer changes: a batch is one read and one
+statement (so one transaction) on the very connection that holds the lock, and that
+statement moves the head by compare-and-set from the head the batch started from, writing
+the lines only if it did. A sequencer that lost its connection lost its lock and its
+statement together (the server rolls that back), and ``audit_log.seq`` is the primary key,
+so even two sequencers at once (a bug) could not both commit the same seq.
 """
 
 from __future__ import annotations

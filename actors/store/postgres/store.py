@@ -2,10 +2,11 @@
 
 Each method keeps the promise the interface states (``actors/store/__init__.py``):
 
-- :meth:`PostgresStore.decide` is one transaction: lock the tenant's row, load the slice
-  the decision names (:class:`~actors.store.postgres.rows.RowSlice`), run the decision and
-  the fold on it, write the rows the fold changed, queue the entry, commit. The row lock is
-  the gate across replicas, so quota is exact whichever replica decides.
+- :meth:`PostgresStore.decide` loads the slice the decision names
+  (:class:`~actors.store.postgres.rows.RowSlice`) in one statement, runs the decision and
+  the fold on it, and writes the rows the fold changed with the entry in one more, behind
+  a compare-and-set of the tenant's version: the gate across replicas, so quota is exact
+  whichever replica decides (a decision on a state that changed is made again).
 - :meth:`PostgresStore.record` writes an entry that is not a decision (an operation's
   outcome, a tenant or token change) the same way, in its ticket's :meth:`wait`. An
   outcome is written only while this replica still owns the operation (see
