@@ -165,6 +165,11 @@ def open_store(config: ServiceConfig, metrics: Metrics) -> AbstractAsyncContextM
             checkpoint_interval=config.checkpoint_interval,
             checkpoint_every=config.checkpoint_every,
         )
+        if config.fleet == "embedded":
+            log.warning(
+                "the embedded fleet lives in this replica's data dir: replicas on one "
+                "database need one fleet they share (--fleet http://...)"
+            )
         return open_postgres_store(pg, metrics)
     raise StartupError(f"--store must be 'file' or a postgresql:// URL, not {config.store!r}")
 

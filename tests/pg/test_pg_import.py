@@ -13,11 +13,14 @@ import trio
 
 from actors.journal import snapshot
 from actors.journal.checkpoint import read_checkpoints
+from actors.journal.merkle import MemoryTree, leaf_hash
+from actors.journal.merkle import root as merkle_root
 from actors.journal.verify import verify_data_dir
 from actors.service import open_service
 from actors.store.postgres.bridge import Database, DatabaseSettings, open_database
 from actors.store.postgres.importer import ImportRefused, import_data_dir
 from actors.store.postgres.schema import migrate
+from actors.store.postgres.tree import restore_frontier
 from actors.store.postgres.verify import verify_database
 from conftest import Api, audit_lines, service_config
 from pgcluster import PgDatabase
@@ -140,6 +143,15 @@ async def test_import_moves_chain_state_and_keys(
             report.head_seq,
             report.head_hash,
         )
+
+        # the Merkle tree: every complete subtree, as the sequencer would have written it
+        reference = MemoryTree(leaf_hash(line) for line in file_lines)
+        n = len(file_lines)
+        nodes = await db.fetchval("SELECT count(*) FROM merkle_nodes")
+        assert nodes == sum(n >> level for level in range(n.bit_length()))
+        async with db.connection() as con:
+            frontier = await restore_frontier(con, n)
+        assert frontier.root() == merkle_root(reference, n)
 
         # the state is what the node itself would serve after a restart
         assert await database_state(db) == folded_state(data_dir)

@@ -154,6 +154,8 @@ async def test_a_storm_over_three_replicas_never_exceeds_a_quota(replicas: Repli
                     assert usage["allocated"][name] <= quota[name]
             assert await fleet_vms(replicas, tenant) == created
         check_chain(await whole_audit(clients[1], replicas.admin))
+        # the replica that made the log wrote the operator's token; no other did
+        assert sum((s.data_dir / "admin.token").exists() for s in replicas.servers) == 1
     finally:
         for client in clients:
             await client.aclose()

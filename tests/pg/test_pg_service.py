@@ -7,10 +7,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pymerkle import InmemoryTree
 
 from actors.journal.chain import ChainVerifier
+from actors.journal.merkle import MemoryTree, consistency_proof, leaf_hash
 from actors.service import open_service
 from actors.store.postgres.bridge import DatabaseSettings, open_database
+from actors.store.postgres.store import PostgresStore
 from actors.store.postgres.verify import verify_database
 from conftest import Api, service_config
 from pgcluster import PgDatabase
@@ -102,3 +105,26 @@ def api_line(entry: dict[str, object]) -> bytes:
     import json
 
     return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def test_the_merkle_tree_in_the_database_is_rfc_9162s(pg_api: Api) -> None:
+    """Every complete subtree written with the lines that complete it: roots and proofs
+    from the database equal those of an independent RFC 9162 tree over the stored lines."""
+    api = pg_api
+    acme = await api.provision("acme", {"vcpus": 64, "memory_mib": 65536, "vms": 64})
+    for n in range(11):
+        assert (await api.spawn(acme.bearer, name=f"vm-{n}")).status_code == 201
+    lines = [api_line(e) for e in await api.audit()]
+    reference = InmemoryTree(algorithm="sha256")
+    for line in lines:
+        reference.append_entry(line)
+    store = api.service.store
+    assert isinstance(store, PostgresStore)
+    ours = MemoryTree(leaf_hash(line) for line in lines)
+    for size in range(1, len(lines) + 1):
+        assert await store.tree_root(size) == reference.get_root(size)
+        for index in range(size):
+            proof = await store.inclusion_proof(index, size)
+            assert proof == reference.prove_inclusion(index + 1, size).path[1:]
+        for old in range(1, size + 1):
+            assert await store.consistency_proof(old, size) == consistency_proof(ours, old, size)

@@ -132,6 +132,10 @@ def _terminate(raw: PooledConnection) -> None:
         raw.terminate()
 
 
+#: one SQL statement and its arguments (numbered from $1)
+Statement = tuple[str, list[Any]]
+
+
 class Queries(Protocol):
     """What a transaction's body may call: a :class:`Connection` (each call crosses into
     asyncio) or a :class:`Direct` (the body runs inside asyncio already)."""

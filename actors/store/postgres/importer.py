@@ -1,10 +1,11 @@
 """Moving a single-node data dir into an empty database (``vm-tenant db import``).
 
 What moves: the whole chain (every stored line, with its seq and hash: the same chain and
-the same Merkle leaves), the signed checkpoints, the state the node served (tenants with
-quotas and allocations, tokens, VMs, idempotency records: the snapshot plus the fold of
-the entries after it, exactly what the node rebuilds at its start), the token-signing
-keyring, the checkpoint key, the log's origin and the operator's token (as its hash).
+the same Merkle tree, every complete subtree of it), the signed checkpoints, the state
+the node served (tenants with quotas and allocations, tokens, VMs, idempotency records:
+the snapshot plus the fold of the entries after it, exactly what the node rebuilds at its
+start), the token-signing keyring, the checkpoint key, the log's origin and the
+operator's token (as its hash).
 
 Everything is written in one transaction that first checks the database is empty, so the
 import either happens whole or not at all, and a database that holds anything (another
@@ -34,12 +35,14 @@ from cryptography.hazmat.primitives import serialization
 from actors.journal import snapshot
 from actors.journal.chain import VerifyReport, decode_line
 from actors.journal.checkpoint import read_checkpoints
+from actors.journal.merkle import Frontier
 from actors.journal.segments import iter_chunks
 from actors.journal.verify import verify_data_dir
 from actors.state import IN_DOUBT_STATES, ProxyState
 from actors.store.postgres.bridge import Connection, Database
 from actors.store.postgres.schema import MIGRATION_LOCK, migrate
 from actors.store.postgres.sequencer import leaf_hash
+from actors.store.postgres.tree import extend, insert_nodes
 
 #: lines inserted per statement
 BATCH = 5000
@@ -209,7 +212,8 @@ async def _import_keys(con: Connection, source: _Source) -> None:
 
 
 async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -> None:
-    """Every complete line up to the verified head, as stored, with its leaf hash."""
+    """Every complete line up to the verified head, as stored, with the tree's nodes."""
+    frontier = Frontier()
     seqs: list[int] = []
     tenants: list[str | None] = []
     hashes: list[str] = []
@@ -222,12 +226,8 @@ async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -
             "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[])",
             seqs, tenants, hashes, lines,
         )  # fmt: skip
-        await con.execute(
-            "INSERT INTO merkle_nodes (level, idx, hash) "
-            "SELECT 0, * FROM unnest($1::bigint[], $2::bytea[])",
-            [s - 1 for s in seqs],
-            [leaf_hash(line) for line in lines],
-        )
+        sql, args = insert_nodes(extend(frontier, [leaf_hash(line) for line in lines]))
+        await con.execute(sql, *args)
         for column in (seqs, tenants, hashes, lines):
             column.clear()
 

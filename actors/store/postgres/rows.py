@@ -32,8 +32,7 @@ import msgspec
 
 from actors.errors import NotFound
 from actors.state import IN_DOUBT_STATES, IdempotencyRecord, Quota, VmRecord
-from actors.store.postgres.bridge import Queries
-from actors.store.postgres.sequencer import Statement
+from actors.store.postgres.bridge import Queries, Statement
 
 #: how long a replica's claim on an operation in flight holds without renewal
 LEASE_SECONDS = 30.0

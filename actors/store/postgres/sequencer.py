@@ -50,15 +50,18 @@ import trio
 
 from actors.journal.chain import canonical, decode_line, seal
 from actors.journal.entries import utc_now
+from actors.journal.merkle import Frontier
 from actors.store.postgres.bridge import (
     CommitUnknown,
     Connection,
     Database,
     Direct,
     Queries,
+    Statement,
     StoreUnavailable,
 )
 from actors.store.postgres.schema import advisory_key
+from actors.store.postgres.tree import extend, restore_frontier
 
 log = logging.getLogger("vm_tenant.store.sequencer")
 
@@ -68,10 +71,6 @@ QUEUED = "vm_tenant_queued"
 SEQUENCED = "vm_tenant_sequenced"
 #: the fields of an entry that its writer gives; the sequencer adds seq, ts, prev, hash
 FIELDS = ("op", "outcome", "tenant", "vm", "source", "request_id", "detail")
-
-
-#: one SQL statement and its arguments (numbered from $1)
-Statement = tuple[str, list[Any]]
 
 
 async def enqueue(
@@ -179,6 +178,8 @@ class Sequencer:
         self._clock = clock
         #: True while this replica holds the lock
         self.leading = False
+        #: the tree's right edge while leading (restored from the rows on taking the lead)
+        self._frontier = Frontier()
         self.sequenced = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -203,6 +204,7 @@ class Sequencer:
                 self.leading = True
                 log.info("this replica sequences the audit log now")
                 head = await self._read_head(con)
+                self._frontier = await con.session(lambda d: restore_frontier(d, head.seq))
                 while True:
                     head, count = await self._sequence_batch(con, head)
                     if count == self._batch:
@@ -254,9 +256,12 @@ class Sequencer:
             hashes.append(prev)
             lines.append(line)
             leaves.append(leaf_hash(line))
+        # Every node of the RFC 9162 tree the lines complete, the leaves (level 0: leaf
+        # index = seq - 1) included. If the statement fails the frontier is ahead of the
+        # stored tree: the sequencer then starts over, restoring it from the rows.
+        nodes = extend(self._frontier, leaves)
         # One statement, so one transaction: the head moves by compare-and-set, and the
-        # lines, their RFC 9162 leaves (level 0: leaf index = seq - 1) and the queue's
-        # deletion happen only if it moved.
+        # lines, the tree's nodes and the queue's deletion happen only if it moved.
         moved = await con.fetchval(
             "WITH h AS (UPDATE audit_head SET seq = $1, hash = $2, ts = $3 "
             "WHERE seq = $4 AND hash = $5 RETURNING seq), "
@@ -264,12 +269,14 @@ class Sequencer:
             "SELECT * FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], "
             "$10::bytea[]) WHERE EXISTS (SELECT 1 FROM h)), "
             "m AS (INSERT INTO merkle_nodes (level, idx, hash) "
-            "SELECT 0, * FROM unnest($11::bigint[], $12::bytea[]) WHERE EXISTS (SELECT 1 FROM h)), "
+            "SELECT * FROM unnest($11::smallint[], $12::bigint[], $13::bytea[]) "
+            "WHERE EXISTS (SELECT 1 FROM h)), "
             "d AS (DELETE FROM audit_queue WHERE qid = ANY($7::bigint[]) "
             "AND EXISTS (SELECT 1 FROM h)) "
-            "SELECT seq FROM h, pg_notify($13, $1::text)",
+            "SELECT seq FROM h, pg_notify($14, $1::text)",
             seq, prev, ts, head.seq, head.hash, seqs, qids, tenants, hashes, lines,
-            [s - 1 for s in seqs], leaves, SEQUENCED,
+            [n.level for n in nodes], [n.index for n in nodes], [n.hash for n in nodes],
+            SEQUENCED,
         )  # fmt: skip
         if moved is None:
             raise HeadMoved(f"expected the head at seq {head.seq}; another writer moved it")

@@ -44,6 +44,14 @@ from actors.fsutil import create_private
 from actors.journal import fold
 from actors.journal.checkpoint import sign_checkpoint
 from actors.journal.entries import Entry, utc_now
+from actors.journal.merkle import (
+    EMPTY_ROOT,
+    ProofPlan,
+    consistency_plan,
+    inclusion_plan,
+    range_nodes,
+)
+from actors.journal.merkle import fold as merkle_fold
 from actors.metrics import Metrics
 from actors.state import IN_DOUBT_STATES, Directory, Quota, TenantSlice, VmRecord
 from actors.store import Decided, JournalStats, Observer, SigningKey
@@ -60,6 +68,7 @@ from actors.store.postgres.bridge import (
     DatabaseSettings,
     Direct,
     Queries,
+    Statement,
     StoreUnavailable,
     open_database,
 )
@@ -71,9 +80,9 @@ from actors.store.postgres.sequencer import (
     Acknowledgements,
     Pending,
     Sequencer,
-    Statement,
     enqueue,
 )
+from actors.store.postgres.tree import node_hashes
 from actors.views import Tenant, Usage, Vm, vm_view
 
 log = logging.getLogger("vm_tenant.store")
@@ -605,6 +614,29 @@ class PostgresStore:
 
     def observe(self, observer: Observer) -> None:
         self._observers.append(observer)
+
+    # -- the Merkle tree (the same on every replica: tree.py) ----------------------------------
+
+    async def _proof(self, plan: ProofPlan) -> list[bytes]:
+        hashes = await self._call(lambda: self.db.session(lambda c: node_hashes(c, plan.nodes)))
+        return plan.assemble(hashes)
+
+    async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """The RFC 9162 inclusion proof of leaf ``index`` (seq ``index + 1``) in the tree
+        of ``size`` entries (at most the head)."""
+        return await self._proof(inclusion_plan(index, size))
+
+    async def consistency_proof(self, old: int, new: int) -> list[bytes]:
+        """The RFC 9162 consistency proof from the tree of ``old`` entries to ``new``."""
+        return await self._proof(consistency_plan(old, new))
+
+    async def tree_root(self, size: int) -> bytes:
+        """The root of the tree of the first ``size`` entries."""
+        if size == 0:
+            return EMPTY_ROOT
+        nodes = range_nodes(0, size)
+        hashes = await self._call(lambda: self.db.session(lambda c: node_hashes(c, nodes)))
+        return merkle_fold(hashes)
 
     async def checkpoint(self) -> dict[str, Any] | None:
         """The latest signed checkpoint, signed now if the head moved since (any replica
