@@ -14,8 +14,14 @@ Errors, by cause (what the caller may conclude)::
         the connection failed while COMMIT was in flight: the transaction may or may not
         have committed, and the caller must find out (by reading) before it answers
 
-Any other ``asyncpg.PostgresError`` (a unique violation, a serialisation failure) passes
-through unchanged: it is an answer from a working database, and the store decides.
+The server's own errors count as unavailability when their SQLSTATE says it cannot serve
+now, whatever is asked (:data:`UNAVAILABLE_SQLSTATES`): a lost connection (class 08),
+insufficient resources (53: disk full, out of memory, too many connections), operator
+intervention (57: shutting down, starting up, a statement cut by a timeout), a system
+error (58: I/O), a read-only database (25006: a standby after a failover), a session
+ended for idling in a transaction (25P03). Any other ``asyncpg.PostgresError`` (a unique
+violation, a serialisation failure) passes through unchanged: it is an answer from a
+working database about the data, and the store decides.
 
 Rough edges of trio-asyncio, and what this module does about them:
 
@@ -61,15 +67,9 @@ T = TypeVar("T")
 PooledConnection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
-#: failures that mean "the database is not there for us right now"
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, unreachable; also TimeoutError (connect)
-    pgerr.PostgresConnectionError,  # 08xxx, including "connection was closed mid-operation"
-    pgerr.AdminShutdownError,  # 57P01: the server is shutting down
-    pgerr.CrashShutdownError,  # 57P02
-    pgerr.CannotConnectNowError,  # 57P03: starting up / in recovery
-    pgerr.TooManyConnectionsError,  # 53300
-)
+#: SQLSTATE classes (two characters) and codes by which the server says it cannot serve
+#: now, whatever is asked; a request gets 503 and a background loop tries again later
+UNAVAILABLE_SQLSTATES = frozenset({"08", "53", "57", "58", "25006", "25P03"})
 
 
 class StoreUnavailable(AuditUnavailable):
@@ -106,8 +106,13 @@ class DatabaseSettings:
 
 
 def _unavailable(error: BaseException) -> bool:
-    if isinstance(error, _UNAVAILABLE):
+    if isinstance(error, OSError):  # refused, reset, unreachable; also TimeoutError (connect)
         return True
+    if isinstance(error, pgerr.PostgresConnectionError):
+        return True  # asyncpg's own "connection was closed mid-operation" among them
+    if isinstance(error, pgerr.PostgresError):
+        state = str(getattr(error, "sqlstate", "") or "")
+        return state[:2] in UNAVAILABLE_SQLSTATES or state in UNAVAILABLE_SQLSTATES
     # A connection the server dropped while it sat idle in the pool fails its next use
     # inside asyncpg's protocol state machine; one lost mid-use is detached from its pool
     # proxy ("released back to the pool"), or reported closed. None of these is an answer
