@@ -3,15 +3,17 @@
 One cluster, one fleet and three ``vm-tenant serve --store postgresql://...`` for the whole
 module (started concurrently); each test makes its own tenants. Checked here, each against
 API.md "Replicas on PostgreSQL": quota exact under a storm spread over the replicas; a
-revocation and a deletion reach every replica within a second; the sequencer's replica
-killed with SIGKILL in a storm (another takes over: no gap, no duplicate, nothing
-acknowledged lost, its operations in doubt resolved by a survivor within 60 s as
-``system``); PostgreSQL stopped in a storm (503 ``audit_unavailable``, nothing forwarded,
-``/readyz`` 503; service back within 10 s of its return, nothing acknowledged lost).
+revocation and a deletion reach every replica within a second; a replica (the
+sequencer's, or another) killed with SIGKILL in a storm while it has spawns at the fleet
+(another takes over the sequencing: no gap, no duplicate, nothing acknowledged lost, its
+operations in doubt resolved by a survivor within 60 s as ``system``); PostgreSQL stopped
+in a storm (503 ``audit_unavailable``, nothing forwarded, ``/readyz`` 503; service back
+within 10 s of its return, nothing acknowledged lost).
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 from collections import Counter
@@ -271,30 +273,50 @@ class Storm:
 BIG = {"vcpus": 10**6, "memory_mib": 10**9, "vms": 10**6}
 
 
-async def test_the_sequencers_replica_killed_in_a_storm(replicas: Replicas) -> None:
-    """SIGKILL of the replica that sequences: another takes over (no gap, no duplicate),
-    nothing acknowledged is lost, and its operations in doubt are resolved by a survivor
-    within 60 s, audited as ``system``."""
-    victim = replicas.sequencing()
+def owned_in_flight(replicas: Replicas, n: int) -> set[str]:
+    """The VMs whose operation replica ``n`` works on now (it owns their ``spawning`` row)."""
+    proc = replicas.servers[n].proc
+    assert proc is not None
+    rows = replicas.sql(
+        f"SELECT id FROM vms WHERE owner LIKE 'replica-{proc.pid}-%' AND state = 'spawning'"
+    )
+    return set(rows.split())
+
+
+@pytest.mark.parametrize("role", ["sequencer", "follower"])
+# A replica killed while it answers leaves httpx's request-body iterator unfinished; it is
+# collected (and warned about) by the client library, not by anything under test.
+@pytest.mark.filterwarnings("ignore:Async generator 'httpx:ResourceWarning")
+async def test_a_replica_killed_in_a_storm(replicas: Replicas, role: str) -> None:
+    """SIGKILL of a replica (the one that sequences, or another) while it has spawns at the
+    fleet: another takes over the sequencing (no gap, no duplicate), nothing acknowledged
+    is lost, and the operations it left in doubt are resolved by a survivor within 60 s,
+    audited as ``system``."""
+    sequencer = replicas.sequencing()
+    victim = sequencer if role == "sequencer" else (sequencer + 1) % len(replicas.servers)
     clients = replicas.clients()
     try:
         tokens = {
             tenant: (await provision(clients[0], replicas.admin, tenant, BIG))[0]
-            for tenant in ("killed-a", "killed-b")
+            for tenant in (f"killed-{role}-a", f"killed-{role}-b")
         }
-        # slow fleet calls: the victim has operations in flight when it dies
-        await fleet_knobs(replicas, latency=0.3)
+        # slow fleet calls: an operation stays at the fleet long enough to be seen there
+        # and to be caught by the kill
+        await fleet_knobs(replicas, latency=1.0)
         storm = Storm(clients, tokens)
         async with trio.open_nursery() as nursery:
             for n in range(12):
                 nursery.start_soon(storm.worker, n)
-            await storm.until(30)
+            await storm.until(12)
+            with trio.fail_after(30):  # a hang guard
+                while not (in_flight := owned_in_flight(replicas, victim)):
+                    await trio.sleep(0.01)
             replicas.servers[victim].kill()
             killed_at = trio.current_time()
             survivors = [client for i, client in enumerate(clients) if i != victim]
             storm.clients = survivors
             before = storm.count(201)
-            await storm.until(before + 30)  # the survivors go on (a new sequencer leads)
+            await storm.until(before + 16)  # the survivors go on
             storm.stopped.set()
         await fleet_knobs(replicas, reset=True)
         assert replicas.sequencing() != victim
@@ -314,14 +336,16 @@ async def test_the_sequencers_replica_killed_in_a_storm(replicas: Replicas) -> N
         outcomes = Counter(e["vm"] for e in mine if e["outcome"] in ("succeeded", "failed"))
         assert set(created) <= requested
         assert set(outcomes) == requested and set(outcomes.values()) == {1}
-        resolved = [e for e in mine if e["source"]["token_id"] == "system"]
-        assert resolved, "the victim had no operation in flight: the test proved nothing"
-        assert all(e["detail"]["resolution"] == "reconciled" for e in resolved)
+        # the victim's operations at the fleet were settled by a survivor, as the system
+        resolved = {e["vm"]: e for e in mine if e["source"]["token_id"] == "system"}
+        assert in_flight <= set(resolved)
+        assert all(e["detail"]["resolution"] == "reconciled" for e in resolved.values())
         assert "intact" in verify_store(replicas)
     finally:
         for client in clients:
             await client.aclose()
-        if replicas.servers[victim].proc is not None and replicas.servers[victim].url == "":
+        gc.collect()  # inside the test, where the warning above is expected
+        if replicas.servers[victim].url == "":
             replicas.restart(victim)
 
 

@@ -30,6 +30,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -194,8 +195,10 @@ class PostgresStore:
     def __init__(self, config: PostgresStoreConfig, db: Database, secrets_: Secrets) -> None:
         self.config = config
         self.db = db
-        #: this process's identity as the owner of operations in flight
-        self.owner = f"replica-{secrets.token_hex(8)}"
+        #: this process's identity as the owner of operations in flight; the pid lets an
+        #: operator match the rows a replica owns to its process (and its sessions, whose
+        #: ``application_name`` carries the pid too)
+        self.owner = f"replica-{os.getpid()}-{secrets.token_hex(6)}"
         self.claim_interval = config.claim_interval
         self._secrets = secrets_
         self._admin = bytes.fromhex(secrets_.admin_sha256)
@@ -697,7 +700,8 @@ class PostgresStore:
                         self._keys._reloaded(keys)
                         with trio.move_on_after(5.0):
                             await notifications.wait()
-            except StoreUnavailable:
+            except StoreUnavailable as error:
+                log.warning("keyring follower lost the database (%s); retrying", error)
                 await trio.sleep(1.0)
 
     # -- upkeep and the replica's own loops -----------------------------------------------------
