@@ -1,9 +1,10 @@
 """Checking a log from outside: a witness round and a tenant's own audit check.
 
 Both procedures talk to the log only through a :data:`Get` function (a path and query
-parameters in, a status and body out), so they run over :func:`http_getter` (httpx), the
-typed client, or a test's fake server alike, and they trust nothing the log says unless a
-signature or a proof backs it.
+parameters in, a status and body out), so they run over the typed client
+(:func:`client_getter`, which the CLI uses) or a test's fake server alike, and they trust
+nothing the log says unless a signature or a proof backs it: they read raw bodies and
+parse them themselves.
 
 - :func:`witness_round` (``vm-tenant witness``): fetch the checkpoint, verify it with the
   log's key, and, when the state file holds an earlier checkpoint, demand and check a
@@ -32,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import httpx
-
 from actors.fsutil import atomic_write
 from actors.journal.merkle import leaf_hash, verify_consistency, verify_inclusion
 from actors.journal.note import (
@@ -45,9 +44,8 @@ from actors.journal.note import (
     cosign,
     open_checkpoint,
 )
+from server.client import Client, Unreachable
 
-#: the largest answer read from the log (a trail page of 1,000 entries fits many times)
-MAX_BODY = 16 * 1024 * 1024
 PAGE = 1000
 
 
@@ -80,24 +78,16 @@ class BadState(WitnessError):
     """The witness's state file is unreadable or holds no checkpoint of this log."""
 
 
-def http_getter(base_url: str, token: str, *, client: httpx.Client) -> Get:
-    """A :data:`Get` over ``client`` (which the caller owns and closes) with the bearer
-    token; bodies beyond MAX_BODY are refused."""
-    session = client
-    headers = {"Authorization": f"Bearer {token}"}
-    base = base_url.rstrip("/")
+def client_getter(client: Client) -> Get:
+    """A :data:`Get` over the typed client (its URL, token and TLS settings); answers over
+    16 MiB, like no answer at all, are :class:`Unavailable`."""
 
     def get(path: str, query: Mapping[str, str]) -> Response:
         try:
-            with session.stream("GET", base + path, params=dict(query), headers=headers) as r:
-                body = bytearray()
-                for chunk in r.iter_bytes():
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        raise Unavailable(f"GET {path}: answer larger than {MAX_BODY} bytes")
-                return Response(r.status_code, bytes(body))
-        except httpx.HTTPError as error:
+            status, body = client.fetch(path, query)
+        except Unreachable as error:
             raise Unavailable(f"GET {path}: {error}") from None
+        return Response(status, body)
 
     return get
 
