@@ -34,8 +34,9 @@ from actors.journal.tiles import TileLog
 BATCH = 64
 
 
-def stored_lines(count: int) -> list[bytes]:
-    """Lines shaped like the audit log's (about 330 bytes each, a real hash chain)."""
+def stored_lines(count: int, tenants: int = 97) -> list[bytes]:
+    """Lines shaped like the audit log's (about 330 bytes each, a real hash chain), of
+    ``tenants`` tenants in turn."""
     lines = []
     prev = "0" * 64
     for seq in range(1, count + 1):
@@ -47,7 +48,7 @@ def stored_lines(count: int) -> list[bytes]:
             "request_id": f"{seq:032x}",
             "seq": seq,
             "source": {"ip": "127.0.0.1", "token_id": "tok-0123456789abcdef"},
-            "tenant": f"tenant-{seq % 97}",
+            "tenant": f"tenant-{seq % tenants}",
             "ts": "2026-12-01T10:00:00.123456Z",
             "vm": f"vm-{seq:024x}",
         }

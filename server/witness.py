@@ -28,6 +28,7 @@ import base64
 import binascii
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from actors.journal.note import (
     open_checkpoint,
 )
 from server.client import Client, Unreachable
+from server.client.sync import retry_after
 
 PAGE = 1000
 
@@ -78,16 +80,30 @@ class BadState(WitnessError):
     """The witness's state file is unreadable or holds no checkpoint of this log."""
 
 
-def client_getter(client: Client) -> Get:
+#: how many times a 429 (the caller's rate limit: an audit check asks for one proof per
+#: entry) or a 503 (the log is rebuilding its tree or index) is waited out, Retry-After
+#: seconds each (at most MAX_WAIT), before the answer counts as it is
+PATIENCE = {429: 600, 503: 10}
+MAX_WAIT = 30.0
+
+
+def client_getter(client: Client, *, sleep: Callable[[float], None] = time.sleep) -> Get:
     """A :data:`Get` over the typed client (its URL, token and TLS settings); answers over
-    16 MiB, like no answer at all, are :class:`Unavailable`."""
+    16 MiB, like no answer at all, are :class:`Unavailable`. A 429 or a 503 is retried
+    after its ``Retry-After`` (see :data:`PATIENCE`)."""
 
     def get(path: str, query: Mapping[str, str]) -> Response:
-        try:
-            status, body = client.fetch(path, query)
-        except Unreachable as error:
-            raise Unavailable(f"GET {path}: {error}") from None
-        return Response(status, body)
+        attempts = 0
+        while True:
+            try:
+                status, body, headers = client.fetch(path, query)
+            except Unreachable as error:
+                raise Unavailable(f"GET {path}: {error}") from None
+            attempts += 1
+            if attempts > PATIENCE.get(status, 0):
+                return Response(status, body)
+            wait = retry_after(headers)
+            sleep(min(float(wait if wait is not None else 1), MAX_WAIT))
 
     return get
 

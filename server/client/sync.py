@@ -52,7 +52,7 @@ def _user_agent() -> str:
         return "vm-tenant"
 
 
-def _retry_after(headers: httpx.Headers) -> int | None:
+def retry_after(headers: httpx.Headers) -> int | None:
     text = headers.get("Retry-After", "").strip()
     return int(text) if text.isascii() and text.isdigit() else None
 
@@ -80,7 +80,7 @@ def _error(response: httpx.Response) -> ApiError:
         detail,
         problem,
         request_id=response.headers.get("X-Request-Id"),
-        retry_after=_retry_after(response.headers),
+        retry_after=retry_after(response.headers),
         audit_seqs=audit_seqs(response.headers),
     )
 
@@ -153,8 +153,8 @@ class Client:
 
     def fetch(
         self, path: str, params: Mapping[str, str] | None = None, *, limit: int = MAX_FETCH
-    ) -> tuple[int, bytes]:
-        """``GET path`` as it comes: the status and the exact body, whatever they are.
+    ) -> tuple[int, bytes, httpx.Headers]:
+        """``GET path`` as it comes: the status, the exact body and the headers.
 
         For checkers that trust no parse but their own (``server/witness.py``). A body
         over ``limit`` bytes, or no answer, raises :class:`Unreachable`.
@@ -166,7 +166,7 @@ class Client:
                     body += chunk
                     if len(body) > limit:
                         raise Unreachable(f"GET {path}: an answer larger than {limit} bytes")
-                return response.status_code, bytes(body)
+                return response.status_code, bytes(body), response.headers
         except httpx.TimeoutException as error:
             raise Unreachable(f"no answer from {self.url} in time ({error or 'timeout'})") from None
         except httpx.TransportError as error:

@@ -373,3 +373,29 @@ def test_audit_check_refuses_an_entry_beyond_the_checkpoint(log: FakeLog) -> Non
     log.overrides["/v1/audit/checkpoint"] = httpx.Response(200, text=checkpoint_of_ten.checkpoint())
     with pytest.raises(Inconsistent, match=r"^entry 11 is not in the signed tree of size 10"):
         _check(log)
+
+
+def test_rate_limits_and_short_unavailability_are_waited_out(log: FakeLog, state: Path) -> None:
+    """An audit check asks for a proof per entry, so it meets its rate limit: a 429 is
+    waited out (Retry-After), so is a 503 for a while; a 503 that lasts is Unavailable."""
+    refusals = {"/v1/audit/proof": 5, "/v1/audit/checkpoint": 2}
+    waits: list[float] = []
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        left = refusals.get(request.url.path, 0)
+        if left:
+            refusals[request.url.path] = left - 1
+            status = 429 if request.url.path == "/v1/audit/proof" else 503
+            return httpx.Response(status, headers={"Retry-After": "2"})
+        return log.handle(request)
+
+    client = Client("http://log.test", "tok-acme", transport=httpx.MockTransport(limited))
+    get = client_getter(client, sleep=waits.append)
+    assert audit_check(get, log.signer.verifier).entries == 6
+    assert waits == [2.0] * 7
+    log.overrides["/v1/audit/checkpoint"] = httpx.Response(503, headers={"Retry-After": "1"})
+    waits.clear()
+    with pytest.raises(Unavailable):
+        witness_round(get, log.signer.verifier, state)
+    assert waits == [1.0] * 10
+    assert not state.exists()
