@@ -3,12 +3,15 @@ run and measure what they say."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from actors.journal import verify
 from bench.proofs import measure
+from bench.proofs_store import measure as measure_store
 from bench.verify_roots import measure as measure_verify
 
 
@@ -29,3 +32,21 @@ def test_verify_cost_script_runs_on_a_small_log(
     for way in ("chain", "inline", "parallel"):
         assert figures[way]["entries_per_s"] > 0
     assert figures["parallel"]["cpu_children_s"] > 0  # the roots came from a second process
+
+
+def test_store_cost_script_runs_on_a_small_log(tmp_path: Path) -> None:
+    figures = measure_store(tmp_path / "data", 3000, 7, 20)
+    assert (figures["entries"], figures["tenants"]) == (3000, 7)
+    assert 8 <= figures["trail_index_bytes_per_entry"] < 200
+    for call in ("inclusion_proof", "consistency_proof", "trail_page_of_100"):
+        assert figures[call]["cpu_ms_mean"] > 0
+
+
+def test_the_build_without_the_tree_runs_the_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.without_tree", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("vm-tenant ")
