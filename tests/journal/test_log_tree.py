@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import trio
 from pymerkle import InmemoryTree
 
 from actors.journal.merkle import MemoryTree, inclusion_proof, leaf_hash, root
-from actors.journal.tiles import TileLog
+from actors.journal.tiles import TileLog, _TileTree
 from actors.journal.tree import LogTree
 from actors.journal.writer import AuditWriter
 from conftest import audit_lines
@@ -189,3 +190,35 @@ def test_reopening_an_unchanged_tree_writes_nothing(tmp_path: Path) -> None:
     before = state()
     TileLog.open(tmp_path / "tree", 700, lambda first: iter(lines[first:]))
     assert state() == before
+
+
+def test_a_tiles_inner_levels_are_computed_once_when_threads_race() -> None:
+    """Proofs run in several worker threads over the same cached tile: the levels inside
+    it must come out right however the threads interleave (switching every microsecond)."""
+    leaves = [leaf_hash(i.to_bytes(4, "big")) for i in range(256)]
+    reference = MemoryTree(leaves)
+    want = [reference.hashes([(level, 0)])[0] for level in range(9)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(30):
+            tile = _TileTree(b"".join(leaves))
+            got: list[list[bytes]] = []
+            barrier = threading.Barrier(6)
+
+            def climb(
+                tile: _TileTree = tile,
+                barrier: threading.Barrier = barrier,
+                got: list[list[bytes]] = got,
+            ) -> None:
+                barrier.wait()
+                got.append([tile.node(level, 0) for level in range(9)])
+
+            threads = [threading.Thread(target=climb) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert got == [want] * 6
+    finally:
+        sys.setswitchinterval(interval)
