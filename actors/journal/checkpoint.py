@@ -33,8 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from actors.fsutil import atomic_write, create_private, fsync_dir
+from actors.journal import note
 from actors.journal.chain import canonical
-from actors.journal.note import Checkpoint, Signer, Verifier, sign_checkpoint
+from actors.journal.note import Signer, Verifier
 
 ORIGIN_PREFIX = "vm-tenant/"
 
@@ -64,6 +65,18 @@ class SignedHead(msgspec.Struct, frozen=True):
             "root": self.root,
             "note": self.note,
         }
+
+
+def sign_head(
+    log_signer: Signer, key: Ed25519PrivateKey, seq: int, head: str, ts: str, root: bytes
+) -> SignedHead:
+    """The head ``seq``/``head`` (at ``ts``) of a log whose tree of ``seq`` leaves has
+    ``root``, signed in both forms with ``key``; ``log_signer`` is the same key named after
+    the log's origin (``Signer(origin, key)``). Any store signs its heads with this."""
+    v1 = {"seq": seq, "hash": head, "ts": ts}
+    signature = base64.b64encode(key.sign(_signed_bytes(v1))).decode()
+    tree = note.sign_checkpoint(note.Checkpoint(log_signer.name, seq, root), log_signer)
+    return SignedHead(seq, head, ts, signature, base64.b64encode(root).decode(), tree)
 
 
 def checkpoints_path(data_dir: Path) -> Path:
@@ -178,11 +191,7 @@ class CheckpointSigner:
 
     def sign(self, seq: int, head: str, ts: str, root: bytes) -> SignedHead:
         """Sign the head ``seq``/``head`` of a log whose tree of ``seq`` leaves has ``root``."""
-        v1 = {"seq": seq, "hash": head, "ts": ts}
-        signature = base64.b64encode(self._key.sign(_signed_bytes(v1))).decode()
-        origin = self.note_signer.name
-        note = sign_checkpoint(Checkpoint(origin, seq, root), self.note_signer)
-        return SignedHead(seq, head, ts, signature, base64.b64encode(root).decode(), note)
+        return sign_head(self.note_signer, self._key, seq, head, ts, root)
 
     def append(self, head: SignedHead) -> None:
         """Make a signed head durable in the checkpoint file (blocking: call from a thread)."""
