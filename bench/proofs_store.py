@@ -32,7 +32,6 @@ from typing import Any
 import trio
 
 from actors.journal.checkpoint import CheckpointSigner
-from actors.journal.segments import segment_name
 from actors.journal.snapshot import Anchor, Replayed
 from actors.journal.tiles import TileLog
 from actors.journal.trail import TrailIndex, scan_trails
@@ -40,27 +39,13 @@ from actors.journal.tree import LogTree
 from actors.journal.writer import AuditWriter
 from actors.state import ProxyState
 from actors.store.file import FileStore, FileStoreConfig
-from bench.proofs import stored_lines
-
-SEGMENT_BYTES = 16 * 1024 * 1024
+from bench.proofs import stored_lines, write_segments
 
 
 def build(data_dir: Path, entries: int, tenants: int) -> tuple[list[bytes], str]:
     """The segments and the synced tiles of N lines; the lines, and the head's hash."""
-    audit = data_dir / "audit"
-    audit.mkdir(parents=True)
     lines = stored_lines(entries, tenants)
-    segment: Any = None
-    size = SEGMENT_BYTES
-    for seq, line in enumerate(lines, start=1):
-        if size >= SEGMENT_BYTES:
-            if segment is not None:
-                segment.close()
-            segment = (audit / segment_name(seq)).open("wb")
-            size = 0
-        segment.write(line + b"\n")
-        size += len(line) + 1
-    segment.close()
+    write_segments(data_dir / "audit", lines)
     TileLog.open(data_dir / "tree", entries, lambda first: iter(lines[first:]))
     return lines, json.loads(lines[-1])["hash"]
 

@@ -27,35 +27,22 @@ from typing import Any
 from actors.journal import verify
 from actors.journal.checkpoint import CheckpointSigner, checkpoints_path
 from actors.journal.merkle import Frontier, leaf_hash
-from actors.journal.segments import segment_name
-from bench.proofs import stored_lines
+from bench.proofs import stored_lines, write_segments
 
-SEGMENT_BYTES = 16 * 1024 * 1024
 EVERY = 1000
 
 
 def build(data_dir: Path, entries: int) -> None:
     """Segments of stored lines and a checkpoint every EVERY entries (and at the end)."""
-    audit = data_dir / "audit"
-    audit.mkdir(parents=True)
     lines = stored_lines(entries)
+    write_segments(data_dir / "audit", lines)
     signer = CheckpointSigner(data_dir)
     frontier = Frontier()
-    segment: Any = None
-    size = SEGMENT_BYTES
     for seq, line in enumerate(lines, start=1):
-        if size >= SEGMENT_BYTES:
-            if segment is not None:
-                segment.close()
-            segment = (audit / segment_name(seq)).open("wb")
-            size = 0
-        segment.write(line + b"\n")
-        size += len(line) + 1
         frontier.append(leaf_hash(line))
         if seq % EVERY == 0 or seq == entries:
             head = json.loads(line)["hash"]
             signer.append(signer.sign(seq, head, "2026-12-01T10:00:00.000000Z", frontier.root()))
-    segment.close()
 
 
 def strip_roots(data_dir: Path) -> bytes:
