@@ -5,8 +5,11 @@ waiting; it lands in a bounded mailbox and the caller gets an :class:`AuditTicke
 writer's loop is a group commit: it takes everything that piled up in the mailbox, gives
 each entry its ``seq``, ``prev`` and ``hash``, writes all lines with one ``write`` and
 makes them durable with one ``fsync`` (in a worker thread, so the event loop keeps
-serving), tells its observers, and only then sets every ticket. Under load one fsync
-covers many entries; alone, an entry costs exactly one.
+serving), appends their leaves to the Merkle tree (``actors/journal/tree.py``) in the same
+thread, tells its observers, and only then sets every ticket. Under load one fsync
+covers many entries; alone, an entry costs exactly one. The tree's view is published
+together with the head (:attr:`AuditWriter.tree_view`), so a reader on the event loop
+sees ``seq``, ``head`` and a tree of that size at once.
 
 The writer knows one thing about the protocol above it: a VM operation's ``requested``
 entry is followed by its outcome entry as soon as the fleet answers. While such an outcome
@@ -45,6 +48,8 @@ from actors.errors import AuditUnavailable
 from actors.journal.chain import GENESIS, seal
 from actors.journal.entries import Entry, draft
 from actors.journal.segments import segment_name
+from actors.journal.tiles import TreeView
+from actors.journal.tree import LogTree
 
 if TYPE_CHECKING:
     from actors.metrics import Metrics
@@ -125,7 +130,9 @@ class AuditWriter:
     one that counts calls or raises a real ``OSError``. ``inline_io`` does the file work
     on the event loop's thread instead of a worker thread: only for tests under Trio's
     virtual clock, which would otherwise jump ahead while a thread fsyncs. ``metrics``,
-    when given, receives batch sizes, fsync durations and I/O failures.
+    when given, receives batch sizes, fsync durations and I/O failures. ``tree``, when
+    given, is the log's Merkle tree, already open at ``head_seq`` entries: each durable
+    batch is appended to it before the batch is acknowledged.
     """
 
     def __init__(
@@ -141,10 +148,14 @@ class AuditWriter:
         inline_io: bool = False,
         metrics: Metrics | None = None,
         linger: float = 0.005,
+        tree: LogTree | None = None,
     ) -> None:
         self.audit_dir = audit_dir
         self.seq = head_seq
         self.head = head_hash
+        self._tree = tree
+        #: the tree as of ``seq`` (smaller only while the tree is behind the log)
+        self.tree_view: TreeView | None = tree.view() if tree is not None else None
         self.stats = AuditStats()
         self._fsync = fsync
         self._inline_io = inline_io
@@ -355,13 +366,15 @@ class AuditWriter:
             # Shielded: a batch that reached the disk must be acknowledged or cut back,
             # never abandoned half-way by a cancellation.
             with trio.CancelScope(shield=True):
-                await self._offload(self._write_batch, first_seq, b"".join(lines))
+                await self._offload(self._write_batch, first_seq, lines)
         except OSError as error:
             self.stats.failures += 1
             log.error("audit batch of %d entries not durable: %s", len(batch), error)
             self._fail(batch, f"the audit entry could not be made durable: {error}")
             return
         self.seq, self.head = seq, head
+        if self._tree is not None:
+            self.tree_view = self._tree.view()
         now = trio.current_time()
         for entry in entries:
             if entry["outcome"] == "requested" and entry["op"] in _ANNOUNCING_OPS:
@@ -380,9 +393,10 @@ class AuditWriter:
 
     # -- file work, in a worker thread -----------------------------------------------------
 
-    def _write_batch(self, first_seq: int, data: bytes) -> None:
+    def _write_batch(self, first_seq: int, lines: list[bytes]) -> None:
         if self._needs_repair:
             self._repair()
+        data = b"".join(lines)
         segment = self._segment_for(first_seq)
         fsyncing = False
         try:
@@ -412,6 +426,9 @@ class AuditWriter:
                 self._repair()
             raise
         segment.size += len(data)
+        if self._tree is not None:
+            # Durable now: the tree may cover these lines (it never raises).
+            self._tree.append_lines(lines, first_seq + len(lines) - 1)
 
     def _repair(self) -> None:
         """Cut the current segment back to its durable size through a fresh descriptor.

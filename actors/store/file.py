@@ -1,10 +1,11 @@
 """The file store: one process, the state in memory, everything durable under the data dir.
 
 What lies where (API.md, "Data directory"): the journal in ``audit/`` (the audit writer's
-segments, ``actors/journal/``), signed checkpoints in ``audit-checkpoints.jsonl`` with
-their key in ``keys/audit-ed25519.key``, the token-signing keyring in
-``keys/token-signing.keyring.json``, the operator's token in ``admin.token``, and
-snapshots in ``snapshot/``.
+segments, ``actors/journal/``), its Merkle tree in ``tree/`` (tiles, derived from the
+journal), signed checkpoints in ``audit-checkpoints.jsonl`` with their key in
+``keys/audit-ed25519.key`` and the log's origin in ``keys/audit-origin``, the
+token-signing keyring in ``keys/token-signing.keyring.json``, the operator's token in
+``admin.token``, and snapshots in ``snapshot/``.
 
 The state is the fold of the log (``actors/journal/fold.py``) and changes nowhere else:
 :meth:`FileStore.decide` runs a tenant's decision against its state and applies the
@@ -36,13 +37,17 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
-from actors.errors import AuditUnavailable, NotFound, StartupError
+from actors.errors import AuditUnavailable, InvalidRequest, NotFound, StartupError
 from actors.fsutil import atomic_write, create_private, fsync_dir
-from actors.journal import fold, snapshot
+from actors.journal import fold, merkle, snapshot
 from actors.journal.chain import ChainBroken
-from actors.journal.checkpoint import CheckpointSigner
+from actors.journal.checkpoint import CheckpointSigner, SignedHead
 from actors.journal.entries import Entry, utc_now
+from actors.journal.note import Verifier
 from actors.journal.reader import AuditReader
+from actors.journal.tiles import TileDamaged, TreeView
+from actors.journal.trail import TrailIndex, scan_trails
+from actors.journal.tree import LogTree
 from actors.journal.writer import AuditTicket, AuditWriter
 from actors.metrics import Metrics
 from actors.state import (
@@ -53,12 +58,13 @@ from actors.state import (
     TenantState,
     VmRecord,
 )
-from actors.store import Decided, JournalStats, Observer, SigningKey
+from actors.store import Decided, JournalStats, Observer, SigningKey, TreeProof
 from actors.views import Tenant, Usage, Vm, find_vm, tenant_view, usage_view, vm_page
 
 log = logging.getLogger("vm_tenant.store")
 
 D = TypeVar("D", bound=Decided)
+T = TypeVar("T")
 
 KEYRING_FILE = "token-signing.keyring.json"
 LEGACY_KEY_FILE = "token-signing.key"
@@ -160,11 +166,19 @@ class FileStore:
         writer: AuditWriter,
         signer: CheckpointSigner,
         admin_token: str,
+        tree: LogTree | None = None,
     ) -> None:
         self.config = config
         self.state: ProxyState = replayed.state
         self.writer = writer
         self.checkpoints = signer
+        self.tree = tree
+        #: tenant -> seqs of its own entries; the entries before the writer's first batch
+        #: are added by a pass over the log in the upkeep
+        self.trails = TrailIndex(ready=writer.seq == 0)
+        self._started_at = writer.seq
+        #: the newest head signed on demand (or stored), re-used while the head stays
+        self._signed: SignedHead | None = None
         #: the anchor of the snapshot on disk
         self.snapshot_anchor = replayed.anchor
         self._recovered_anchor = replayed.anchor
@@ -284,8 +298,87 @@ class FileStore:
     def observe(self, observer: Observer) -> None:
         self.writer.observe_durable(observer)
 
-    async def checkpoint(self) -> dict[str, Any] | None:
-        return self.checkpoints.latest
+    # -- the Merkle log ------------------------------------------------------------------------
+
+    @property
+    def log_key(self) -> Verifier:
+        return self.checkpoints.verifier
+
+    def _view_for(self, size: int) -> TreeView:
+        """A view of the tree that answers for every size up to ``size``."""
+        view = self.writer.tree_view
+        if view is None or view.size < size:
+            # behind: the tree may have caught up since the writer's last batch
+            view = self.tree.view() if self.tree is not None else None
+        if view is None or view.size < size:
+            raise AuditUnavailable("the Merkle tree is behind the log; it is being rebuilt")
+        return view
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking file work in a worker thread (inline for virtual-clock tests)."""
+        if self.config.inline_io:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def _in_tree(self, fn: Callable[..., list[bytes]], *args: Any) -> list[bytes]:
+        """Run a proof (or root) computation over a view in a worker thread."""
+        try:
+            return await self._blocking(fn, *args)
+        except TileDamaged as error:
+            log.error("the Merkle tree cannot be read: %s", error)
+            raise AuditUnavailable("the Merkle tree cannot be read") from None
+
+    async def signed_head(self) -> SignedHead:
+        seq, head = self.writer.seq, self.writer.head
+        signed = self._signed
+        if signed is not None and signed.seq == seq:
+            return signed
+        view = self._view_for(seq)
+        if view.size == seq:
+            root = view.root()
+        else:
+            root = (await self._in_tree(lambda: [merkle.root(view, seq)]))[0]
+        signed = self.checkpoints.sign(seq, head, utc_now(), root)
+        if self._signed is None or self._signed.seq < seq:
+            self._signed = signed
+        return signed
+
+    async def inclusion_proof(
+        self, seq: int, tree_size: int | None, *, tenant: str | None = None
+    ) -> TreeProof:
+        current = self.writer.seq
+        size = current if tree_size is None else tree_size
+        if size > current:
+            raise InvalidRequest(f"tree_size {size} is beyond the current size {current}")
+        if tenant is not None:
+            if not self.trails.ready:
+                raise AuditUnavailable("the audit index is being rebuilt after a start")
+            if not self.trails.owns(tenant, seq):
+                raise NotFound("no such entry")
+        if not 1 <= seq <= size:
+            raise NotFound("no such entry")
+        view = self._view_for(size)
+        hashes = await self._in_tree(merkle.inclusion_proof, view, seq - 1, size)
+        return TreeProof(size, hashes)
+
+    async def consistency_proof(self, old: int, new: int | None) -> TreeProof:
+        current = self.writer.seq
+        size = current if new is None else new
+        if not 1 <= old <= size <= current:
+            raise InvalidRequest(
+                f"a consistency proof needs 1 <= from <= to <= {current} (the current size)"
+            )
+        view = self._view_for(size)
+        hashes = await self._in_tree(merkle.consistency_proof, view, old, size)
+        return TreeProof(size, hashes)
+
+    async def trail(self, tenant: str, after: int, limit: int) -> tuple[list[bytes], int | None]:
+        if not self.trails.ready:
+            raise AuditUnavailable("the audit index is being rebuilt after a start")
+        seqs, following = self.trails.page(tenant, after, limit)
+        upto = self.writer.seq
+        lines = await self._blocking(self._reader.read_seqs, seqs, upto)
+        return lines, following
 
     def journal_stats(self) -> JournalStats:
         writer = self.writer
@@ -322,6 +415,7 @@ class FileStore:
     # -- the writer's observers: the fold in chain order, and the undo ------------------------
 
     def _durable(self, entries: list[Entry]) -> None:
+        self.trails.add(entries)
         state = self.state
         for entry in entries:
             if not fold.reserves(entry):
@@ -343,16 +437,39 @@ class FileStore:
     async def upkeep(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._verify_prefix)
+            nursery.start_soon(self._index_trails)
             nursery.start_soon(self._snapshot_loop)
             nursery.start_soon(self._checkpoint_loop)
 
     async def write_checkpoint(self) -> None:
-        """Sign the durable head, unless the latest checkpoint already covers it."""
+        """Make the tree durable, then sign the head and store the checkpoint, unless the
+        latest stored checkpoint already covers the head."""
         latest = self.checkpoints.latest
-        seq, head = self.writer.seq, self.writer.head
-        if seq == 0 or (latest is not None and latest["seq"] == seq):
+        seq = self.writer.seq
+        if seq == 0 or (latest is not None and latest["seq"] == seq and "note" in latest):
             return
-        await trio.to_thread.run_sync(self.checkpoints.append, seq, head, utc_now())
+        if self.tree is not None:
+            try:
+                await self._blocking(self.tree.sync)
+            except (OSError, TileDamaged) as error:
+                # The tree is derived from the log: a checkpoint does not wait for it.
+                log.error("the Merkle tree could not be synced: %s", error)
+        try:
+            head = await self.signed_head()
+        except AuditUnavailable as error:
+            raise OSError(f"no checkpoint: {error}") from None
+        await self._blocking(self.checkpoints.append, head)
+
+    async def _index_trails(self) -> None:
+        """Add the entries that were in the log at start to the tenants' trail index."""
+        if self.trails.ready:
+            return
+        audit_dir = self.config.data_dir / "audit"
+        older = await trio.to_thread.run_sync(
+            scan_trails, audit_dir, self._started_at, abandon_on_cancel=True
+        )
+        self.trails.merge(older)
+        log.debug("audit trail index ready (%d entries)", self.trails.entries())
 
     async def write_snapshot(self) -> snapshot.Anchor:
         """Compact the durable log into a new snapshot (in a worker thread)."""
@@ -437,14 +554,25 @@ async def open_file_store(
     if replayed.torn_cut:
         log.warning("cut an incomplete last audit line (it was never acknowledged)")
     head = replayed.head
+    tree = LogTree(data_dir / "tree", data_dir / "audit")
+    try:
+        # (an OSError, a full disk, is reported by the start-up like any other)
+        await trio.to_thread.run_sync(tree.open, head.seq)
+    except ValueError as error:
+        raise StartupError(f"cannot start on {data_dir}: the Merkle tree: {error}") from error
     writer = AuditWriter(
-        data_dir / "audit", head.seq, head.hash, inline_io=config.inline_io, metrics=metrics
+        data_dir / "audit",
+        head.seq,
+        head.hash,
+        inline_io=config.inline_io,
+        metrics=metrics,
+        tree=tree,
     )
     signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
     admin = await trio.to_thread.run_sync(
         read_or_create_secret, admin_token_path(data_dir), _new_admin_token
     )
-    store = FileStore(config, replayed, writer, signer, admin)
+    store = FileStore(config, replayed, writer, signer, admin, tree)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         try:

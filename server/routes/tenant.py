@@ -45,6 +45,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
             ("quota_exceeded", "conflict", "idempotency_conflict", *WRITE_PROBLEMS),
             params=(IDEMPOTENCY_KEY,), request=SpawnBody,
             headers={"Location": "the new VM", "Idempotent-Replayed": "`true` on a replay"},
+            audited=True,
         )
     )  # fmt: skip
     async def spawn_vm() -> tuple[Vm, dict[str, str]]:
@@ -61,7 +62,9 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
                 digest = hashlib.sha256(canonical(msgspec.structs.asdict(body))).hexdigest()
             source = gates.source()
             result: Vm | Replay = await registry.call(
-                tenant, lambda reply: Spawn(spec, key, digest, source, g.request_id, reply)
+                tenant,
+                lambda reply: Spawn(spec, key, digest, source, g.request_id, reply),
+                g.receipt,
             )
         if isinstance(result, Replay):
             replayed = {"Idempotent-Replayed": "true"}
@@ -111,6 +114,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         Operation(
             "DELETE", "/v1/vms/<vm_id>", "destroyVm", "vms", "Destroy a VM", "tenant", 200,
             Destroyed, ("not_found", "conflict", *WRITE_PROBLEMS), params=(VM_ID,),
+            audited=True,
         )
     )  # fmt: skip
     async def destroy_vm(vm_id: str) -> Destroyed:
@@ -118,7 +122,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         gates.no_params()
         source = gates.source()
         result: Destroyed = await registry.call(
-            tenant, lambda reply: Destroy(vm_id, source, g.request_id, reply)
+            tenant, lambda reply: Destroy(vm_id, source, g.request_id, reply), g.receipt
         )
         return result
 
