@@ -132,7 +132,20 @@ class Store(Protocol):
 
     @property
     def ready(self) -> bool:
-        """State recovered and the journal takes writes (``/readyz``)."""
+        """State recovered and the journal takes writes (``/readyz``, API.md v1.1).
+
+        False from a write that failed until a write succeeds again, and for good once
+        the journal or the state is found damaged. "Succeeds" means a write of the kind
+        that failed, not a cheaper stand-in: it must turn True again without traffic.
+
+        - file: a batch that could not be made durable; cutting the segment back needs no
+          free space and proves nothing, so the writer probes every second (a page
+          written past the durable end, fsynced, cut off again) until one succeeds.
+        - postgresql: a transaction that did not commit (the database unreachable, a full
+          disk, a read-only replica); the store then probes on its own, at least every
+          second, with a transaction that writes (e.g. updates a heartbeat row) and
+          commits, and is ready again once one commits.
+        """
         ...
 
     async def upkeep(self) -> None:
