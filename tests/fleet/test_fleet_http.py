@@ -11,13 +11,9 @@ from ``kill -9`` of either process.
 from __future__ import annotations
 
 import contextlib
-import re
 import secrets
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,9 +23,8 @@ import pytest
 import trio
 
 from conftest import LiveServer, Provision, bearer
+from fleet_server import FleetServer
 
-FLEET_SERVER = Path(__file__).parents[1] / "fleet_server.py"
-FLEET_LISTEN_RE = re.compile(r"fleet-server listening on (http://\S+)")
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 BIG_QUOTA = {"vcpus": 1000, "memory_mib": 1_000_000, "vms": 1000}
 IN_DOUBT = frozenset({"spawning", "destroying", "unknown"})
@@ -40,54 +35,6 @@ NO_KNOBS: dict[str, Any] = {"reset": True}
 
 
 # -- the two processes -----------------------------------------------------------------------
-
-
-@dataclass
-class FleetServer:
-    """``tests/fleet_server.py`` as a subprocess; restarts reuse its port and state file."""
-
-    state: Path
-    bind: str = "127.0.0.1:0"
-    proc: subprocess.Popen[str] | None = None
-    url: str = ""
-    log: list[str] = field(default_factory=list)
-
-    def start(self, timeout: float = 30.0) -> FleetServer:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(FLEET_SERVER), "--bind", self.bind, "--state", str(self.state)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        found = threading.Event()
-
-        def pump() -> None:
-            assert self.proc is not None and self.proc.stderr is not None
-            with self.proc.stderr:
-                for line in self.proc.stderr:
-                    self.log.append(line)
-                    match = FLEET_LISTEN_RE.search(line)
-                    if match and not found.is_set():
-                        self.url = match.group(1)
-                        found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        found.wait(timeout)
-        if not self.url:
-            self.kill()
-            raise RuntimeError("fleet server did not start:\n" + "".join(self.log))
-        # Later starts listen where the proxy already looks.
-        self.bind = self.url.removeprefix("http://")
-        return self
-
-    def kill(self) -> None:
-        """``kill -9``: the state file holds whatever was appended before."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(30)
-        self.url = ""
 
 
 @dataclass

@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from conftest import UNLIMITED, LiveServer, Provision, bearer, vm_tenant
+from fleet_server import FleetServer
 from full_disk import FullTmpfs
 
 SPEC = {"vcpus": 1, "memory_mib": 64, "image": "debian-12"}
@@ -126,3 +127,87 @@ async def test_readyz_is_503_while_writes_fail_and_200_once_they_succeed(
     result = vm_tenant("audit", "verify", "--data-dir", str(rig.data))
     assert result.returncode == 0, result.stdout + result.stderr
     assert os.path.islink(rig.data / "fleet")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetServer]:
+    server = FleetServer(tmp_path / "fleet-state.jsonl").start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+async def test_spawns_while_the_disk_fills_answer_what_happened(
+    tmp_path: Path, fleet: FleetServer, provision: Provision
+) -> None:
+    """Issue 13, finding 4: 25 spawns, the data dir full mid-way, the fleet asked directly."""
+    count, in_flight = 25, 15
+    with FullTmpfs(tmp_path / "mnt", size="1m") as tmpfs:
+        server = LiveServer(
+            tmpfs.mountpoint / "data",
+            env={**UNLIMITED, "VM_TENANT_FLEET": fleet.url},
+            prefix=tmpfs.command([]),
+        )
+        try:
+            rig = Rig(tmpfs, server.start())
+            async with server.client() as client, httpx.AsyncClient(base_url=fleet.url) as ctl:
+                token = (await provision(client, rig.admin, "acme", ROOMY)).token
+                # The fleet holds each call for a while, so that spawns are at the fleet
+                # (their `requested` entry durable) when the disk fills.
+                knobs = await ctl.post("/_knobs", json={"latency": 2.0})
+                assert knobs.status_code == 200
+                answers: dict[int, httpx.Response] = {}
+
+                async def spawn(n: int) -> None:
+                    answers[n] = await client.post("/v1/vms", json=SPEC, headers=bearer(token))
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(count):
+                        nursery.start_soon(spawn, n)
+                        if n + 1 == in_flight:
+                            with trio.fail_after(GUARD):
+                                while (await ctl.get("/_stats")).json()["in_flight"] < in_flight:
+                                    await trio.sleep(0.05)
+                            rig.tmpfs.fill()
+                        await trio.sleep(0.02)
+                kinds = [problem(answers[n]) for n in range(count)]
+                assert set(kinds) <= {(201, None), (503, "audit_unavailable")}, kinds
+                created = {r.json()["id"] for r in answers.values() if r.status_code == 201}
+                # The fleet holds exactly the VMs answered 201: none answered 503 exists.
+                held = (await ctl.get("/_vms", params={"tenant": "acme"})).json()["vms"]
+                assert len(held) >= in_flight
+                assert {vm["id"] for vm in held} == created, kinds
+                listed = await client.get("/v1/vms?limit=1000", headers=bearer(token))
+                assert {vm["id"] for vm in listed.json()["vms"]} == created
+                assert (await client.get("/readyz")).status_code == 503
+
+                rig.free()
+                with trio.fail_after(GUARD):
+                    while (await client.get("/readyz")).status_code != 200:
+                        await trio.sleep(0.1)
+                    while True:
+                        settled = {
+                            e["vm"]: e
+                            for e in rig.entries()
+                            if e["op"] == "vm.spawn" and e["outcome"] == "succeeded"
+                        }
+                        if created <= settled.keys():
+                            break
+                        await trio.sleep(0.1)
+                late = [e for e in settled.values() if e["source"]["token_id"] == "system"]
+                assert late, "some outcomes could not be written while the disk was full"
+                assert all(e["source"] == {"ip": None, "token_id": "system"} for e in late)
+                assert all(e["detail"]["resolution"] == "recorded_late" for e in late)
+                spawned = [e for e in rig.entries() if e["op"] == "vm.spawn"]
+                assert [e["outcome"] for e in spawned].count("requested") == len(created)
+                listed = await client.get("/v1/vms?limit=1000", headers=bearer(token))
+                states = {vm["id"]: vm["state"] for vm in listed.json()["vms"]}
+                assert states.keys() == created
+                assert set(states.values()) <= {"pending", "running"}, states
+                usage = (await client.get("/v1/usage", headers=bearer(token))).json()
+                assert usage["allocated"]["vms"] == len(created)
+            result = vm_tenant("audit", "verify", "--data-dir", str(rig.data))
+            assert result.returncode == 0, result.stdout + result.stderr
+        finally:
+            server.kill()
