@@ -13,7 +13,6 @@ the fold of a durable prefix, whatever the actors are doing meanwhile.
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
 import os
 import sys
@@ -30,7 +29,6 @@ from actors.journal.chain import GENESIS, ChainBroken, ChainVerifier, VerifyRepo
 from actors.journal.fold import apply
 from actors.journal.segments import Chunk, RawLine, iter_chunks, iter_lines
 from actors.state import (
-    IDEMPOTENCY_TTL_SECONDS,
     IdempotencyRecord,
     ProxyState,
     Quota,
@@ -123,7 +121,7 @@ def _load(data_dir: Path) -> tuple[ProxyState, Anchor]:
             vm.state = intern(vm.state)
             vm.settled_state = intern(vm.settled_state)
         tenant.load_vms(vms)
-        tenant.idempotency = t.idempotency
+        tenant.load_keys(t.idempotency)
         state.add_tenant(tenant, set(t.tokens))
     return state, snap.anchor
 
@@ -157,7 +155,6 @@ class Replayed:
     anchor: Anchor  # the snapshot's anchor the replay started from
     head: Anchor  # the last entry replayed
     torn_cut: bool = False
-    last_ts: str | None = None
 
 
 def replay(
@@ -205,7 +202,6 @@ def _replay(data_dir: Path, upto: int | None, cut_torn: bool) -> Replayed:
         # where the last line applied starts: after the count - 1 lines (and newlines) before it
         position = chunk.offset + sum(map(len, chunk.lines[: count - 1])) + count - 1
         result.head = Anchor(entry["seq"], entry["hash"], chunk.segment.name, position)
-        result.last_ts = entry["ts"]
     return result
 
 
@@ -284,24 +280,5 @@ def compact(data_dir: Path, upto: int) -> Anchor:
     replayed = replay(data_dir, upto=upto, pause_gc=False)  # runs while the service serves
     if replayed.head.seq == replayed.anchor.seq:
         return replayed.anchor
-    if replayed.last_ts is not None:
-        _prune_idempotency(replayed.state, replayed.last_ts)
     save(data_dir, replayed.state, replayed.head)
     return replayed.head
-
-
-def _prune_idempotency(state: ProxyState, now_ts: str) -> None:
-    now = _parse_ts(now_ts)
-    for tenant in state.tenants.values():
-        expired = [
-            key
-            for key, record in tenant.idempotency.items()
-            if record.status
-            and (now - _parse_ts(record.created)).total_seconds() > IDEMPOTENCY_TTL_SECONDS
-        ]
-        for key in expired:
-            del tenant.idempotency[key]
-
-
-def _parse_ts(ts: str) -> dt.datetime:
-    return dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -324,13 +324,15 @@ class FileStore:
     def _durable(self, entries: list[Entry]) -> None:
         state = self.state
         for entry in entries:
-            if not fold.reserves(entry):
-                try:
+            try:
+                if not fold.reserves(entry):
                     fold.apply(state, entry)
-                except Exception:
-                    # A bug: the state no longer is the fold of the log; a restart
-                    # (which replays the log) repairs it. The batch itself is durable.
-                    log.exception("folding durable entry %s failed", entry.get("seq"))
+                elif fold.remembers_key(entry) and (tenant := state.tenants.get(entry["tenant"])):
+                    fold.expire(tenant, entry)  # its reservation was folded in when drafted
+            except Exception:
+                # A bug: the state no longer is the fold of the log; a restart
+                # (which replays the log) repairs it. The batch itself is durable.
+                log.exception("folding durable entry %s failed", entry.get("seq"))
 
     def _lost(self, drafts: list[Entry]) -> None:
         tenants = self.state.tenants
