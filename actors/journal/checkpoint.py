@@ -6,7 +6,8 @@ log was rewritten with fresh hashes. So the proxy periodically (and on shutdown)
 result to ``<data-dir>/audit-checkpoints.jsonl``. The private key lives in
 ``<data-dir>/keys/audit-ed25519.key`` (0600); the public key is exported beside it as
 ``audit-ed25519.pub`` so an operator can keep a copy elsewhere, as they can keep the
-latest checkpoint (``GET /v1/admin/audit/head``).
+latest checkpoint (``GET /v1/admin/audit/head``). The same key seals snapshots
+(``actors/journal/snapshot.py``), with a context of their own in what it signs.
 """
 
 from __future__ import annotations
@@ -96,6 +97,14 @@ class CheckpointSigner:
         _cut_torn_tail(checkpoints_path(data_dir))
         stored = [c for c in read_checkpoints(data_dir) if c is not None]
         self.latest: dict[str, Any] | None = stored[-1] if stored else None
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
+    def sign_bytes(self, message: bytes) -> bytes:
+        """The key's signature of ``message`` (snapshot seals, ``snapshot.py``)."""
+        return self._key.sign(message)
 
     def sign(self, seq: int, head: str, ts: str) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"seq": seq, "hash": head, "ts": ts}

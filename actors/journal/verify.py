@@ -8,7 +8,9 @@ chain order wins:
 - *tampered*: an entry does not parse, link or hash, or differs from a checkpoint or the
   expected head; a segment file whose name does not give the seq of its first entry (a
   renamed segment, or a ``.jsonl`` file in ``audit/`` not named like a segment); also a
-  checkpoint whose signature does not verify;
+  checkpoint whose signature does not verify; and a snapshot (``snapshot/state.json``)
+  whose seal does not verify or that is not the fold of the log up to its anchor
+  (``actors/journal/refold.py``), reported once the chain itself is found intact;
 - *truncated*: the log ends before a seq that a checkpoint or the expected head names;
 - *torn*: only the very last line is incomplete (a write may be in progress): intact.
 """
@@ -25,6 +27,7 @@ from actors.journal.checkpoint import (
     read_checkpoints,
     signature_valid,
 )
+from actors.journal.refold import snapshot_refold
 from actors.journal.segments import iter_chunks, list_segments
 
 
@@ -37,8 +40,12 @@ def verify_data_dir(
     verifier = ChainVerifier()
     expected: dict[int, tuple[str, str]] = {}
     checkpoints = read_checkpoints(data_dir)
+    key_path = public_key or public_key_path(data_dir)
+    refold, snapshot_damage = snapshot_refold(
+        data_dir, load_public_key(key_path) if key_path.exists() else None
+    )
     if checkpoints:
-        key = load_public_key(public_key or public_key_path(data_dir))
+        key = load_public_key(key_path)
         for number, checkpoint in enumerate(checkpoints, start=1):
             seq = checkpoint.get("seq") if checkpoint else None
             if (
@@ -73,6 +80,8 @@ def verify_data_dir(
                 continue
             for data in chunk.lines:
                 entry = check(data)
+                if refold is not None:
+                    refold.see(entry)
                 if chunk.segment != named:
                     named = chunk.segment
                     if entry["seq"] != int(named.stem):
@@ -91,6 +100,11 @@ def verify_data_dir(
             origin = expected[furthest][1]
             why = f"the log ends at seq {verifier.seq} but {origin} names seq {furthest}"
             return verifier.report("truncated", verifier.seq + 1, why)
+    if snapshot_damage is not None:
+        claimed, why = snapshot_damage
+        return verifier.report("tampered", claimed or verifier.seq, why)
+    if refold is not None and (problem := refold.problem(verifier)) is not None:
+        return problem
     if torn:
         return verifier.report("torn", verifier.seq + 1, "the last line is incomplete")
     return verifier.report()

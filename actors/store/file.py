@@ -38,7 +38,7 @@ import trio
 
 from actors.errors import AuditUnavailable, NotFound, StartupError
 from actors.fsutil import atomic_write, create_private, fsync_dir
-from actors.journal import fold, snapshot
+from actors.journal import fold, refold, snapshot
 from actors.journal.chain import ChainBroken
 from actors.journal.checkpoint import CheckpointSigner
 from actors.journal.entries import Entry, utc_now
@@ -168,6 +168,7 @@ class FileStore:
         #: the anchor of the snapshot on disk
         self.snapshot_anchor = replayed.anchor
         self._recovered_anchor = replayed.anchor
+        self._recovered_digest = replayed.snapshot.digest
         self._admin = admin_token.encode()
         self._keys = FileKeyStorage(config.data_dir / "keys")
         self._reader = AuditReader(config.data_dir / "audit")
@@ -344,7 +345,7 @@ class FileStore:
 
     async def upkeep(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._verify_prefix)
+            nursery.start_soon(self._check_snapshot)
             nursery.start_soon(self._snapshot_loop)
             nursery.start_soon(self._checkpoint_loop)
 
@@ -357,18 +358,22 @@ class FileStore:
         await trio.to_thread.run_sync(self.checkpoints.append, seq, head, utc_now())
 
     async def write_snapshot(self) -> snapshot.Anchor:
-        """Compact the durable log into a new snapshot (in a worker thread)."""
+        """Compact the durable log into a new, sealed snapshot (in a worker thread)."""
         upto = self.writer.seq
         self.snapshot_anchor = await trio.to_thread.run_sync(
-            snapshot.compact, self.config.data_dir, upto
+            snapshot.compact, self.config.data_dir, upto, self.checkpoints
         )
         return self.snapshot_anchor
 
-    async def _verify_prefix(self) -> None:
-        """Verify the chain before the snapshot's anchor; damage there stops all writes."""
-        audit_dir = self.config.data_dir / "audit"
+    async def _check_snapshot(self) -> None:
+        """Verify the chain up to the snapshot's anchor and the snapshot against its fold;
+        damage in either stops all writes."""
         report = await trio.to_thread.run_sync(
-            snapshot.verify_prefix, audit_dir, self._recovered_anchor, abandon_on_cancel=True
+            refold.check_snapshot,
+            self.config.data_dir,
+            self._recovered_anchor,
+            self._recovered_digest,
+            abandon_on_cancel=True,
         )
         if not report.intact:
             self.writer.mark_damaged(
@@ -381,6 +386,9 @@ class FileStore:
             if self.writer.seq > self.snapshot_anchor.seq:
                 try:
                     await self.write_snapshot()
+                except snapshot.SnapshotDamaged as damage:
+                    self.writer.mark_damaged(str(damage))
+                    return
                 except (OSError, ChainBroken, snapshot.SnapshotError) as error:
                     log.error("snapshot failed (will retry): %s", error)
 
@@ -432,17 +440,28 @@ async def open_file_store(
     data_dir = config.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (data_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+    signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
+    key = signer.public_key
     try:
-        replayed = await trio.to_thread.run_sync(lambda: snapshot.replay(data_dir, cut_torn=True))
+        replayed = await trio.to_thread.run_sync(
+            lambda: snapshot.replay(data_dir, key=key, cut_torn=True)
+        )
     except (ChainBroken, snapshot.SnapshotError) as error:
         raise StartupError(f"cannot start on {data_dir}: {error}") from error
     if replayed.torn_cut:
         log.warning("cut an incomplete last audit line (it was never acknowledged)")
+    if replayed.snapshot.legacy:
+        log.info("snapshot/state.json predates sealed snapshots: replayed the whole log")
     head = replayed.head
     writer = AuditWriter(
         data_dir / "audit", head.seq, head.hash, inline_io=config.inline_io, metrics=metrics
     )
-    signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
+    if replayed.snapshot.damage is not None:
+        # Not served from: the state is the fold of the whole log. But someone changed
+        # what this process wrote, so nothing more is written until an operator looks.
+        writer.mark_damaged(
+            f"{replayed.snapshot.damage}; the state was rebuilt from the log instead"
+        )
     admin = await trio.to_thread.run_sync(
         read_or_create_secret, admin_token_path(data_dir), _new_admin_token
     )
