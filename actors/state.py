@@ -23,6 +23,8 @@ REFUSED = 403
 
 #: VM states that mean the fleet has not settled the last operation on that VM.
 IN_DOUBT_STATES = frozenset({"spawning", "destroying", "unknown"})
+#: VM states the fleet reports for a VM with no operation in flight
+SETTLED_STATES = frozenset({"pending", "running", "error"})
 
 
 # The records below hold only strings, numbers and plain JSON data, so they can never be

@@ -103,6 +103,8 @@ def service_config(data_dir: Path, **overrides: Any) -> ServiceConfig:
         "fleet_timeout": 5.0,
         "snapshot_interval": 3600.0,
         "checkpoint_interval": 3600.0,
+        # no background fleet calls unless a test asks for them (they count as calls)
+        "fleet_sync_interval": 3600.0,
     }
     settings.update(overrides)
     return ServiceConfig(**settings)

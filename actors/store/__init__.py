@@ -66,7 +66,7 @@ Snapshots are the file store's own business (the database's tables are its fold)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
@@ -192,6 +192,29 @@ class Store(Protocol):
 
     def tenants_in_doubt(self) -> list[str]:
         """Tenants that have operations in doubt no worker owns."""
+        ...
+
+    # -- what the fleet says -----------------------------------------------------------------
+
+    def tenants_with_vms(self) -> list[str]:
+        """Tenants that have at least one VM (whose state the fleet may report)."""
+        ...
+
+    async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
+        """The fleet's latest word on some of the tenant's VMs (``vm_id`` -> state).
+
+        Only a *settled* VM (``pending``, ``running`` or ``error``) takes the fleet's state:
+        a VM with an operation in flight or in doubt belongs to that operation, a VM not
+        in ``states`` keeps its state, an id the tenant does not have is ignored. Not
+        audited (nothing the proxy decided changed), and not part of the fold: a restart
+        shows the state the log recorded until the fleet is asked again. Returns how many
+        VMs changed state.
+
+        - file: in memory, at once (the VM's state and its settled state).
+        - postgresql: ``UPDATE vms SET state = $s, settled_state = $s WHERE tenant = $t AND
+          id = $id AND state IN ('pending', 'running', 'error')``, one statement for the
+          batch; every replica then reads the same.
+        """
         ...
 
     # -- the directory and the reads --------------------------------------------------------

@@ -26,8 +26,9 @@ import hmac
 import itertools
 import logging
 import secrets
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from actors.journal.writer import AuditTicket, AuditWriter
 from actors.metrics import Metrics
 from actors.state import (
     IN_DOUBT_STATES,
+    SETTLED_STATES,
     Directory,
     ProxyState,
     TenantSlice,
@@ -231,6 +233,25 @@ class FileStore:
             for tenant in self.state.tenants.values()
             if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values())
         ]
+
+    # -- what the fleet says ------------------------------------------------------------------
+
+    def tenants_with_vms(self) -> list[str]:
+        return [tenant.id for tenant in self.state.tenants.values() if tenant.vms]
+
+    async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
+        tenant = self.state.tenants.get(tenant_id)
+        if tenant is None:
+            return 0
+        changed = 0
+        for vm_id, state in states.items():
+            vm = tenant.vms.get(vm_id)
+            if vm is None or state not in SETTLED_STATES or vm.state == state:
+                continue
+            if vm.state in SETTLED_STATES:  # else an operation owns it
+                tenant.set_vm_state(vm_id, sys.intern(state), settled=True)
+                changed += 1
+        return changed
 
     # -- the directory and the reads: views taken between two changes ------------------------
 
