@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +62,7 @@ from actors.views import Tenant, Usage, Vm, find_vm, tenant_view, usage_view, vm
 log = logging.getLogger("vm_tenant.store")
 
 D = TypeVar("D", bound=Decided)
+R = TypeVar("R")
 
 KEYRING_FILE = "token-signing.keyring.json"
 LEGACY_KEY_FILE = "token-signing.key"
@@ -376,7 +378,14 @@ class FileStore:
         seq, head = self.writer.seq, self.writer.head
         if seq == 0 or (latest is not None and latest["seq"] == seq):
             return
-        await trio.to_thread.run_sync(self.checkpoints.append, seq, head, utc_now())
+        await self._offload(self.checkpoints.append, seq, head, utc_now())
+
+    async def _offload(self, fn: Callable[..., R], *args: Any) -> R:
+        """``fn(*args)`` in a worker thread; on the event loop's thread with ``inline_io``
+        (under a virtual clock a thread would let the clock run on while it works)."""
+        if self.config.inline_io:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
 
     async def write_snapshot(self) -> snapshot.Anchor:
         """Compact the durable log into a new, sealed snapshot (in a worker thread)."""
@@ -389,13 +398,16 @@ class FileStore:
     async def _check_snapshot(self) -> None:
         """Verify the chain up to the snapshot's anchor and the snapshot against its fold;
         damage in either stops all writes."""
-        report = await trio.to_thread.run_sync(
+        check = partial(
             refold.check_snapshot,
             self.config.data_dir,
             self._recovered_anchor,
             self._recovered_digest,
-            abandon_on_cancel=True,
         )
+        if self.config.inline_io:
+            report = check()
+        else:
+            report = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
         if not report.intact:
             self.writer.mark_damaged(
                 f"audit chain {report.verdict} at seq {report.bad_seq}: {report.reason}"
