@@ -2,9 +2,9 @@
 
 ``python -m bench.idempotency_rss [--requests 30000] [--concurrency 32]`` starts
 ``vm-tenant serve`` on a fresh data dir (per-tenant limits off), provisions a tenant whose
-quota admits no VM, and sends spawns that are all refused, each with a key of its own: the
-pattern of issue 13, finding 6. It reads the server's ``VmRSS`` from ``/proc`` after a
-warm-up of 1,000 such requests and after every ``--step`` measured ones, and prints one
+quota admits no VM, and sends spawns that are all refused, each with a key of its own (a
+full tenant retrying with new keys). It reads the server's ``VmRSS`` from ``/proc`` after
+a warm-up of 1,000 such requests and after every ``--step`` measured ones, and prints one
 JSON line: the readings, the growth over all of them and per request, and the growth of
 the last step (which shows whether memory still grows, or has levelled off). Snapshots
 are compacted once an hour only: a compaction holds a second copy of the state while it

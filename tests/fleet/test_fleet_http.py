@@ -562,7 +562,7 @@ async def test_a_proxy_killed_with_fleet_calls_in_flight_resolves_them(rig: Rig)
 async def test_the_list_shows_the_state_the_fleet_reports_without_asking_per_request(
     rig: Rig,
 ) -> None:
-    """Issue 12: the list showed ``pending`` minutes after the fleet said ``running``."""
+    """The list once showed ``pending`` minutes after the fleet said ``running``."""
     token = await rig.tenant("acme", BIG_QUOTA)
     await rig.knobs(boot=3600.0)  # the fleet keeps new VMs pending until told otherwise
     made = [await rig.spawn_ok(token) for _ in range(3)]

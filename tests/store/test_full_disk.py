@@ -141,7 +141,7 @@ def fleet(tmp_path: Path) -> Iterator[FleetServer]:
 async def test_spawns_while_the_disk_fills_answer_what_happened(
     tmp_path: Path, fleet: FleetServer, provision: Provision
 ) -> None:
-    """Issue 13, finding 4: 25 spawns, the data dir full mid-way, the fleet asked directly."""
+    """25 spawns, the data dir full mid-way, and the fleet asked directly what it holds."""
     count, in_flight = 25, 15
     with FullTmpfs(tmp_path / "mnt", size="1m") as tmpfs:
         server = LiveServer(

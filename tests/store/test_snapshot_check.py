@@ -2,9 +2,8 @@
 
 In-process over a real data dir first (the snapshot as a compaction and as a fold from
 the genesis give the same bytes; an edited, a re-sealed, a legacy snapshot), then a real
-``vm-tenant serve`` whose ``snapshot/state.json`` was edited between two runs, as issue 13
-(finding 5) found it: a revoked token made valid again, two VMs dropped so the tenant
-could exceed its quota.
+``vm-tenant serve`` whose ``snapshot/state.json`` was edited between two runs: a revoked
+token made valid again, two VMs dropped so that the tenant could exceed its quota.
 """
 
 from __future__ import annotations
