@@ -8,9 +8,11 @@ must rebuild exactly the records the running service kept: one fold.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import trio
@@ -20,7 +22,7 @@ from actors.journal import fold
 from actors.service import Service, open_service
 from actors.state import REFUSED, ProxyState, Quota, TenantState, VmSpec
 from actors.tenants.protocol import Destroy, Replay, Source, Spawn
-from conftest import audit_lines, service_config
+from conftest import UNLIMITED, LiveServer, Provision, audit_lines, bearer, service_config
 
 ADMIN = Source("127.0.0.1", "admin")
 USER = Source("127.0.0.1", "tok-user")
@@ -152,3 +154,52 @@ def test_records_expire_24_hours_after_by_the_entries_own_time(state: ProxyState
     )
     fold.apply(state, entry("rejected", "c", at(25.2)))
     assert list(tenant.idempotency) == ["a", "b", "in-doubt", "c"], "no sweep on every entry"
+
+
+# -- a real server ------------------------------------------------------------------------------
+
+
+async def test_a_real_server_keeps_a_full_tenants_newest_refusals_only(
+    tmp_path: Path, provision: Provision
+) -> None:
+    """A full tenant retrying with fresh keys: the oldest records go, also after a restart."""
+    server = LiveServer(tmp_path / "data", env=UNLIMITED).start()
+    body = {"vcpus": 1, "memory_mib": 64, "image": "debian-12"}
+    try:
+        async with server.client() as client:
+            admin = bearer(server.admin_token)
+            tenant = await provision(client, admin, "full", {"vcpus": 0, "memory_mib": 0, "vms": 0})
+            keys = iter(f"key-{n:04}" for n in range(fold.MAX_REFUSALS + 10))
+
+            async def refuse_all() -> None:
+                for key in keys:
+                    headers = {**tenant.auth, "Idempotency-Key": key}
+                    refused = await client.post("/v1/vms", json=body, headers=headers)
+                    assert refused.status_code == 403, refused.text
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):
+                    nursery.start_soon(refuse_all)
+            order = [
+                entry["detail"]["idempotency_key"]
+                for entry in map(json.loads, audit_lines(server.data_dir))
+                if entry["outcome"] == "rejected"
+            ]
+
+            async def again(client: httpx.AsyncClient, key: str) -> tuple[bool, int]:
+                """Whether the retry was a replay, and how many entries the key has now."""
+                headers = {**tenant.auth, "Idempotency-Key": key}
+                retry = await client.post("/v1/vms", json=body, headers=headers)
+                assert retry.status_code == 403 and retry.json()["dimension"] == "vms"
+                entries = keyed_entries(server.data_dir, key)
+                return "Idempotent-Replayed" in retry.headers, len(entries)
+
+            assert await again(client, order[-1]) == (True, 1), "the newest is replayed"
+            assert await again(client, order[0]) == (False, 2), "the oldest is decided afresh"
+        assert server.stop(signal.SIGTERM) == 0
+        server.start()
+        async with server.client() as client:
+            assert await again(client, order[-2]) == (True, 1)
+            assert await again(client, order[1]) == (False, 2)
+    finally:
+        server.kill()
