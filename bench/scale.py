@@ -41,6 +41,7 @@ import trio.testing
 
 from actors.journal import snapshot
 from actors.journal.chain import GENESIS, seal
+from actors.journal.checkpoint import CheckpointSigner
 from actors.journal.segments import lines_from, segment_name
 from actors.journal.tiles import TileLog
 from actors.journal.verify import verify_data_dir
@@ -142,7 +143,7 @@ def build(data_dir: Path, tenants: int, vms: int, big: int, history: int, tail: 
     while h.seq < history - tail:
         h.churn(names[-1])
     h.flush()
-    snapshot.compact(data_dir, h.seq)
+    snapshot.compact(data_dir, h.seq, CheckpointSigner(data_dir))  # sealed as a server does
     for _ in range(0, tail, 4):
         h.churn(names[-1])
     h.flush()

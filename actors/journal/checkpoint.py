@@ -16,7 +16,8 @@ demand it is signed without being stored. The private key lives in
 ``audit-ed25519.pub``, and the log's name, its *origin* ``vm-tenant/<16 hex>``, in
 ``keys/audit-origin``: key and origin are created once and never rewritten, so the log
 keeps one identity for its lifetime. ``keys/audit-note.vkey`` exports the verifier key
-string (``GET /v1/audit/key``) for an operator to hand out.
+string (``GET /v1/audit/key``) for an operator to hand out. The same key seals snapshots
+(``actors/journal/snapshot.py``), with a context of their own in what it signs.
 """
 
 from __future__ import annotations
@@ -188,6 +189,14 @@ class CheckpointSigner:
     def verifier(self) -> Verifier:
         """The log's verifier key (``GET /v1/audit/key``)."""
         return self.note_signer.verifier
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
+    def sign_bytes(self, message: bytes) -> bytes:
+        """The key's signature of ``message`` (snapshot seals, ``snapshot.py``)."""
+        return self._key.sign(message)
 
     def sign(self, seq: int, head: str, ts: str, root: bytes) -> SignedHead:
         """Sign the head ``seq``/``head`` of a log whose tree of ``seq`` leaves has ``root``."""

@@ -12,7 +12,10 @@ order wins:
   that decodes to the signed entry but is not its stored bytes, or a tree that was
   signed over other lines); a segment file whose name does not give the seq of its first
   entry (a renamed segment, or a ``.jsonl`` file in ``audit/`` not named like a segment);
-  also a checkpoint whose signature or note does not verify;
+  also a checkpoint whose signature or note does not verify; and a snapshot
+  (``snapshot/state.json``) whose seal does not verify or that is not the fold of the log
+  up to its anchor (``actors/journal/refold.py``), reported once the chain itself is found
+  intact;
 - *truncated*: the log ends before a seq that a checkpoint or the expected head names;
 - *torn*: only the very last line is incomplete (a write may be in progress): intact.
 
@@ -45,6 +48,7 @@ from actors.journal.checkpoint import (
 )
 from actors.journal.merkle import Frontier
 from actors.journal.note import NoteError, Verifier, open_checkpoint, parse_note
+from actors.journal.refold import Refold, snapshot_refold
 from actors.journal.segments import iter_chunks, list_segments
 
 #: from this many bytes of segments on, the roots are computed in a second process
@@ -162,17 +166,19 @@ def verify_data_dir(
     signed = _read_signed(data_dir, public_key, verifier)
     if isinstance(signed, VerifyReport):
         return signed
+    key_path = public_key or public_key_path(data_dir)
+    snapshot = snapshot_refold(data_dir, load_public_key(key_path) if key_path.exists() else None)
     audit_dir = data_dir / "audit"
     sizes = sorted(signed.roots)
     if sizes and sum(p.stat().st_size for p in list_segments(audit_dir)) >= PARALLEL_BYTES:
         future, pool = _start_roots(audit_dir, sizes)
         try:
-            report = _verify_chain(audit_dir, verifier, signed, expect_head)
+            report = _verify_chain(audit_dir, verifier, signed, expect_head, snapshot)
             roots = future.result()
         finally:
             pool.shutdown(cancel_futures=True)
     else:
-        report = _verify_chain(audit_dir, verifier, signed, expect_head)
+        report = _verify_chain(audit_dir, verifier, signed, expect_head, snapshot)
         roots = tree_roots(str(audit_dir), sizes) if sizes else {}
     for size in sizes:
         if not report.intact and report.bad_seq is not None and report.bad_seq <= size:
@@ -191,8 +197,11 @@ def _verify_chain(
     verifier: ChainVerifier,
     signed: _Signed,
     expect_head: tuple[int, str] | None,
+    snapshot: tuple[Refold | None, tuple[int | None, str] | None],
 ) -> VerifyReport:
-    """The chain, the signed hashes and the expected head, in one pass over the log."""
+    """The chain, the signed hashes, the expected head and the snapshot's refold, in one
+    pass over the log."""
+    refold, snapshot_damage = snapshot
     expected = dict(signed.hashes)
     if expect_head is not None:
         expected[expect_head[0]] = (expect_head[1], "the expected head")
@@ -214,6 +223,8 @@ def _verify_chain(
                 continue
             for data in chunk.lines:
                 entry = check(data)
+                if refold is not None:
+                    refold.see(entry)
                 if chunk.segment != named:
                     named = chunk.segment
                     if entry["seq"] != int(named.stem):
@@ -232,6 +243,11 @@ def _verify_chain(
             origin = expected[furthest][1]
             why = f"the log ends at seq {verifier.seq} but {origin} names seq {furthest}"
             return verifier.report("truncated", verifier.seq + 1, why)
+    if snapshot_damage is not None:
+        claimed, why = snapshot_damage
+        return verifier.report("tampered", claimed or verifier.seq, why)
+    if refold is not None and (problem := refold.problem(verifier)) is not None:
+        return problem
     if torn:
         return verifier.report("torn", verifier.seq + 1, "the last line is incomplete")
     return verifier.report()

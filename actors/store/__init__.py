@@ -86,7 +86,7 @@ postgresql: ``WHERE tenant = $1 AND seq >= <the seq of its tenant.create>``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol, TypeVar
 
 import msgspec
@@ -162,7 +162,20 @@ class Store(Protocol):
 
     @property
     def ready(self) -> bool:
-        """State recovered and the journal takes writes (``/readyz``)."""
+        """State recovered and the journal takes writes (``/readyz``, API.md v1.1).
+
+        False from a write that failed until a write succeeds again, and for good once
+        the journal or the state is found damaged. "Succeeds" means a write of the kind
+        that failed, not a cheaper stand-in: it must turn True again without traffic.
+
+        - file: a batch that could not be made durable; cutting the segment back needs no
+          free space and proves nothing, so the writer probes every second (a page
+          written past the durable end, fsynced, cut off again) until one succeeds.
+        - postgresql: a transaction that did not commit (the database unreachable, a full
+          disk, a read-only replica); the store then probes on its own, at least every
+          second, with a transaction that writes (e.g. updates a heartbeat row) and
+          commits, and is ready again once one commits.
+        """
         ...
 
     async def upkeep(self) -> None:
@@ -209,6 +222,29 @@ class Store(Protocol):
 
     def tenants_in_doubt(self) -> list[str]:
         """Tenants that have operations in doubt no worker owns."""
+        ...
+
+    # -- what the fleet says -----------------------------------------------------------------
+
+    def tenants_with_vms(self) -> list[str]:
+        """Tenants that have at least one VM (whose state the fleet may report)."""
+        ...
+
+    async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
+        """The fleet's latest word on some of the tenant's VMs (``vm_id`` -> state).
+
+        Only a *settled* VM (``pending``, ``running`` or ``error``) takes the fleet's state:
+        a VM with an operation in flight or in doubt belongs to that operation, a VM not
+        in ``states`` keeps its state, an id the tenant does not have is ignored. Not
+        audited (nothing the proxy decided changed), and not part of the fold: a restart
+        shows the state the log recorded until the fleet is asked again. Returns how many
+        VMs changed state.
+
+        - file: in memory, at once (the VM's state and its settled state).
+        - postgresql: ``UPDATE vms SET state = $s, settled_state = $s WHERE tenant = $t AND
+          id = $id AND state IN ('pending', 'running', 'error')``, one statement for the
+          batch; every replica then reads the same.
+        """
         ...
 
     # -- the directory and the reads --------------------------------------------------------

@@ -27,10 +27,12 @@ import hmac
 import itertools
 import logging
 import secrets
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +41,7 @@ import trio
 
 from actors.errors import AuditUnavailable, InvalidRequest, NotFound, StartupError
 from actors.fsutil import atomic_write, create_private, fsync_dir
-from actors.journal import fold, merkle, snapshot
+from actors.journal import fold, merkle, refold, snapshot
 from actors.journal.chain import ChainBroken
 from actors.journal.checkpoint import CheckpointSigner, SignedHead
 from actors.journal.entries import Entry, utc_now
@@ -52,6 +54,7 @@ from actors.journal.writer import AuditTicket, AuditWriter
 from actors.metrics import Metrics
 from actors.state import (
     IN_DOUBT_STATES,
+    SETTLED_STATES,
     Directory,
     ProxyState,
     TenantSlice,
@@ -182,6 +185,7 @@ class FileStore:
         #: the anchor of the snapshot on disk
         self.snapshot_anchor = replayed.anchor
         self._recovered_anchor = replayed.anchor
+        self._recovered_digest = replayed.snapshot.digest
         self._admin = admin_token.encode()
         self._keys = FileKeyStorage(config.data_dir / "keys")
         self._reader = AuditReader(config.data_dir / "audit")
@@ -244,6 +248,25 @@ class FileStore:
             for tenant in self.state.tenants.values()
             if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values())
         ]
+
+    # -- what the fleet says ------------------------------------------------------------------
+
+    def tenants_with_vms(self) -> list[str]:
+        return [tenant.id for tenant in self.state.tenants.values() if tenant.vms]
+
+    async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
+        tenant = self.state.tenants.get(tenant_id)
+        if tenant is None:
+            return 0
+        changed = 0
+        for vm_id, state in states.items():
+            vm = tenant.vms.get(vm_id)
+            if vm is None or state not in SETTLED_STATES or vm.state == state:
+                continue
+            if vm.state in SETTLED_STATES:  # else an operation owns it
+                tenant.set_vm_state(vm_id, sys.intern(state), settled=True)
+                changed += 1
+        return changed
 
     # -- the directory and the reads: views taken between two changes ------------------------
 
@@ -418,13 +441,15 @@ class FileStore:
         self.trails.add(entries)
         state = self.state
         for entry in entries:
-            if not fold.reserves(entry):
-                try:
+            try:
+                if not fold.reserves(entry):
                     fold.apply(state, entry)
-                except Exception:
-                    # A bug: the state no longer is the fold of the log; a restart
-                    # (which replays the log) repairs it. The batch itself is durable.
-                    log.exception("folding durable entry %s failed", entry.get("seq"))
+                elif fold.remembers_key(entry) and (tenant := state.tenants.get(entry["tenant"])):
+                    fold.expire(tenant, entry)  # its reservation was folded in when drafted
+            except Exception:
+                # A bug: the state no longer is the fold of the log; a restart
+                # (which replays the log) repairs it. The batch itself is durable.
+                log.exception("folding durable entry %s failed", entry.get("seq"))
 
     def _lost(self, drafts: list[Entry]) -> None:
         tenants = self.state.tenants
@@ -436,7 +461,7 @@ class FileStore:
 
     async def upkeep(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._verify_prefix)
+            nursery.start_soon(self._check_snapshot)
             nursery.start_soon(self._index_trails)
             nursery.start_soon(self._snapshot_loop)
             nursery.start_soon(self._checkpoint_loop)
@@ -472,19 +497,26 @@ class FileStore:
         log.debug("audit trail index ready (%d entries)", self.trails.entries())
 
     async def write_snapshot(self) -> snapshot.Anchor:
-        """Compact the durable log into a new snapshot (in a worker thread)."""
+        """Compact the durable log into a new, sealed snapshot (in a worker thread)."""
         upto = self.writer.seq
         self.snapshot_anchor = await trio.to_thread.run_sync(
-            snapshot.compact, self.config.data_dir, upto
+            snapshot.compact, self.config.data_dir, upto, self.checkpoints
         )
         return self.snapshot_anchor
 
-    async def _verify_prefix(self) -> None:
-        """Verify the chain before the snapshot's anchor; damage there stops all writes."""
-        audit_dir = self.config.data_dir / "audit"
-        report = await trio.to_thread.run_sync(
-            snapshot.verify_prefix, audit_dir, self._recovered_anchor, abandon_on_cancel=True
+    async def _check_snapshot(self) -> None:
+        """Verify the chain up to the snapshot's anchor and the snapshot against its fold;
+        damage in either stops all writes."""
+        check = partial(
+            refold.check_snapshot,
+            self.config.data_dir,
+            self._recovered_anchor,
+            self._recovered_digest,
         )
+        if self.config.inline_io:
+            report = check()
+        else:
+            report = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
         if not report.intact:
             self.writer.mark_damaged(
                 f"audit chain {report.verdict} at seq {report.bad_seq}: {report.reason}"
@@ -496,6 +528,9 @@ class FileStore:
             if self.writer.seq > self.snapshot_anchor.seq:
                 try:
                     await self.write_snapshot()
+                except snapshot.SnapshotDamaged as damage:
+                    self.writer.mark_damaged(str(damage))
+                    return
                 except (OSError, ChainBroken, snapshot.SnapshotError) as error:
                     log.error("snapshot failed (will retry): %s", error)
 
@@ -547,12 +582,18 @@ async def open_file_store(
     data_dir = config.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (data_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+    signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
+    key = signer.public_key
     try:
-        replayed = await trio.to_thread.run_sync(lambda: snapshot.replay(data_dir, cut_torn=True))
+        replayed = await trio.to_thread.run_sync(
+            lambda: snapshot.replay(data_dir, key=key, cut_torn=True)
+        )
     except (ChainBroken, snapshot.SnapshotError) as error:
         raise StartupError(f"cannot start on {data_dir}: {error}") from error
     if replayed.torn_cut:
         log.warning("cut an incomplete last audit line (it was never acknowledged)")
+    if replayed.snapshot.legacy:
+        log.info("snapshot/state.json predates sealed snapshots: replayed the whole log")
     head = replayed.head
     tree = LogTree(data_dir / "tree", data_dir / "audit")
     try:
@@ -568,7 +609,12 @@ async def open_file_store(
         metrics=metrics,
         tree=tree,
     )
-    signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
+    if replayed.snapshot.damage is not None:
+        # Not served from: the state is the fold of the whole log. But someone changed
+        # what this process wrote, so nothing more is written until an operator looks.
+        writer.mark_damaged(
+            f"{replayed.snapshot.damage}; the state was rebuilt from the log instead"
+        )
     admin = await trio.to_thread.run_sync(
         read_or_create_secret, admin_token_path(data_dir), _new_admin_token
     )

@@ -10,7 +10,7 @@ from quart import g, request
 from actors.errors import DomainError
 from actors.journal.chain import canonical
 from actors.service import Service
-from actors.state import VmSpec
+from actors.state import SETTLED_STATES, VmSpec
 from actors.tenants.protocol import Destroy, Replay, Spawn
 from actors.views import Destroyed, Usage, Vm
 from server.auth import Authority
@@ -19,9 +19,6 @@ from server.responses import VmList
 from server.routes.gates import Gates
 from server.routes.spec import CURSOR, LIMIT, Operation, Param, Routes
 from server.schemas import IDEMPOTENCY_KEY_RE, SpawnBody, parse_int, reject_unknown_params, single
-
-#: states whose live value is worth asking the fleet for
-LIVE_STATES = frozenset({"pending", "running", "error"})
 
 VM_ID = Param("id", "path", {"type": "string"}, variable="vm_id")
 IDEMPOTENCY_KEY = Param(
@@ -101,9 +98,12 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         tenant = gates.tenant()
         gates.no_params()
         vm = await reads.vm(tenant, vm_id)
-        if vm.state in LIVE_STATES:
+        if vm.state in SETTLED_STATES:
             try:
                 live = await service.fleet.status(vm_id)
+                if live is not None:
+                    # what the fleet said is what the list and the metrics show from now on
+                    await service.store.record_fleet_states(tenant, {vm_id: live})
             except DomainError:
                 live = None
             if live is not None:

@@ -267,8 +267,12 @@ def test_truncation_is_caught_by_an_expected_head_without_checkpoints(data_dir: 
     head = json.loads(lines[-1])
     write_lines(data_dir, lines[:-5])
     (data_dir / "audit-checkpoints.jsonl").unlink()
+    # The sealed snapshot names the seq it covers: evidence of the cut by itself...
+    result = verify(data_dir)
+    assert result.returncode == 1 and "truncated" in output(result), output(result)
+    (data_dir / "snapshot" / "state.json").unlink()
 
-    # Without any evidence from outside the log, a clean cut cannot be seen...
+    # ...without any evidence from outside the log, a clean cut cannot be seen...
     assert verify(data_dir).returncode == 0
     # ...but a head kept elsewhere shows it.
     result = verify(data_dir, "--expect-head", f"{head['seq']}:{head['hash']}")
@@ -304,8 +308,12 @@ def test_a_chain_rewritten_with_fresh_hashes_is_tampered(data_dir: Path) -> None
     assert result.returncode == 1, output(result)
     assert "tampered" in output(result)
 
-    # The rewrite itself is self-consistent: only the signed checkpoint gives it away.
+    # The rewrite itself is self-consistent: only what the key signed gives it away, the
+    # checkpoints and the sealed snapshot's anchor.
     (data_dir / "audit-checkpoints.jsonl").unlink()
+    result = verify(data_dir)
+    assert result.returncode == 1 and "snapshot anchor" in output(result), output(result)
+    (data_dir / "snapshot" / "state.json").unlink()
     assert verify(data_dir).returncode == 0
 
 
