@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from actors.journal.checkpoint import CheckpointSigner
-from actors.journal.snapshot import Anchor, Replayed
+from actors.journal.snapshot import Anchor, Loaded, Replayed
 from actors.journal.tiles import TileLog
 from actors.journal.trail import TrailIndex, scan_trails
 from actors.journal.tree import LogTree
@@ -72,7 +72,9 @@ def measure(data_dir: Path, entries: int, tenants: int, probes: int) -> dict[str
     tracemalloc.stop()
 
     writer = AuditWriter(data_dir / "audit", entries, head, tree=tree)
-    replayed = Replayed(ProxyState(), Anchor(), Anchor(entries, head))
+    replayed = Replayed(
+        ProxyState(), Anchor(), Anchor(entries, head), Loaded(ProxyState(), Anchor())
+    )
     config = FileStoreConfig(data_dir)
     store = FileStore(config, replayed, writer, CheckpointSigner(data_dir), "adm-x", tree)
     store.trails = trails
