@@ -36,7 +36,7 @@ from actors.errors import BUSY_REASONS
 from actors.state import IN_DOUBT_STATES
 
 PREFIX = "vm_tenant"
-FLEET_OPERATIONS = ("spawn", "destroy", "status")
+FLEET_OPERATIONS = ("spawn", "destroy", "status", "list")
 #: ``ok``: an answer; ``error``: a definite refusal; ``in_doubt``: sent, no answer;
 #: ``unavailable``: the fleet said it did not act; ``timeout``: the call's deadline
 #: expired; ``refused``: never sent (circuit open, client overloaded)

@@ -5,11 +5,10 @@ the store that ``ServiceConfig.store`` names (:func:`open_store`: the file store
 the state from the snapshot and a verified replay, cutting a torn last line, and starts
 the audit writer; the PostgreSQL store joins the database, creating the schema and the
 log's keys on the first start, and runs the replica's sequencer and followers), then
-starts the fleet
-client and the tenant registry, each in a nursery of its own so that shutdown runs in
-order: the store's upkeep stops, tenant actors drain, then the fleet client, then the
-store closes (the audit writer flushes; a last checkpoint and snapshot). The edge
-(HTTP) must have drained before it leaves the context.
+starts the fleet client and the tenant registry, each in a nursery of its own so that
+shutdown runs in order: the store's upkeep and the fleet state sweep stop, tenant actors
+drain, then the fleet client, then the store closes (the audit writer flushes; a last
+checkpoint and snapshot). The edge (HTTP) must have drained before it leaves the context.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from actors.errors import StartupError
 from actors.fleet.client import FleetClient, FleetDriver
 from actors.fleet.embedded import EmbeddedFleet
 from actors.fleet.http import HttpFleet
+from actors.fleet.sync import FleetSync
 from actors.journal import snapshot
 from actors.journal.checkpoint import CheckpointSigner
 from actors.journal.writer import AuditWriter
@@ -60,6 +60,8 @@ class ServiceConfig:
     max_inflight_spawns: int = 32
     #: an idle tenant actor ends after this many seconds; its state stays in the store
     passivate_after: float = 300.0
+    #: seconds between two sweeps that copy the fleet's VM states (actors/fleet/sync.py)
+    fleet_sync_interval: float = 10.0
     #: audit file work on the event loop thread (tests under Trio's virtual clock only)
     inline_io: bool = False
 
@@ -83,6 +85,8 @@ class Service:
     fleet: FleetClient
     registry: TenantRegistry
     metrics: Metrics = field(default_factory=Metrics)
+    #: the sweep that keeps VM states as the fleet last reported them
+    sync: FleetSync | None = None
     recovered: bool = False
     #: the same store when it is the file store, for what only it has (the tests, the
     #: bench): the edge sees ``store``, the interface, only
@@ -210,7 +214,8 @@ async def open_service(
         )
         metrics.watch(lambda: read_state(registry, store, fleet))
         file_store = store if isinstance(store, FileStore) else None
-        service = Service(config, store, fleet, registry, metrics, file_store=file_store)
+        sync = FleetSync(store, fleet, interval=config.fleet_sync_interval)
+        service = Service(config, store, fleet, registry, metrics, sync, file_store=file_store)
         async with trio.open_nursery() as fleet_nursery:
             await fleet_nursery.start(fleet.run)
             async with trio.open_nursery() as tenants_nursery:
@@ -218,6 +223,7 @@ async def open_service(
                 service.recovered = True
                 async with trio.open_nursery() as upkeep:
                     upkeep.start_soon(store.upkeep)
+                    upkeep.start_soon(sync.run)
                     try:
                         yield service
                     finally:

@@ -9,6 +9,8 @@ Readers get immutable views (``actors/views.py``), never these live objects.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
@@ -16,9 +18,13 @@ import msgspec
 from sortedcontainers import SortedDict
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+#: the status of a quota refusal's record (bounded in number, see TenantSlice.forget_keys)
+REFUSED = 403
 
 #: VM states that mean the fleet has not settled the last operation on that VM.
 IN_DOUBT_STATES = frozenset({"spawning", "destroying", "unknown"})
+#: VM states the fleet reports for a VM with no operation in flight
+SETTLED_STATES = frozenset({"pending", "running", "error"})
 
 
 # The records below hold only strings, numbers and plain JSON data, so they can never be
@@ -131,6 +137,22 @@ class TenantSlice(Protocol):
 
     def drop_key(self, key: str) -> None: ...
 
+    def forget_keys(self, before: str, sweep_before: str, refusals: int) -> None:
+        """Forget old idempotency records (the fold's retention, ``actors/journal/fold.py``).
+
+        Two rules: a settled record (status not 0) created before ``before`` is
+        forgotten, and of the refusal records (status ``REFUSED``) only the newest
+        ``refusals`` are kept. A record in flight (status 0) is never forgotten.
+        ``sweep_before`` (earlier than ``before``) lets a store batch the first rule: it
+        may keep expired records until the oldest record is older than ``sweep_before``.
+
+        - file (:class:`TenantState`): in memory, as described.
+        - postgresql: ``DELETE`` the tenant's settled rows older than ``before`` and its
+          refusal rows beyond the newest ``refusals`` (by ``created``, then key), in the
+          deciding transaction; batching is not needed.
+        """
+        ...
+
 
 class TenantState:
     """A tenant's quota, VMs (by id, with the ids in order for cursors), idempotency keys.
@@ -144,6 +166,7 @@ class TenantState:
     __slots__ = (
         "_ids",
         "_ids_sorted",
+        "_refusals",
         "allocated_memory",
         "allocated_vcpus",
         "id",
@@ -159,7 +182,11 @@ class TenantState:
         self.vms: dict[str, VmRecord] = {}
         self._ids: list[str] = []
         self._ids_sorted = True
+        #: every idempotency record, oldest first; change only through the slice's methods
+        #: (and load_keys), which keep the refusals' queue beside it
         self.idempotency: dict[str, IdempotencyRecord] = {}
+        #: the refusal records of ``idempotency``, in the same order (oldest first)
+        self._refusals: deque[tuple[str, IdempotencyRecord]] = deque()
         self.allocated_vcpus = 0
         self.allocated_memory = 0
 
@@ -230,10 +257,51 @@ class TenantState:
             vm.doubt = doubt
 
     def set_key(self, key: str, record: IdempotencyRecord) -> None:
+        previous = self.idempotency.get(key)
+        if previous is not None and previous.status == REFUSED:
+            self._refusals.remove((key, previous))
         self.idempotency[key] = record
+        if record.status == REFUSED:
+            self._refusals.append((key, record))
 
     def drop_key(self, key: str) -> None:
-        self.idempotency.pop(key, None)
+        record = self.idempotency.pop(key, None)
+        if record is not None and record.status == REFUSED:
+            self._refusals.remove((key, record))
+
+    def forget_keys(self, before: str, sweep_before: str, refusals: int) -> None:
+        """See :meth:`TenantSlice.forget_keys`.
+
+        The records are in the order they were made, so the oldest is the first: only
+        when it is older than ``sweep_before`` is the whole dict rebuilt without the
+        expired records, and then not again until the new first one is that old. A
+        record still in flight that old (its spawn in doubt for a day) goes to the end
+        on a rebuild, so that it does not set one off on every call.
+        """
+        records = self.idempotency
+        refused = self._refusals
+        while len(refused) > refusals:
+            key, _ = refused.popleft()
+            del records[key]
+        oldest = next(iter(records.values()), None)
+        if oldest is None or oldest.created >= sweep_before:
+            return
+        kept: dict[str, IdempotencyRecord] = {}
+        stuck: dict[str, IdempotencyRecord] = {}
+        for key, record in records.items():
+            if record.created >= before:
+                kept[key] = record
+            elif record.status == 0:
+                (stuck if record.created < sweep_before else kept)[key] = record
+        kept.update(stuck)
+        self.load_keys(kept)
+
+    def load_keys(self, records: Mapping[str, IdempotencyRecord]) -> None:
+        """Replace the idempotency records wholesale, oldest first (a snapshot being loaded)."""
+        self.idempotency = dict(records)
+        self._refusals = deque(
+            (key, record) for key, record in self.idempotency.items() if record.status == REFUSED
+        )
 
 
 class Directory:

@@ -12,7 +12,11 @@ report gives each tree's median and its ratio to the first tree.
     .venv/bin/python -m bench.cpu --tree before=/tmp/old --tree after=. --scenario spawn
 
 A tree named ``floor`` (``--tree floor=floor``) is the bare Quart-Trio app the bench
-compares against (``bench/floor_app.py``), for the proxy's CPU as a multiple of it.
+compares against (``bench/floor_app.py``), for the proxy's CPU as a multiple of it. A tree
+named ``no-merkle`` (``--tree off=no-merkle``) is this tree without the Merkle tree
+(``bench/without_tree.py``), for what the tree costs:
+
+    .venv/bin/python -m bench.cpu --tree on=. --tree off=no-merkle --connections 64
 
 ``--profile`` adds a py-spy summary of each tree's last round (CPU samples by package and
 the busiest functions; ``.venv/bin/pip install py-spy``).
@@ -29,11 +33,13 @@ from pathlib import Path
 
 from bench.profile import find_py_spy, start_recording, summarise
 from bench.provision import Entry, provision, write_data_file
-from bench.servers import Server, detect_pinning, free_port, start_floor, start_server
+from bench.servers import ROOT, Server, detect_pinning, free_port, start_floor, start_server
 from bench.wrk import find_wrk, run_wrk, wrk_command
 
 #: ``--tree floor=floor`` measures the bare Quart-Trio app of ``bench/floor_app.py``
 FLOOR = "floor"
+#: ``--tree off=no-merkle`` measures this tree with the Merkle tree off
+NO_TREE = "no-merkle"
 
 
 def start_tree(tree: Path, workdir: Path, name: str) -> Server:
@@ -43,11 +49,12 @@ def start_tree(tree: Path, workdir: Path, name: str) -> Server:
         (workdir / name / "admin.token").write_text("floor")
         return floor
     port = free_port()
-    argv = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(workdir / name)]
+    module, cwd = ("bench.without_tree", ROOT) if tree.name == NO_TREE else ("server.cli", tree)
+    argv = [sys.executable, "-m", module, "serve", "--data-dir", str(workdir / name)]
     argv += ["--bind", f"127.0.0.1:{port}", "--fleet", "embedded"]
     argv += ["--rate-limit", "0", "--max-inflight-spawns", "0"]
     return start_server(
-        name, argv, port, "/readyz", workdir, detect_pinning(), trace=False, cwd=tree
+        name, argv, port, "/readyz", workdir, detect_pinning(), trace=False, cwd=cwd
     )
 
 

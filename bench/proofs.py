@@ -29,13 +29,15 @@ from actors.journal.merkle import (
     inclusion_proof,
     leaf_hash,
 )
+from actors.journal.segments import segment_name
 from actors.journal.tiles import TileLog
 
 BATCH = 64
 
 
-def stored_lines(count: int) -> list[bytes]:
-    """Lines shaped like the audit log's (about 330 bytes each, a real hash chain)."""
+def stored_lines(count: int, tenants: int = 97) -> list[bytes]:
+    """Lines shaped like the audit log's (about 330 bytes each, a real hash chain), of
+    ``tenants`` tenants in turn."""
     lines = []
     prev = "0" * 64
     for seq in range(1, count + 1):
@@ -47,7 +49,7 @@ def stored_lines(count: int) -> list[bytes]:
             "request_id": f"{seq:032x}",
             "seq": seq,
             "source": {"ip": "127.0.0.1", "token_id": "tok-0123456789abcdef"},
-            "tenant": f"tenant-{seq % 97}",
+            "tenant": f"tenant-{seq % tenants}",
             "ts": "2026-12-01T10:00:00.123456Z",
             "vm": f"vm-{seq:024x}",
         }
@@ -55,6 +57,26 @@ def stored_lines(count: int) -> list[bytes]:
         prev = hashlib.sha256(body).hexdigest()
         lines.append(body[:-1] + b',"hash":"' + prev.encode() + b'"}')
     return lines
+
+
+def write_segments(audit_dir: Path, lines: list[bytes], segment_bytes: int = 16 << 20) -> None:
+    """``lines`` as the audit writer stores them: segments named by their first seq,
+    rolled once they hold ``segment_bytes``."""
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    segment = None
+    size = segment_bytes
+    try:
+        for seq, line in enumerate(lines, start=1):
+            if size >= segment_bytes:
+                if segment is not None:
+                    segment.close()
+                segment = (audit_dir / segment_name(seq)).open("wb")
+                size = 0
+            segment.write(line + b"\n")
+            size += len(line) + 1
+    finally:
+        if segment is not None:
+            segment.close()
 
 
 def _cpu(fn) -> float:  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from actors.errors import DomainError, FleetInDoubt
+from actors.reply import Receipt
 from actors.service import Service
 from server.auth import Authority
 from server.observe import count_domain_error, instrument
@@ -76,10 +77,15 @@ def _plumbing(app: QuartTrio, service: Service) -> None:
     async def assign_request_id() -> None:
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(16)
+        g.receipt = Receipt()
 
     @app.after_request
     async def echo_request_id(response: Response) -> Response:
         response.headers["X-Request-Id"] = g.get("request_id") or secrets.token_hex(16)
+        receipt = g.get("receipt")
+        if receipt is not None and receipt.seqs:
+            # the entries this request appended, whatever its answer (API.md v1.1)
+            response.headers["Audit-Seq"] = ", ".join(map(str, receipt.seqs))
         has_body = request.content_length or "Transfer-Encoding" in request.headers
         if has_body and (response.status_code >= 400 or not g.get("body_read")):
             # An answer sent before the body was read (an error, an automatic OPTIONS, a

@@ -4,9 +4,8 @@
 method, route *template* (``/v1/vms/<vm_id>``, never the raw path) and status, timed in a
 histogram, and logged as one structured line: request id, tenant (``"admin"`` for the
 operator, null when unauthenticated), client ip, the trace id of a W3C ``traceparent``
-the caller sent, method, route, status, latency and the audit seq of the entry the
-request wrote. Seqs come from :class:`AuditSeqs`, which watches the audit writer's
-durable batches for the ids of the requests in flight. Health probes (``/healthz``,
+the caller sent, method, route, status, latency and the audit seqs of the entries the
+request wrote (its receipt, the same seqs as its ``Audit-Seq`` header). Health probes (``/healthz``,
 ``/readyz``), which a load balancer sends every few seconds, are logged at debug level.
 
 Nothing else from the request's headers or body is logged: no token, no Authorization.
@@ -56,56 +55,6 @@ def trace_id(values: list[str]) -> str | None:
     return trace
 
 
-#: (seq, token id of the entry's source) of one durable audit entry
-Written = list[tuple[int, str | None]]
-
-
-class AuditSeqs:
-    """The audit entries written on behalf of each request in flight, by request id.
-
-    Callers choose their ``X-Request-Id``, so two requests may carry the same one at once,
-    even from different callers: each request gets a list of its own, and
-    :func:`seqs_of` keeps only the entries made with the request's own token.
-    """
-
-    def __init__(self) -> None:
-        self._open: dict[str, list[Written]] = {}
-
-    def open(self, request_id: str) -> Written:
-        seqs: Written = []
-        self._open.setdefault(request_id, []).append(seqs)
-        return seqs
-
-    def close(self, request_id: str, seqs: Written) -> None:
-        lists = self._open.get(request_id)
-        if lists is None:
-            return
-        for i, candidate in enumerate(lists):
-            if candidate is seqs:
-                del lists[i]
-                break
-        if not lists:
-            del self._open[request_id]
-
-    def record(self, entries: list[dict[str, Any]]) -> None:
-        """Audit observer: note each durable entry under its request id."""
-        if not self._open:
-            return
-        for entry in entries:
-            lists = self._open.get(entry.get("request_id") or "")
-            if lists:
-                source = entry.get("source") or {}
-                for seqs in lists:
-                    seqs.append((entry["seq"], source.get("token_id")))
-
-
-def seqs_of(written: Written, token_id: str | None) -> list[int]:
-    """The seqs of the entries made with ``token_id`` (none without a token)."""
-    if token_id is None:
-        return []
-    return [seq for seq, by in written if by == token_id]
-
-
 def count_domain_error(metrics: Metrics, error: DomainError) -> None:
     """Count the errors that have a metric of their own (quota refusals, 429s)."""
     if isinstance(error, QuotaExceeded):
@@ -132,15 +81,12 @@ def instrument(
     app: QuartTrio, service: Service, log: structlog.stdlib.BoundLogger | None = None
 ) -> None:
     """Count, time and log every request ``app`` answers."""
-    seqs = AuditSeqs()
-    service.store.observe(seqs.record)
     measure = _RequestMetrics(service.metrics)
     log = log or request_logger()
 
     @app.before_request
     async def start_observing() -> None:
         g.observed_at = time.perf_counter()
-        g.audit_seqs = seqs.open(g.request_id)
 
     @app.after_request
     async def observe(response: Response) -> Response:
@@ -153,9 +99,9 @@ def instrument(
         method = request.method if request.method in KNOWN_METHODS else "other"
         status = response.status_code
         measure.observe(method, route, status, seconds)
-        seqs.close(g.request_id, g.audit_seqs)
         who = g.get("principal")
-        written = seqs_of(g.audit_seqs, None if who is None else who.token_id)
+        receipt = g.get("receipt")
+        written = receipt.seqs if receipt is not None else []
         fields: dict[str, Any] = {
             "request_id": g.request_id,
             "tenant": None if who is None else (who.tenant if who.kind == "tenant" else "admin"),
@@ -174,10 +120,3 @@ def instrument(
         else:
             log.info("request", **fields)
         return response
-
-    @app.teardown_request
-    async def stop_observing(_: BaseException | None) -> None:
-        # after_request does not run for a request cut short (client gone): forget it.
-        written = g.get("audit_seqs")
-        if written is not None:
-            seqs.close(g.request_id, written)

@@ -7,10 +7,12 @@ core's views), and each problem code's status, headers and members from
 ``server/problems.py``. So the
 document describes exactly what the server accepts and sends.
 
-Problems an operation may answer beyond the ones it names: 401 ``unauthorized`` and 403
-``forbidden`` with a token; 400 ``invalid_request`` (an unknown query parameter); 429
-``rate_limited`` with a tenant token (the tenant's limits); and with a body 400, 413
-``payload_too_large`` and 415 ``unsupported_media_type``.
+Problems an operation may answer beyond the ones it names: 401 ``unauthorized`` with a
+token, and 403 ``forbidden`` where only one kind of token will do; 400 ``invalid_request``
+(an unknown query parameter); 429 ``rate_limited`` where a tenant token is taken (the
+tenant's limits); and with a body 400, 413 ``payload_too_large`` and 415
+``unsupported_media_type``. A ``text/plain`` answer (a signed note, a key) is described
+as a string.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def _header(schema: dict[str, Any], description: str, required: bool = True) -> 
 _REQUEST_ID = _header(
     {"type": "string", "pattern": f"^{REQUEST_ID_RE.pattern}$"}, "the caller's, or a fresh one"
 )
+#: on every answer to a request that appended audit entries (a success, a refusal that was
+#: audited: 403 quota_exceeded, a destroy's 404, the fleet's 502/503), none otherwise
+_AUDIT_SEQ = _header(
+    {"type": "string", "pattern": "^[0-9]+(, [0-9]+)*$"},
+    "the seqs of the audit entries this request appended, in order",
+    required=False,
+)
 #: headers that a problem code always carries (``server/problems.py``)
 _PROBLEM_HEADERS: dict[str, dict[str, Any]] = {
     "unauthorized": {"WWW-Authenticate": _header({"const": "Bearer"}, "the scheme to use")},
@@ -50,8 +59,10 @@ def problem_codes(op: Operation) -> tuple[str, ...]:
     """Every problem ``op`` may answer (see the module docstring), each once."""
     codes: list[str] = []
     if op.auth != "none":
-        codes += ["invalid_request", "unauthorized", "forbidden"]
-    if op.auth == "tenant":
+        codes += ["invalid_request", "unauthorized"]
+    if op.auth in ("tenant", "admin"):
+        codes.append("forbidden")
+    if op.auth in ("tenant", "any"):
         codes.append("rate_limited")
     if op.request is not None:
         codes += ["invalid_request", "payload_too_large", "unsupported_media_type"]
@@ -95,7 +106,9 @@ def _success(op: Operation) -> dict[str, Any]:
         # Location is on every such answer; the others only on some (a replay)
         headers[name] = _header({"type": "string"}, description, required=name == "Location")
     response: dict[str, Any] = {"description": op.summary, "headers": headers}
-    if op.body is not None:
+    if op.body is str:
+        response["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    elif op.body is not None:
         schema = {"$ref": REF + op.body.__name__}
         response["content"] = {"application/json": {"schema": schema}}
     if op.links:
@@ -119,6 +132,9 @@ def _operation(op: Operation) -> dict[str, Any]:
         }
     if op.auth == "none":
         document["security"] = []
+    if op.audited:
+        for response in document["responses"].values():
+            response["headers"]["Audit-Seq"] = _AUDIT_SEQ
     return document
 
 
@@ -127,7 +143,10 @@ def openapi_document(routes: Iterable[Routes]) -> dict[str, Any]:
     operations = [op for group in routes for op in group.operations]
     structs: list[type[msgspec.Struct]] = [ProblemBody]
     for op in operations:
-        structs += [s for s in (op.body, op.request) if s is not None]
+        for struct in (op.body, op.request):
+            if struct is not None and struct is not str:
+                assert issubclass(struct, msgspec.Struct)
+                structs.append(struct)
     _, components = msgspec.json.schema_components(
         list(dict.fromkeys(structs)), ref_template=REF + "{name}"
     )

@@ -94,18 +94,46 @@ class AuditPage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A signed checkpoint of the audit chain's head."""
+    """The current head, signed: the v1 checkpoint of the chain and, in ``checkpoint``, the
+    same head as a C2SP signed note of the Merkle tree (API.md v1.1)."""
 
-    seq: Annotated[int, msgspec.Meta(ge=1)]
+    seq: Annotated[int, msgspec.Meta(ge=0)]
     hash: Hex64
     ts: str
-    signature: Annotated[str, msgspec.Meta(description="base64 Ed25519")]
+    signature: Annotated[str, msgspec.Meta(description="base64 Ed25519 over {seq, hash, ts}")]
+    checkpoint: Annotated[
+        str, msgspec.Meta(description="C2SP tlog-checkpoint signed note of the tree of `seq`")
+    ]
 
-    @classmethod
-    def of(cls, stored: dict[str, Any]) -> Checkpoint:
-        """A stored checkpoint as the API shows it; one with members this struct does not
-        describe is refused (it would drift from the document)."""
-        return msgspec.convert(stored, cls)
+
+Base64Hash = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9+/]{43}=$")]
+
+
+class InclusionProof(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The RFC 9162 inclusion proof of entry ``seq`` (leaf ``seq - 1``) in a tree."""
+
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    leaf_index: Annotated[int, msgspec.Meta(ge=0)]
+    tree_size: Annotated[int, msgspec.Meta(ge=1)]
+    hashes: list[Base64Hash]
+
+
+class ConsistencyProof(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The RFC 9162 consistency proof from the tree of ``from`` entries to that of ``to``."""
+
+    first: Annotated[int, msgspec.Meta(ge=1)] = msgspec.field(name="from")
+    to: Annotated[int, msgspec.Meta(ge=1)]
+    hashes: list[Base64Hash]
+
+
+class Trail(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A page of the caller's own audit entries, exactly as stored, by rising seq."""
+
+    entries: list[Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})]]
+    next: Annotated[
+        int | None,
+        msgspec.Meta(description="pass as `after` for the next page; null: the last page"),
+    ]
 
 
 class Status(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -83,6 +83,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: idle tenant actors end after this many seconds
     passivate_after: Seconds = 300.0
+    #: seconds between two sweeps that copy the fleet's VM states
+    fleet_sync_interval: Seconds = 10.0
     #: HTTPS on ``bind``: the certificate (PEM chain) and its key, or None (``"off"``)
     tls_cert: Text | None = None
     tls_key: Text | None = None
@@ -131,6 +133,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             rate_burst=self.limits.burst,
             max_inflight_spawns=self.limits.max_inflight_spawns,
             passivate_after=self.passivate_after,
+            fleet_sync_interval=self.fleet_sync_interval,
         )
 
 
@@ -184,6 +187,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "passivate_after", "--passivate-after", "VM_TENANT_PASSIVATE_AFTER", "SECONDS",
         "idle tenant actors end after this",
+    ),
+    Option(
+        "fleet_sync_interval", "--fleet-sync-interval", "VM_TENANT_FLEET_SYNC_INTERVAL",
+        "SECONDS", "how often VM states are read from the fleet",
     ),
     Option(
         "tls_cert", "--tls-cert", "VM_TENANT_TLS_CERT", "FILE",

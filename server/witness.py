@@ -1,9 +1,10 @@
 """Checking a log from outside: a witness round and a tenant's own audit check.
 
 Both procedures talk to the log only through a :data:`Get` function (a path and query
-parameters in, a status and body out), so they run over :func:`http_getter` (httpx), the
-typed client, or a test's fake server alike, and they trust nothing the log says unless a
-signature or a proof backs it.
+parameters in, a status and body out), so they run over the typed client
+(:func:`client_getter`, which the CLI uses) or a test's fake server alike, and they trust
+nothing the log says unless a signature or a proof backs it: they read raw bodies and
+parse them themselves.
 
 - :func:`witness_round` (``vm-tenant witness``): fetch the checkpoint, verify it with the
   log's key, and, when the state file holds an earlier checkpoint, demand and check a
@@ -27,12 +28,11 @@ import base64
 import binascii
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import httpx
 
 from actors.fsutil import atomic_write
 from actors.journal.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -45,9 +45,9 @@ from actors.journal.note import (
     cosign,
     open_checkpoint,
 )
+from server.client import Client, Unreachable
+from server.client.sync import retry_after
 
-#: the largest answer read from the log (a trail page of 1,000 entries fits many times)
-MAX_BODY = 16 * 1024 * 1024
 PAGE = 1000
 
 
@@ -80,24 +80,30 @@ class BadState(WitnessError):
     """The witness's state file is unreadable or holds no checkpoint of this log."""
 
 
-def http_getter(base_url: str, token: str, *, client: httpx.Client) -> Get:
-    """A :data:`Get` over ``client`` (which the caller owns and closes) with the bearer
-    token; bodies beyond MAX_BODY are refused."""
-    session = client
-    headers = {"Authorization": f"Bearer {token}"}
-    base = base_url.rstrip("/")
+#: how many times a 429 (the caller's rate limit: an audit check asks for one proof per
+#: entry) or a 503 (the log is rebuilding its tree or index) is waited out, Retry-After
+#: seconds each (at most MAX_WAIT), before the answer counts as it is
+PATIENCE = {429: 600, 503: 10}
+MAX_WAIT = 30.0
+
+
+def client_getter(client: Client, *, sleep: Callable[[float], None] = time.sleep) -> Get:
+    """A :data:`Get` over the typed client (its URL, token and TLS settings); answers over
+    16 MiB, like no answer at all, are :class:`Unavailable`. A 429 or a 503 is retried
+    after its ``Retry-After`` (see :data:`PATIENCE`)."""
 
     def get(path: str, query: Mapping[str, str]) -> Response:
-        try:
-            with session.stream("GET", base + path, params=dict(query), headers=headers) as r:
-                body = bytearray()
-                for chunk in r.iter_bytes():
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        raise Unavailable(f"GET {path}: answer larger than {MAX_BODY} bytes")
-                return Response(r.status_code, bytes(body))
-        except httpx.HTTPError as error:
-            raise Unavailable(f"GET {path}: {error}") from None
+        attempts = 0
+        while True:
+            try:
+                status, body, headers = client.fetch(path, query)
+            except Unreachable as error:
+                raise Unavailable(f"GET {path}: {error}") from None
+            attempts += 1
+            if attempts > PATIENCE.get(status, 0):
+                return Response(status, body)
+            wait = retry_after(headers)
+            sleep(min(float(wait if wait is not None else 1), MAX_WAIT))
 
     return get
 

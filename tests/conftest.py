@@ -103,6 +103,8 @@ def service_config(data_dir: Path, **overrides: Any) -> ServiceConfig:
         "fleet_timeout": 5.0,
         "snapshot_interval": 3600.0,
         "checkpoint_interval": 3600.0,
+        # no background fleet calls unless a test asks for them (they count as calls)
+        "fleet_sync_interval": 3600.0,
     }
     settings.update(overrides)
     return ServiceConfig(**settings)
@@ -187,6 +189,10 @@ class LiveServer:
     env: dict[str, str] = field(default_factory=dict)
     #: RLIMIT_NOFILE (soft and hard) of the server process, if not the test's own
     nofile: int | None = None
+    #: what the command line starts with (``FullTmpfs.command([])``: inside its namespace)
+    prefix: list[str] = field(default_factory=list)
+    #: extra ``vm-tenant serve`` options
+    args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
     url: str = ""
     log: list[str] = field(default_factory=list)
@@ -195,8 +201,8 @@ class LiveServer:
     def start(self, timeout: float = 30.0) -> LiveServer:
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
-             "--bind", "127.0.0.1:0"],
+            [*self.prefix, sys.executable, "-m", "server.cli", "serve",
+             "--data-dir", str(self.data_dir), "--bind", "127.0.0.1:0", *self.args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

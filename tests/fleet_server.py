@@ -44,11 +44,13 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -338,6 +340,59 @@ async def serve(bind: str, state_file: Path, boot: float) -> None:
             log.info("fleet-server listening on %s (%d VMs held)", binds[0], len(fleet.vms))
             await stop.wait()
             nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout + 1
+
+
+# -- for the tests: this server as a subprocess ----------------------------------------------
+
+LISTEN_RE = re.compile(r"fleet-server listening on (http://\S+)")
+
+
+@dataclass
+class FleetServer:
+    """This fleet controller as a subprocess (for tests); restarts reuse its port and state file."""
+
+    state: Path
+    bind: str = "127.0.0.1:0"
+    proc: subprocess.Popen[str] | None = None
+    url: str = ""
+    log: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 30.0) -> FleetServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--bind", self.bind, "--state", str(self.state)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        found = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stderr is not None
+            with self.proc.stderr:
+                for line in self.proc.stderr:
+                    self.log.append(line)
+                    match = LISTEN_RE.search(line)
+                    if match and not found.is_set():
+                        self.url = match.group(1)
+                        found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        found.wait(timeout)
+        if not self.url:
+            self.kill()
+            raise RuntimeError("fleet server did not start:\n" + "".join(self.log))
+        # Later starts listen where the proxy already looks.
+        self.bind = self.url.removeprefix("http://")
+        return self
+
+    def kill(self) -> None:
+        """``kill -9``: the state file holds whatever was appended before."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(30)
+        self.url = ""
 
 
 def main(argv: list[str] | None = None) -> int:

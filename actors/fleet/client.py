@@ -39,8 +39,9 @@ class FleetDriver(Protocol):
 
     ``spawn`` is idempotent on ``vm_id`` (a repeated spawn of the same id never creates a
     second VM) and returns the VM's state; ``destroy`` of a VM the fleet does not know
-    succeeds; ``status`` returns ``None`` for a VM the fleet does not know. Definite
-    refusals raise ``FleetError``; anything else that goes wrong raises ``FleetInDoubt``.
+    succeeds; ``status`` returns ``None`` for a VM the fleet does not know; ``list``
+    returns the state of every VM the fleet holds for a tenant, by id. Definite refusals
+    raise ``FleetError``; anything else that goes wrong raises ``FleetInDoubt``.
     """
 
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str: ...
@@ -48,6 +49,8 @@ class FleetDriver(Protocol):
     async def destroy(self, vm_id: str) -> None: ...
 
     async def status(self, vm_id: str) -> str | None: ...
+
+    async def list(self, tenant: str) -> dict[str, str]: ...
 
     async def aclose(self) -> None: ...
 
@@ -119,6 +122,24 @@ class FleetClient:
             self._reads -= 1
         state: str | None = result.unwrap()
         return state
+
+    async def states(self, tenant: str) -> dict[str, str]:
+        """The fleet's state of every VM it holds for ``tenant`` (the state sync's read).
+
+        Admitted like :meth:`status` (the breaker, the reads in flight), with the write
+        deadline: one answer may carry thousands of VMs.
+        """
+        self._admit(self.driver.list)
+        if self._reads >= self._concurrency:
+            self._count_refused(self.driver.list)
+            raise FleetUnavailable("too many fleet reads in flight")
+        self._reads += 1
+        try:
+            result = await self._timed(self.driver.list, self.timeout, tenant)
+        finally:
+            self._reads -= 1
+        states: dict[str, str] = result.unwrap()
+        return states
 
     async def _write(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         self._admit(fn)

@@ -132,6 +132,10 @@ class EmbeddedFleet:
         vm = self._vms.get(vm_id)
         return None if vm is None else self._state(vm)
 
+    async def list(self, tenant: str) -> dict[str, str]:
+        await self._behave()
+        return {vm.id: self._state(vm) for vm in self._vms.values() if vm.tenant == tenant}
+
     def vm_ids(self) -> set[str]:
         """Every VM the simulator holds (for tests that compare it with the proxy)."""
         return set(self._vms)

@@ -46,11 +46,13 @@ class HttpFleet:
             transport=transport,
         )
 
-    async def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> httpx.Response:
         delay = self._backoff
         for attempt in range(1, self._attempts + 1):
             try:
-                response = await self._client.request(method, path, json=body)
+                response = await self._client.request(method, path, json=body, params=params)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
                 # Nothing reached the fleet: safe to try again, and definite if we give up.
                 outcome: BaseException = FleetUnavailable(f"cannot reach the fleet: {error}")
@@ -84,9 +86,7 @@ class HttpFleet:
             state = response.json()["state"]
         except (ValueError, KeyError, TypeError):
             state = None
-        if state not in ("pending", "running", "error"):
-            raise FleetInDoubt("the fleet answered without a valid VM state")
-        return str(state)
+        return _valid_state(state)
 
     async def spawn(self, vm_id: str, tenant: str, spec: VmSpec) -> str:
         body = {
@@ -115,5 +115,21 @@ class HttpFleet:
             return self._state(response)
         raise self._definite_or_doubt(response)
 
+    async def list(self, tenant: str) -> dict[str, str]:
+        response = await self._send("GET", BASE, params={"tenant": tenant})
+        if response.status_code != 200:
+            raise self._definite_or_doubt(response)
+        try:
+            vms = response.json()["vms"]
+            return {str(vm["id"]): _valid_state(vm["state"]) for vm in vms}
+        except (ValueError, KeyError, TypeError):
+            raise FleetInDoubt("the fleet's list is not a list of VMs") from None
+
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _valid_state(state: object) -> str:
+    if state not in ("pending", "running", "error"):
+        raise FleetInDoubt("the fleet answered without a valid VM state")
+    return str(state)

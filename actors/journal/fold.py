@@ -14,17 +14,31 @@ Who calls it, and when (the store decides, see ``actors/store/``):
   ``rejected`` one that takes an ``Idempotency-Key``) the moment it is drafted, so the
   next decision sees the reservation; every other entry once it is durable, in chain
   order. A reserving draft that never becomes durable is taken back by :func:`undo`,
-  which restores exactly what :func:`apply` changed, so the state is again the fold of
-  the durable log.
+  which restores exactly what :func:`apply_to_tenant` changed, so the state is again the
+  fold of the durable log. What a reserving entry does beyond its reservation
+  (:func:`expire`: forgetting old idempotency records) waits until it is durable.
+
+**Idempotency records are bounded.** A record is kept for every spawn with an
+``Idempotency-Key``: its first answer, for replays. A spawn's record (in flight, or its
+201) is kept for ``IDEMPOTENCY_TTL_SECONDS`` (24 hours) after the entry that made it,
+and never forgotten while in flight, so a key whose first answer was a 201 can never
+spawn again within that time. A quota refusal's record (403) is kept as long, but only
+the newest ``MAX_REFUSALS`` of a tenant: refusals cost the tenant nothing, so without a
+bound a full tenant retrying with fresh keys would grow memory without limit. Records
+are forgotten when a new one is made, by the time of the entry making it (never the
+clock of the process folding), so every replay forgets exactly the same ones.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from typing import Any
 
 from actors.journal.entries import Entry
 from actors.state import (
+    IDEMPOTENCY_TTL_SECONDS,
+    REFUSED,
     IdempotencyRecord,
     ProxyState,
     Quota,
@@ -32,6 +46,12 @@ from actors.state import (
     TenantState,
     VmRecord,
 )
+
+#: quota refusal records kept per tenant (the newest; see the module docstring)
+MAX_REFUSALS = 1000
+#: how far past their 24 hours expired records may linger, so that they are swept in
+#: batches rather than one by one (see TenantState.forget_keys)
+SWEEP_GRACE_SECONDS = 3600
 
 
 def quota_from(data: dict[str, Any]) -> Quota:
@@ -69,7 +89,7 @@ def reserves(entry: Entry) -> bool:
 
 
 def apply(state: ProxyState, entry: Entry) -> None:
-    """Fold one audit entry into ``state``."""
+    """Fold one audit entry into ``state`` (all of it: replay, and durable entries)."""
     op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
     tenant_id = entry["tenant"]
     if op == "tenant.create":
@@ -92,13 +112,20 @@ def apply(state: ProxyState, entry: Entry) -> None:
             state.directory.remove_token(tenant_id, detail["token_id"])
     else:
         apply_to_tenant(tenant, entry)
+        if remembers_key(entry):
+            expire(tenant, entry)
 
 
 def apply_to_tenant(tenant: TenantSlice, entry: Entry) -> None:
-    """Fold one entry about a tenant's quota or VMs into that tenant's state."""
+    """Fold one entry about a tenant's quota or VMs into that tenant's state.
+
+    For a reserving entry (:func:`reserves`) this is the part the running service applies
+    when the entry is drafted; :func:`expire` follows once it is durable. :func:`apply`
+    does both.
+    """
     op, outcome, detail = entry["op"], entry["outcome"], entry["detail"]
     if outcome == "rejected":
-        _remember_key(tenant, entry, 403, refusal_answer(detail))
+        _remember_key(tenant, entry, REFUSED, refusal_answer(detail))
     elif op == "vm.spawn":
         _apply_spawn(tenant, entry)
     elif op == "vm.destroy":
@@ -123,6 +150,33 @@ def undo(tenant: TenantSlice, entry: Entry) -> None:
     key = detail.get("idempotency_key")
     if key is not None:
         tenant.drop_key(key)
+
+
+def remembers_key(entry: Entry) -> bool:
+    """Whether ``entry`` makes an idempotency record (a keyed spawn's request or refusal)."""
+    return entry["outcome"] in ("requested", "rejected") and "idempotency_key" in entry["detail"]
+
+
+def expire(tenant: TenantSlice, entry: Entry) -> None:
+    """Forget the tenant's idempotency records that ``entry``, a new one, retires.
+
+    By ``entry``'s own time: settled records 24 hours older, and refusals beyond the
+    newest :data:`MAX_REFUSALS`. The running service calls it for a durable reserving
+    entry (:func:`undo` cannot bring forgotten records back); :func:`apply` for every
+    entry that :func:`remembers_key`.
+    """
+    try:
+        now = dt.datetime.fromisoformat(entry["ts"])
+    except (TypeError, ValueError):
+        return  # not a time this log writes: nothing to measure by
+    before = now - dt.timedelta(seconds=IDEMPOTENCY_TTL_SECONDS)
+    sweep = before - dt.timedelta(seconds=SWEEP_GRACE_SECONDS)
+    tenant.forget_keys(_stamp(before), _stamp(sweep), MAX_REFUSALS)
+
+
+def _stamp(moment: dt.datetime) -> str:
+    """``moment`` as the audit's timestamps spell it (so that strings compare as times)."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def vm_from_request(entry: Entry) -> VmRecord:

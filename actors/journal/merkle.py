@@ -302,6 +302,10 @@ class Frontier:
     def root(self) -> bytes:
         return fold(self._hashes)
 
+    def edge(self) -> tuple[bytes, ...]:
+        """The hashes of the complete subtrees it holds, left to right (a copy)."""
+        return tuple(self._hashes)
+
     def append(self, leaf: bytes) -> list[Node]:
         """Add a leaf hash; return the nodes it completed, the leaf itself first."""
         index = self._size

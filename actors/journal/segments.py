@@ -7,6 +7,7 @@ at a time: replay and verify loop over whole chunks, never a Python object per l
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -82,3 +83,27 @@ def iter_lines(audit_dir: Path, start: Path | None = None, offset: int = 0) -> I
             pos += len(line) + 1
         if chunk.torn:
             yield RawLine(chunk.segment, pos, chunk.torn, False)
+
+
+def lines_from(audit_dir: Path, first_seq: int) -> Iterator[bytes]:
+    """The complete stored lines (without newlines) from seq ``first_seq`` on, in order.
+
+    Only the segment that holds ``first_seq`` (by the segments' names) is read from its
+    top; an unterminated last line is not yielded. Assumes the log is a chain (each
+    segment starts where its name says): the tree and the trail index are derived from
+    a log that the start-up and the background check verify.
+    """
+    segments = list_segments(audit_dir)
+    if not segments:
+        return
+    starts = [int(p.stem) for p in segments]
+    at = max(bisect.bisect_right(starts, first_seq) - 1, 0)
+    skip = max(first_seq - starts[at], 0)
+    for chunk in iter_chunks(audit_dir, segments[at]):
+        lines = chunk.lines
+        if skip:
+            if skip >= len(lines):
+                skip -= len(lines)
+                continue
+            lines, skip = lines[skip:], 0
+        yield from lines

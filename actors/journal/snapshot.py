@@ -3,34 +3,48 @@
 A snapshot is the fold of the log up to an *anchor* entry, stored with that entry's
 ``seq``, ``hash`` and position, written atomically to ``<data-dir>/snapshot/state.json``.
 A start loads it, checks that the log still holds the anchor, and replays (and verifies)
-only the entries after it. The part of the chain before the anchor is verified by
-:func:`verify_prefix`, in the background once the proxy serves.
+only the entries after it. The part of the chain before the anchor, and the snapshot
+itself, are checked against the log in the background once the proxy serves
+(``actors/journal/refold.py``).
+
+**A snapshot is sealed.** The file is one JSON object whose last member, ``seal``,
+holds the SHA-256 of the rest (the same object without that member, byte for byte) and
+an Ed25519 signature of that digest by the log's checkpoint key. A start uses a
+snapshot only when its seal verifies, which costs one pass of SHA-256 over the file:
+a snapshot edited by hand (a revoked token brought back, VMs dropped to get round a
+quota) is never served from, not even before the background check. Such a snapshot is
+damage: the state is rebuilt from the whole log instead, and the caller refuses writes.
+A snapshot of version 1 (written before snapshots were sealed) is not used either, but
+is not damage: the whole log is replayed once, and the next compaction seals a new one.
 
 Compaction (:func:`compact`) writes a new snapshot from the previous one plus the durable
 entries since, reading the log rather than the live actors: the snapshot is then exactly
-the fold of a durable prefix, whatever the actors are doing meanwhile.
+the fold of a durable prefix, whatever the actors are doing meanwhile, and a fold of the
+same prefix from the genesis gives the very same bytes (:func:`encode`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import base64
 import gc
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from actors.fsutil import atomic_write
-from actors.journal.chain import GENESIS, ChainBroken, ChainVerifier, VerifyReport
+from actors.journal.chain import GENESIS, ChainBroken, ChainVerifier
 from actors.journal.fold import apply
 from actors.journal.segments import Chunk, RawLine, iter_chunks, iter_lines
 from actors.state import (
-    IDEMPOTENCY_TTL_SECONDS,
     IdempotencyRecord,
     ProxyState,
     Quota,
@@ -38,7 +52,13 @@ from actors.state import (
     VmRecord,
 )
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+#: the version written before snapshots were sealed: never used, never damage
+LEGACY_VERSION = 1
+#: what a seal's signature covers before the digest, so that it can never be taken for
+#: the signature of anything else the same key signs (a checkpoint)
+SEAL_CONTEXT = b"vm-tenant snapshot seal\n"
+_SEAL_MEMBER = b',"seal":'
 
 
 class Anchor(msgspec.Struct, frozen=True):
@@ -58,14 +78,40 @@ class _TenantSnapshot(msgspec.Struct):
     idempotency: dict[str, IdempotencyRecord]
 
 
-class _Snapshot(msgspec.Struct):
+class Seal(msgspec.Struct, frozen=True):
+    """SHA-256 (hex) of a snapshot without its seal, and the key's signature of it (base64)."""
+
+    digest: str
+    signature: str
+
+
+class _Snapshot(msgspec.Struct, omit_defaults=True):
     version: int
     anchor: Anchor
     tenants: list[_TenantSnapshot]
+    #: read from the file; written after the rest, see :func:`save`
+    seal: Seal | None = None
+
+
+class _Version(msgspec.Struct):
+    version: int = 0
+
+
+class SealKey(Protocol):
+    """The key that seals snapshots (the log's checkpoint key, ``checkpoint.py``)."""
+
+    def sign_bytes(self, message: bytes) -> bytes: ...
+
+    @property
+    def public_key(self) -> Ed25519PublicKey: ...
 
 
 class SnapshotError(Exception):
-    """The snapshot cannot be used with this log (unreadable, or its anchor is gone)."""
+    """The snapshot cannot be used with this log (its anchor is gone)."""
+
+
+class SnapshotDamaged(SnapshotError):
+    """The snapshot on disk is not one this log's key sealed: it was changed."""
 
 
 def snapshot_path(data_dir: Path) -> Path:
@@ -94,23 +140,49 @@ def _bulk_build(pause_gc: bool = True) -> Iterator[None]:
             gc.enable()
 
 
-def load(data_dir: Path) -> tuple[ProxyState, Anchor]:
-    """The newest snapshot, or an empty state anchored at the genesis."""
+@dataclass(slots=True)
+class Loaded:
+    """A snapshot as a start may use it, or why none is used."""
+
+    state: ProxyState
+    anchor: Anchor
+    #: the seal's digest of the snapshot used (None: none used)
+    digest: str | None = None
+    #: the snapshot on disk is damaged (not sealed by the key): what is wrong with it
+    damage: str | None = None
+    #: the snapshot on disk is of the version before seals: not used, not damage
+    legacy: bool = False
+
+
+def load(data_dir: Path, key: Ed25519PublicKey | None) -> Loaded:
+    """The newest snapshot if its seal verifies with ``key``, else an empty state.
+
+    Without a key nothing is used (the caller replays the whole log).
+    """
     with _bulk_build():
-        return _load(data_dir)
+        return _load(data_dir, key)
 
 
-def _load(data_dir: Path) -> tuple[ProxyState, Anchor]:
+def _load(data_dir: Path, key: Ed25519PublicKey | None) -> Loaded:
     path = snapshot_path(data_dir)
-    state = ProxyState()
-    if not path.exists():
-        return state, Anchor()
+    empty = Loaded(ProxyState(), Anchor())
+    if key is None or not path.exists():
+        return empty
+    data = path.read_bytes()
+    seal, why = _unseal(data, key)
+    if seal is None:
+        if why is None:
+            empty.legacy = True
+        else:
+            empty.damage = f"snapshot/state.json {why}"
+        return empty
     try:
-        snap = msgspec.json.decode(path.read_bytes(), type=_Snapshot)
-    except (msgspec.DecodeError, UnicodeDecodeError) as error:
-        raise SnapshotError(f"{path}: unreadable snapshot: {error}") from None
-    if snap.version != SNAPSHOT_VERSION:
-        raise SnapshotError(f"{path}: unknown snapshot version {snap.version}")
+        snap = msgspec.json.decode(data, type=_Snapshot)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as error:
+        # sealed by the key, yet not a snapshot this code reads: not one it wrote
+        empty.damage = f"snapshot/state.json does not decode: {error}"
+        return empty
+    state = ProxyState()
     intern = sys.intern
     for t in snap.tenants:
         tenant = TenantState(t.id, t.quota)
@@ -123,13 +195,85 @@ def _load(data_dir: Path) -> tuple[ProxyState, Anchor]:
             vm.state = intern(vm.state)
             vm.settled_state = intern(vm.settled_state)
         tenant.load_vms(vms)
-        tenant.idempotency = t.idempotency
+        tenant.load_keys(t.idempotency)
         state.add_tenant(tenant, set(t.tokens))
-    return state, snap.anchor
+    return Loaded(state, snap.anchor, digest=seal.digest)
 
 
-def save(data_dir: Path, state: ProxyState, anchor: Anchor) -> None:
-    """Write ``state`` as covering everything up to ``anchor``, atomically."""
+def _unseal(data: bytes, key: Ed25519PublicKey) -> tuple[Seal | None, str | None]:
+    """The seal of a snapshot file if it verifies; else None and what is wrong (None: the
+    file is a legacy snapshot, written before seals)."""
+    cut = data.rfind(_SEAL_MEMBER)
+    if cut < 0:
+        try:
+            version = msgspec.json.decode(data, type=_Version).version
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            return None, "is not a snapshot (it does not decode)"
+        return None, None if version == LEGACY_VERSION else "is not sealed"
+    view = memoryview(data)
+    try:
+        if not data.endswith(b"}"):
+            raise msgspec.DecodeError("the seal is not the last member")
+        # exactly one seal object between the member's name and the closing brace
+        seal = msgspec.json.decode(view[cut + len(_SEAL_MEMBER) : -1], type=Seal)
+        signature = base64.b64decode(seal.signature, validate=True)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return None, "has a malformed seal"
+    digest = hashlib.sha256(view[:cut])
+    digest.update(b"}")
+    if digest.hexdigest() != seal.digest:
+        return None, "differs from what its seal covers (it was edited)"
+    try:
+        key.verify(signature, SEAL_CONTEXT + seal.digest.encode())
+    except InvalidSignature:
+        return None, "is not sealed by this log's key"
+    return seal, None
+
+
+class _Head(msgspec.Struct):
+    anchor: Anchor
+
+
+@dataclass(frozen=True, slots=True)
+class Inspected:
+    """What ``audit verify`` learns of a snapshot without loading it."""
+
+    #: the anchor it names (trusted only when ``problem`` is None); None if unreadable
+    anchor: Anchor | None
+    #: its seal's digest, when the seal verifies
+    digest: str | None = None
+    #: what is wrong with it (damage), if anything
+    problem: str | None = None
+
+
+def inspect(data_dir: Path, key: Ed25519PublicKey | None) -> Inspected | None:
+    """The snapshot's anchor and seal digest, or what is wrong with it; None when there is
+    no snapshot or one from before seals (never used)."""
+    path = snapshot_path(data_dir)
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    try:
+        anchor: Anchor | None = msgspec.json.decode(data, type=_Head).anchor
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        anchor = None
+    if key is None:
+        return Inspected(anchor, problem="snapshot/state.json cannot be checked: no public key")
+    seal, why = _unseal(data, key)
+    if seal is None:
+        return None if why is None else Inspected(anchor, problem=f"snapshot/state.json {why}")
+    if anchor is None:
+        return Inspected(anchor, problem="snapshot/state.json does not decode")
+    return Inspected(anchor, seal.digest)
+
+
+def encode(state: ProxyState, anchor: Anchor) -> bytes:
+    """The snapshot of ``state`` at ``anchor`` without its seal: what the seal's digest covers.
+
+    The same state gives the same bytes, whether it was loaded from an older snapshot and
+    folded on or folded from the genesis: tenants by id, tokens sorted, VMs and
+    idempotency records in the order the fold made them.
+    """
     snap = _Snapshot(
         SNAPSHOT_VERSION,
         anchor,
@@ -144,9 +288,26 @@ def save(data_dir: Path, state: ProxyState, anchor: Anchor) -> None:
             for t in state.tenants.values()
         ],
     )
+    return msgspec.json.encode(snap)
+
+
+def digest_of(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def save(data_dir: Path, state: ProxyState, anchor: Anchor, key: SealKey) -> str:
+    """Write ``state`` as covering everything up to ``anchor``, sealed, atomically.
+
+    Returns the seal's digest.
+    """
+    body = encode(state, anchor)
+    digest = digest_of(body)
+    signature = key.sign_bytes(SEAL_CONTEXT + digest.encode())
+    seal = msgspec.json.encode(Seal(digest, base64.b64encode(signature).decode()))
     path = snapshot_path(data_dir)
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    atomic_write(path, msgspec.json.encode(snap))
+    atomic_write(path, [memoryview(body)[:-1], _SEAL_MEMBER, seal, b"}"])
+    return digest
 
 
 @dataclass(slots=True)
@@ -156,32 +317,43 @@ class Replayed:
     state: ProxyState
     anchor: Anchor  # the snapshot's anchor the replay started from
     head: Anchor  # the last entry replayed
+    #: the snapshot it started from: its digest, or why none was used
+    snapshot: Loaded
     torn_cut: bool = False
-    last_ts: str | None = None
 
 
 def replay(
-    data_dir: Path, *, upto: int | None = None, cut_torn: bool = False, pause_gc: bool = True
+    data_dir: Path,
+    *,
+    key: Ed25519PublicKey | None = None,
+    upto: int | None = None,
+    cut_torn: bool = False,
+    pause_gc: bool = True,
 ) -> Replayed:
-    """Load the snapshot and apply the verified entries after its anchor.
+    """Load the snapshot (if sealed by ``key``) and apply the verified entries after it.
 
-    ``upto`` stops after that ``seq`` (compaction of a log that is still growing).
+    Without a ``key``, or when the snapshot's seal does not verify, the whole log is
+    replayed (``Replayed.snapshot`` says why). ``upto`` stops after that ``seq``
+    (compaction of a log that is still growing).
     ``cut_torn`` cuts an incomplete last line off the log (start-up only: the writer is
     not running yet, so such a line was never acknowledged). Any other damage raises
     :class:`~actors.chain.ChainBroken`; a snapshot whose anchor is not in the log raises
     :class:`SnapshotError`. ``pause_gc`` is for the start-up only (see :func:`_bulk_build`).
     """
     with _bulk_build(pause_gc):
-        return _replay(data_dir, upto, cut_torn)
+        return _replay(data_dir, key, upto, cut_torn)
 
 
-def _replay(data_dir: Path, upto: int | None, cut_torn: bool) -> Replayed:
+def _replay(
+    data_dir: Path, key: Ed25519PublicKey | None, upto: int | None, cut_torn: bool
+) -> Replayed:
     audit_dir = data_dir / "audit"
-    state, anchor = _load(data_dir)  # the caller decided about the GC
+    loaded = _load(data_dir, key)  # the caller decided about the GC
+    state, anchor = loaded.state, loaded.anchor
     start, offset = _after_anchor(audit_dir, anchor)
     verifier = ChainVerifier(anchor.seq, anchor.hash)
     check = verifier.check
-    result = Replayed(state, anchor, anchor)
+    result = Replayed(state, anchor, anchor, loaded)
     last: tuple[Chunk, int, dict[str, Any]] | None = None
     chunks = iter_chunks(audit_dir, start, offset)
     for chunk in chunks:
@@ -205,7 +377,6 @@ def _replay(data_dir: Path, upto: int | None, cut_torn: bool) -> Replayed:
         # where the last line applied starts: after the count - 1 lines (and newlines) before it
         position = chunk.offset + sum(map(len, chunk.lines[: count - 1])) + count - 1
         result.head = Anchor(entry["seq"], entry["hash"], chunk.segment.name, position)
-        result.last_ts = entry["ts"]
     return result
 
 
@@ -258,50 +429,16 @@ def _cut(segment: Path, offset: int) -> None:
         os.close(fd)
 
 
-def verify_prefix(audit_dir: Path, anchor: Anchor) -> VerifyReport:
-    """Verify the chain from the genesis up to and including the anchor entry."""
-    verifier = ChainVerifier()
-    check = verifier.check
-    try:
-        for chunk in iter_chunks(audit_dir):
-            if verifier.seq >= anchor.seq:
-                break
-            if chunk.torn:
-                return verifier.report("truncated", verifier.seq + 1, "log ends before anchor")
-            for data in chunk.lines[: anchor.seq - verifier.seq]:
-                check(data)
-    except ChainBroken as broken:
-        return broken.report
-    if verifier.seq < anchor.seq:
-        return verifier.report("truncated", verifier.seq + 1, "log ends before snapshot anchor")
-    if verifier.head != anchor.hash:
-        return verifier.report("tampered", anchor.seq, "hash differs from the snapshot anchor")
-    return verifier.report()
+def compact(data_dir: Path, upto: int, key: SealKey) -> Anchor:
+    """Write a new snapshot covering the durable log up to ``upto``; returns its anchor.
 
-
-def compact(data_dir: Path, upto: int) -> Anchor:
-    """Write a new snapshot covering the durable log up to ``upto``; returns its anchor."""
-    replayed = replay(data_dir, upto=upto, pause_gc=False)  # runs while the service serves
+    :class:`SnapshotDamaged` when the snapshot on disk is not sealed by ``key``: it was
+    changed while the service ran, and is left as it is.
+    """
+    replayed = replay(data_dir, key=key.public_key, upto=upto, pause_gc=False)
+    if replayed.snapshot.damage is not None:
+        raise SnapshotDamaged(replayed.snapshot.damage)
     if replayed.head.seq == replayed.anchor.seq:
         return replayed.anchor
-    if replayed.last_ts is not None:
-        _prune_idempotency(replayed.state, replayed.last_ts)
-    save(data_dir, replayed.state, replayed.head)
+    save(data_dir, replayed.state, replayed.head, key)
     return replayed.head
-
-
-def _prune_idempotency(state: ProxyState, now_ts: str) -> None:
-    now = _parse_ts(now_ts)
-    for tenant in state.tenants.values():
-        expired = [
-            key
-            for key, record in tenant.idempotency.items()
-            if record.status
-            and (now - _parse_ts(record.created)).total_seconds() > IDEMPOTENCY_TTL_SECONDS
-        ]
-        for key in expired:
-            del tenant.idempotency[key]
-
-
-def _parse_ts(ts: str) -> dt.datetime:
-    return dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -19,9 +19,18 @@ below the log's own size), throws away everything after them, and re-appends the
 leaves from the log's stored lines: after a crash at any point, kill -9 or power loss, the
 tree and the log agree again, at the cost of re-hashing the lines since the last sync.
 
-Readers get a :class:`TreeView`: an immutable snapshot (a size and that size's partial
-tiles) that answers :class:`~actors.journal.merkle.HashSource` queries from any thread,
-through a bounded cache of full tiles shared by all views.
+Threads. The writer appends in its own worker thread while :meth:`TileLog.sync` runs in
+another: sync takes a consistent picture of the tree under the log's lock (the size, the
+full tiles written since the last sync, the partial edges) and does its I/O outside it,
+so an append waits at most for that picture, never for an fsync. Appends never touch a
+partial tile on disk; sync writes them and removes those of tiles that filled since.
+An append that fails half-way (a full disk) leaves the log *broken*: it refuses further
+appends and syncs, and its owner reopens the tree from the log (:meth:`TileLog.open`).
+
+Readers get a :class:`TreeView`: an immutable snapshot (a size, that size's partial
+tiles and its right edge) that answers :class:`~actors.journal.merkle.HashSource` queries
+from any thread, through a bounded cache of full tiles shared by all views, and gives the
+root of its size without any I/O.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from actors.fsutil import atomic_write, fsync_dir
-from actors.journal.merkle import Frontier, NodeId, leaf_hash
+from actors.journal.merkle import Frontier, NodeId, fold, leaf_hash
 
 HEIGHT = 8
 WIDTH = 1 << HEIGHT  # hashes in a full tile
@@ -63,8 +72,16 @@ def tile_path(level: int, index: int, width: int = WIDTH) -> str:
     return f"tile/{level}/{name}{suffix}"
 
 
+#: held while a level inside a tile is computed: views are read from several threads
+_LEVELS_LOCK = threading.Lock()
+
+
 class _TileTree:
-    """One tile's hashes and the levels above them inside the tile, computed when asked."""
+    """One tile's hashes and the levels above them inside the tile, computed when asked.
+
+    Shared between threads (cached full tiles, a view's partial tiles): a level is added
+    under a lock, and a level once added never changes.
+    """
 
     __slots__ = ("levels",)
 
@@ -73,14 +90,16 @@ class _TileTree:
 
     def node(self, sublevel: int, index: int) -> bytes:
         levels = self.levels
-        while len(levels) <= sublevel:
-            below = levels[-1]
-            levels.append(
-                b"".join(
-                    _sha256(b"\x01" + below[at : at + 64]).digest()
-                    for at in range(0, len(below) - 63, 64)
-                )
-            )
+        if len(levels) <= sublevel:
+            with _LEVELS_LOCK:
+                while len(levels) <= sublevel:
+                    below = levels[-1]
+                    levels.append(
+                        b"".join(
+                            _sha256(b"\x01" + below[at : at + 64]).digest()
+                            for at in range(0, len(below) - 63, 64)
+                        )
+                    )
         return levels[sublevel][index * 32 : index * 32 + 32]
 
 
@@ -118,15 +137,24 @@ class _TileCache:
 class TreeView:
     """The stored tree at one size, read-only: a HashSource for proofs up to that size."""
 
-    __slots__ = ("_cache", "_partials", "size")
+    __slots__ = ("_cache", "_edge", "_partial_trees", "_partials", "size")
 
-    def __init__(self, size: int, partials: Sequence[bytes], cache: _TileCache) -> None:
+    def __init__(
+        self, size: int, partials: Sequence[bytes], cache: _TileCache, edge: Sequence[bytes]
+    ) -> None:
         self.size = size
         self._partials = tuple(partials)
         self._cache = cache
+        self._edge = tuple(edge)
+        #: the partial tiles' inner levels, computed once per view when a proof needs them
+        self._partial_trees: dict[int, _TileTree] = {}
+
+    def root(self) -> bytes:
+        """The root of the tree at this view's size (from its right edge: no I/O)."""
+        return fold(self._edge)
 
     def hashes(self, nodes: Sequence[NodeId]) -> list[bytes]:
-        partial_trees: dict[int, _TileTree] = {}
+        partial_trees = self._partial_trees
         out: list[bytes] = []
         for level, index in nodes:
             if level < 0 or index < 0 or (index + 1) << level > self.size:
@@ -158,7 +186,10 @@ class TileLog:
         self._partials: list[bytearray] = [bytearray()]
         self._unsynced: list[Path] = []
         self._dirs: set[Path] = set()
-        self._view = TreeView(0, [b""], self._cache)
+        self._view = TreeView(0, [b""], self._cache, [])
+        #: held while the tree changes and while sync takes its picture of it
+        self._lock = threading.Lock()
+        self._broken = False
 
     # --- opening and recovery --------------------------------------------------------
 
@@ -195,6 +226,7 @@ class TileLog:
         log.append(pending)
         if log.size != log_size:
             raise ValueError(f"the log yielded {log.size} entries, not {log_size}")
+        log._discard_partials()
         log.sync()
         return log
 
@@ -217,7 +249,8 @@ class TileLog:
         return base
 
     def _discard_beyond(self, base: int) -> None:
-        """Remove partial tiles and every full tile not wholly below ``base``."""
+        """Remove every full tile not wholly below ``base`` (partial tiles are left to
+        :meth:`_discard_partials`, once the size is known)."""
         root = self.directory / "tile"
         if not root.is_dir():
             return
@@ -227,14 +260,35 @@ class TileLog:
             keep = base >> (HEIGHT * (int(level_dir.name) + 1))
             for dirpath, dirnames, filenames in os.walk(level_dir):
                 here = Path(dirpath)
-                for name in list(dirnames):
-                    if name.endswith(".p"):
-                        shutil.rmtree(here / name)
-                        dirnames.remove(name)
+                dirnames[:] = [name for name in dirnames if not name.endswith(".p")]
                 for name in filenames:
                     index = _index_of(level_dir, here / name)
                     if index is None or index >= keep:
                         (here / name).unlink()
+
+    def _discard_partials(self) -> None:
+        """Remove every partial tile but the ones of the current size (which sync then
+        finds in place: a reopened tree that did not change is not rewritten)."""
+        root = self.directory / "tile"
+        if not root.is_dir():
+            return
+        size = self.size
+        current = {
+            self.directory / tile_path(level, size >> (HEIGHT * (level + 1)), len(edge) // 32)
+            for level, edge in enumerate(self._partials)
+            if edge
+        }
+        for partial in sorted(root.glob("*/**/*.p")):
+            if not partial.is_dir():
+                continue
+            for width in partial.iterdir():
+                if width not in current:
+                    if width.is_dir():
+                        shutil.rmtree(width)
+                    else:
+                        width.unlink()
+            if not any(partial.iterdir()):
+                partial.rmdir()
 
     def _rebuild_edge(self, base: int) -> None:
         """Partial tiles above level 0 and the frontier at ``base`` (a multiple of 256)."""
@@ -252,7 +306,9 @@ class TileLog:
                     )
                 )
             )
-        self._frontier = Frontier.restore(self._publish(base), base)
+        partials = TreeView(base, [bytes(p) for p in self._partials], self._cache, [])
+        self._frontier = Frontier.restore(partials, base)
+        self._publish(base)
 
     # --- the writer's side ----------------------------------------------------------
 
@@ -268,15 +324,30 @@ class TileLog:
         """A read-only snapshot of the tree at its current size."""
         return self._view
 
+    @property
+    def broken(self) -> bool:
+        """An append failed half-way: reopen the tree from the log."""
+        return self._broken
+
     def append(self, leaves: Iterable[bytes]) -> None:
-        """Add leaf hashes in order; full tiles go to disk as they fill (no fsync)."""
+        """Add leaf hashes in order; full tiles go to disk as they fill (no fsync).
+
+        When it raises (``OSError`` from a full disk), the log is broken from then on.
+        """
         batch = list(leaves)
-        first = self.size
-        upper = self._frontier.extend(batch, stride=HEIGHT)
-        self._add(0, first, b"".join(batch))
-        for node in upper:
-            self._add(node.level // HEIGHT, node.index, node.hash)
-        self._publish(self.size)
+        with self._lock:
+            if self._broken:
+                raise TileDamaged(f"the tree in {self.directory} must be reopened")
+            try:
+                first = self.size
+                upper = self._frontier.extend(batch, stride=HEIGHT)
+                self._add(0, first, b"".join(batch))
+                for node in upper:
+                    self._add(node.level // HEIGHT, node.index, node.hash)
+                self._publish(self.size)
+            except BaseException:
+                self._broken = True
+                raise
 
     def _add(self, tile_level: int, index: int, data: bytes) -> None:
         """Add hashes starting at ``index`` to a level's edge, writing tiles that fill."""
@@ -291,9 +362,9 @@ class TileLog:
             del edge[:TILE_BYTES]
             tile += 1
 
-    def _publish(self, size: int) -> TreeView:
-        self._view = TreeView(size, [bytes(p) for p in self._partials], self._cache)
-        return self._view
+    def _publish(self, size: int) -> None:
+        partials = [bytes(p) for p in self._partials]
+        self._view = TreeView(size, partials, self._cache, self._frontier.edge())
 
     def _write_full(self, level: int, index: int, data: bytes) -> None:
         path = self.directory / tile_path(level, index)
@@ -303,36 +374,54 @@ class TileLog:
             self._dirs.add(parent)
         _write_replace(path, data, sync=False)
         self._unsynced.append(path)
-        stale = path.with_name(path.name + ".p")
-        if stale.is_dir():
-            shutil.rmtree(stale)
 
-    def sync(self) -> None:
-        """Make the tree durable at its current size (blocking; call from a thread).
+    def sync(self) -> int:
+        """Make the tree durable at its current size; returns that size (blocking: call it
+        from a thread, also while another thread appends).
 
         Fsyncs the full tiles written since the last sync, writes this size's partial
         tiles, fsyncs their directories, and only then records the size in ``synced``.
+        The partial tiles of tiles that have filled since are removed.
         """
-        size = self.size
-        for path in self._unsynced:
+        with self._lock:
+            if self._broken:
+                raise TileDamaged(f"the tree in {self.directory} must be reopened")
+            size = self.size
+            unsynced, self._unsynced = self._unsynced, []
+            partials = [bytes(edge) for edge in self._partials]
+        try:
+            self._make_durable(size, unsynced, partials)
+        except BaseException:
+            with self._lock:
+                self._unsynced[:0] = unsynced  # the next sync tries them again
+            raise
+        return size
+
+    def _make_durable(self, size: int, unsynced: list[Path], partials: list[bytes]) -> None:
+        for path in unsynced:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        dirs = {path.parent for path in self._unsynced}
-        self._unsynced = []
-        for level, edge in enumerate(self._partials):
+            stale = path.with_name(path.name + ".p")
+            if stale.is_dir():
+                shutil.rmtree(stale)
+        dirs = {path.parent for path in unsynced}
+        for level, edge in enumerate(partials):
             if edge:
                 path = self.directory / tile_path(
                     level, size >> (HEIGHT * (level + 1)), len(edge) // 32
                 )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _write_replace(path, bytes(edge), sync=True)
+                if not _holds(path, edge):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _write_replace(path, edge, sync=True)
                 dirs.update((path.parent, path.parent.parent))
         for directory in dirs:
             fsync_dir(directory)
-        atomic_write(self.directory / "synced", f"{size}\n".encode(), mode=0o644)
+        synced = f"{size}\n".encode()
+        if not _holds(self.directory / "synced", synced):
+            atomic_write(self.directory / "synced", synced, mode=0o644)
 
 
 def _write_replace(path: Path, data: bytes, *, sync: bool) -> None:
@@ -347,6 +436,21 @@ def _write_replace(path: Path, data: bytes, *, sync: bool) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` holds exactly ``data``, durably (fsynced now if so)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != len(data) or os.read(fd, len(data) + 1) != data:
+            return False
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _read_synced(directory: Path) -> int:

@@ -5,8 +5,11 @@ waiting; it lands in a bounded mailbox and the caller gets an :class:`AuditTicke
 writer's loop is a group commit: it takes everything that piled up in the mailbox, gives
 each entry its ``seq``, ``prev`` and ``hash``, writes all lines with one ``write`` and
 makes them durable with one ``fsync`` (in a worker thread, so the event loop keeps
-serving), tells its observers, and only then sets every ticket. Under load one fsync
-covers many entries; alone, an entry costs exactly one.
+serving), appends their leaves to the Merkle tree (``actors/journal/tree.py``) in the same
+thread, tells its observers, and only then sets every ticket. Under load one fsync
+covers many entries; alone, an entry costs exactly one. The tree's view is published
+together with the head (:attr:`AuditWriter.tree_view`), so a reader on the event loop
+sees ``seq``, ``head`` and a tree of that size at once.
 
 The writer knows one thing about the protocol above it: a VM operation's ``requested``
 entry is followed by its outcome entry as soon as the fleet answers. While such an outcome
@@ -23,6 +26,13 @@ stays at the last durable entry,
 and the file is cut back to its last durable size before anything else is appended. The
 cut happens through a freshly opened descriptor, and an fsync that failed is never
 retried on the same pages and then trusted: the lines are written again in a new batch.
+
+From such a failure until a write succeeds again the writer is *failing* (not
+:attr:`~AuditWriter.healthy`, so ``/readyz`` answers 503). Cutting the file back needs no
+free space, so it proves nothing about the next write: while failing, the writer probes
+on its own every ``REPAIR_INTERVAL`` seconds by writing a page past the durable end of
+its segment, making it durable and cutting it off again. The first probe or batch that
+succeeds ends the failure, with or without traffic.
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ from actors.errors import AuditUnavailable
 from actors.journal.chain import GENESIS, seal
 from actors.journal.entries import Entry, draft
 from actors.journal.segments import segment_name
+from actors.journal.tiles import TreeView
+from actors.journal.tree import LogTree
 
 if TYPE_CHECKING:
     from actors.metrics import Metrics
@@ -59,8 +71,11 @@ _ANNOUNCING_OPS = frozenset({"vm.spawn", "vm.destroy"})
 _OUTCOMES = frozenset({"succeeded", "failed"})
 #: how long after its request an outcome is expected "soon" (a fleet's quick answer)
 DUE_WINDOW = 0.05
-#: how often a writer whose file needs repair retries on its own (seconds)
+#: how often a failing writer repairs its file and probes the disk on its own (seconds)
 REPAIR_INTERVAL = 1.0
+#: what a probe writes past the durable end (and cuts off again): a whole page, so that
+#: it needs a free block even where the segment's last page still has room
+PROBE = b" " * 4096
 
 
 class AuditTicket:
@@ -102,6 +117,8 @@ class AuditStats:
     largest_batch: int = 0
     #: batches that waited for outcomes due soon before their commit
     lingered: int = 0
+    #: probes of a failing log that failed in a row (0 once a write succeeds)
+    failed_probes: int = 0
 
 
 @dataclass(slots=True)
@@ -125,7 +142,9 @@ class AuditWriter:
     one that counts calls or raises a real ``OSError``. ``inline_io`` does the file work
     on the event loop's thread instead of a worker thread: only for tests under Trio's
     virtual clock, which would otherwise jump ahead while a thread fsyncs. ``metrics``,
-    when given, receives batch sizes, fsync durations and I/O failures.
+    when given, receives batch sizes, fsync durations and I/O failures. ``tree``, when
+    given, is the log's Merkle tree, already open at ``head_seq`` entries: each durable
+    batch is appended to it before the batch is acknowledged.
     """
 
     def __init__(
@@ -141,10 +160,14 @@ class AuditWriter:
         inline_io: bool = False,
         metrics: Metrics | None = None,
         linger: float = 0.005,
+        tree: LogTree | None = None,
     ) -> None:
         self.audit_dir = audit_dir
         self.seq = head_seq
         self.head = head_hash
+        self._tree = tree
+        #: the tree as of ``seq`` (smaller only while the tree is behind the log)
+        self.tree_view: TreeView | None = tree.view() if tree is not None else None
         self.stats = AuditStats()
         self._fsync = fsync
         self._inline_io = inline_io
@@ -156,6 +179,8 @@ class AuditWriter:
         self._segment_bytes = segment_bytes
         self._segment: _Segment | None = None
         self._needs_repair = False
+        #: the last attempt to write (a batch or a probe) failed and none succeeded since
+        self._failing = False
         self._damaged: str | None = None
         self._send, self._receive = trio.open_memory_channel[_Pending](max_queue)
         self._durable = trio.Condition()
@@ -167,8 +192,8 @@ class AuditWriter:
 
     @property
     def healthy(self) -> bool:
-        """False while the last batch failed and the file is not repaired, or when damaged."""
-        return not self._needs_repair and self._damaged is None
+        """False from a failed write until a write or a probe succeeds, and when damaged."""
+        return not self._failing and self._damaged is None
 
     def mark_damaged(self, reason: str) -> None:
         """Refuse every further entry: the journal is damaged and must not grow."""
@@ -261,16 +286,16 @@ class AuditWriter:
         try:
             with self._receive:
                 while True:
-                    # While the file needs repair, do not wait for a write to find out
-                    # whether the disk is back: /readyz must recover without traffic.
+                    # While failing, do not wait for a write to find out whether the
+                    # disk is back: /readyz must recover without traffic.
                     first = None
-                    with trio.move_on_after(REPAIR_INTERVAL if self._needs_repair else inf):
+                    with trio.move_on_after(REPAIR_INTERVAL if self._failing else inf):
                         try:
                             first = await self._receive.receive()
                         except trio.EndOfChannel:
                             break
                     if first is None:
-                        await self._try_repair()
+                        await self._try_recover()
                         continue
                     batch = await self._gather(first)
                     try:
@@ -312,12 +337,23 @@ class AuditWriter:
         latest = next(reversed(self._outcomes_due.values()))
         return trio.current_time() - latest < DUE_WINDOW
 
-    async def _try_repair(self) -> None:
+    async def _try_recover(self) -> None:
         try:
             with trio.CancelScope(shield=True):
-                await self._offload(self._repair)
+                await self._offload(self._probe)
         except OSError as error:
-            log.warning("audit log still not writable: %s", error)
+            self.stats.failed_probes += 1
+            # the first failed probe is worth a warning; then one a minute
+            level = logging.WARNING if self.stats.failed_probes % 60 == 1 else logging.DEBUG
+            log.log(level, "audit log still not writable: %s", error)
+            return
+        self._writable_again()
+
+    def _writable_again(self) -> None:
+        if self._failing:
+            self._failing = False
+            self.stats.failed_probes = 0
+            log.warning("audit log writable again; accepting writes")
 
     async def _offload(self, fn: Callable[..., None], *args: Any) -> None:
         if self._inline_io:
@@ -355,13 +391,17 @@ class AuditWriter:
             # Shielded: a batch that reached the disk must be acknowledged or cut back,
             # never abandoned half-way by a cancellation.
             with trio.CancelScope(shield=True):
-                await self._offload(self._write_batch, first_seq, b"".join(lines))
+                await self._offload(self._write_batch, first_seq, lines)
         except OSError as error:
             self.stats.failures += 1
+            self._failing = True
             log.error("audit batch of %d entries not durable: %s", len(batch), error)
             self._fail(batch, f"the audit entry could not be made durable: {error}")
             return
+        self._writable_again()
         self.seq, self.head = seq, head
+        if self._tree is not None:
+            self.tree_view = self._tree.view()
         now = trio.current_time()
         for entry in entries:
             if entry["outcome"] == "requested" and entry["op"] in _ANNOUNCING_OPS:
@@ -380,9 +420,10 @@ class AuditWriter:
 
     # -- file work, in a worker thread -----------------------------------------------------
 
-    def _write_batch(self, first_seq: int, data: bytes) -> None:
+    def _write_batch(self, first_seq: int, lines: list[bytes]) -> None:
         if self._needs_repair:
             self._repair()
+        data = b"".join(lines)
         segment = self._segment_for(first_seq)
         fsyncing = False
         try:
@@ -412,6 +453,9 @@ class AuditWriter:
                 self._repair()
             raise
         segment.size += len(data)
+        if self._tree is not None:
+            # Durable now: the tree may cover these lines (it never raises).
+            self._tree.append_lines(lines, first_seq + len(lines) - 1)
 
     def _repair(self) -> None:
         """Cut the current segment back to its durable size through a fresh descriptor.
@@ -433,7 +477,23 @@ class AuditWriter:
                 raise
             segment.fd = fd
         self._needs_repair = False
-        log.warning("audit log repaired; accepting writes again")
+
+    def _probe(self) -> None:
+        """Check that the disk takes a write now, leaving the log as it was.
+
+        Repairs the segment first if it needs it, writes :data:`PROBE` past its durable
+        end, makes that durable, and cuts it off again. A crash in between leaves an
+        incomplete last line, which the next start cuts off like any torn write.
+        """
+        if self._needs_repair:
+            self._repair()
+        segment = self._segment_for(self.seq + 1)
+        self._needs_repair = True  # until the probe's bytes are cut off again
+        written = 0
+        while written < len(PROBE):
+            written += os.write(segment.fd, PROBE[written:])
+        self._fsync(segment.fd)
+        self._repair()
 
     def _segment_for(self, first_seq: int) -> _Segment:
         segment = self._segment

@@ -66,16 +66,38 @@ claimed by one worker at a time.
 **The journal** (append, read, head, checkpoints, verify), the signing keys (the
 keyring's storage), the admin token, and the checkpoint key live behind the boundary.
 Snapshots are the file store's own business (the database's tables are its fold).
+
+**The Merkle log** (API.md v1.1 "Proofs", ``docs/proofs.md``): the chain is also an RFC
+9162 tree whose leaf ``i`` is the stored line of seq ``i + 1``. Its size is always the
+number of acknowledged entries: a store appends the leaves of a batch before any of the
+batch's tickets returns, so every proof and checkpoint covers every acknowledged write.
+
+- file: the audit writer appends the leaf hashes to the tiles under ``<data-dir>/tree/``
+  in its batch, right after the fsync of the lines (``actors/journal/tiles.py``); the
+  tree is derived from the log and rebuilt from it after a crash. The key is the
+  checkpoint key (``keys/audit-ed25519.key``) and the origin ``keys/audit-origin``, both
+  created once and never rewritten.
+- postgresql: the sequencer inserts the leaves (and the tiles or nodes above them) in
+  the transaction that assigns the batch's seqs, so tree and chain commit together; the
+  key is the ``audit`` row of ``signing_keys`` and the origin is ``log_meta.origin``.
+  A proof reads the nodes its plan names in one query (``docs/proofs.md``, PostgreSQL).
+
+A tenant's *own* entries are those whose ``tenant`` is its id, from its latest
+``tenant.create`` on: a tenant provisioned again under an id that was deleted does not
+see its predecessor's entries (file: the trail index starts afresh at each creation;
+postgresql: ``WHERE tenant = $1 AND seq >= <the seq of its tenant.create>``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Literal, Protocol, TypeVar
 
 import msgspec
 
+from actors.journal.checkpoint import SignedHead
 from actors.journal.entries import Entry
+from actors.journal.note import Verifier
 from actors.state import Directory, TenantSlice, VmRecord
 from actors.views import Tenant, Usage, Vm
 
@@ -100,6 +122,14 @@ D = TypeVar("D", bound=Decided)
 
 #: called with the entries of a batch once they are in the chain, in chain order
 Observer = Callable[[list[Entry]], None]
+
+
+class TreeProof(msgspec.Struct, frozen=True):
+    """An RFC 9162 inclusion or consistency proof, and the size of the tree it is in."""
+
+    tree_size: int
+    #: the proof's hashes (32 bytes each), in RFC 9162 order
+    hashes: list[bytes]
 
 
 class SigningKey(msgspec.Struct):
@@ -140,7 +170,20 @@ class Store(Protocol):
 
     @property
     def ready(self) -> bool:
-        """State recovered and the journal takes writes (``/readyz``)."""
+        """State recovered and the journal takes writes (``/readyz``, API.md v1.1).
+
+        False from a write that failed until a write succeeds again, and for good once
+        the journal or the state is found damaged. "Succeeds" means a write of the kind
+        that failed, not a cheaper stand-in: it must turn True again without traffic.
+
+        - file: a batch that could not be made durable; cutting the segment back needs no
+          free space and proves nothing, so the writer probes every second (a page
+          written past the durable end, fsynced, cut off again) until one succeeds.
+        - postgresql: a transaction that did not commit (the database unreachable, a full
+          disk, a read-only replica); the store then probes on its own, at least every
+          second, with a transaction that writes (e.g. updates a heartbeat row) and
+          commits, and is ready again once one commits.
+        """
         ...
 
     async def upkeep(self) -> None:
@@ -197,6 +240,29 @@ class Store(Protocol):
     #: one process owns everything, so its actors claim at start)
     claim_interval: float | None
 
+    # -- what the fleet says -----------------------------------------------------------------
+
+    def tenants_with_vms(self) -> list[str]:
+        """Tenants that have at least one VM (whose state the fleet may report)."""
+        ...
+
+    async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
+        """The fleet's latest word on some of the tenant's VMs (``vm_id`` -> state).
+
+        Only a *settled* VM (``pending``, ``running`` or ``error``) takes the fleet's state:
+        a VM with an operation in flight or in doubt belongs to that operation, a VM not
+        in ``states`` keeps its state, an id the tenant does not have is ignored. Not
+        audited (nothing the proxy decided changed), and not part of the fold: a restart
+        shows the state the log recorded until the fleet is asked again. Returns how many
+        VMs changed state.
+
+        - file: in memory, at once (the VM's state and its settled state).
+        - postgresql: ``UPDATE vms SET state = $s, settled_state = $s WHERE tenant = $t AND
+          id = $id AND state IN ('pending', 'running', 'error')``, one statement for the
+          batch; every replica then reads the same.
+        """
+        ...
+
     # -- the directory and the reads --------------------------------------------------------
 
     @property
@@ -242,8 +308,53 @@ class Store(Protocol):
         """
         ...
 
-    async def checkpoint(self) -> dict[str, Any] | None:
-        """The latest signed checkpoint of the head, or None before the first one."""
+    async def signed_head(self) -> SignedHead:
+        """The current head, signed: it covers every entry acknowledged before the call.
+
+        Signed on demand when the head moved since the last signed one (an empty log
+        gives size 0 and the empty tree's root), else that one again; not stored. The
+        periodic and shutdown checkpoints are stored (file: ``audit-checkpoints.jsonl``;
+        postgresql: the ``checkpoints`` table), by the store's own upkeep.
+        ``AuditUnavailable`` when the tree cannot be read (damaged, or being rebuilt).
+        """
+        ...
+
+    @property
+    def log_key(self) -> Verifier:
+        """The log's verifier key: named after its origin (``vm-tenant/<id>``, fixed for the
+        log's lifetime), the public half of the key that signs every checkpoint."""
+        ...
+
+    async def inclusion_proof(
+        self, seq: int, tree_size: int | None, *, tenant: str | None = None
+    ) -> TreeProof:
+        """The inclusion proof of entry ``seq`` in the tree of ``tree_size`` entries
+        (default: the current size, as :meth:`signed_head` would sign it).
+
+        ``InvalidRequest`` when ``tree_size`` is beyond the current size; ``NotFound``
+        when ``seq`` is not in that tree, and, when ``tenant`` is given, when the entry is
+        not that tenant's own (the same error: a caller cannot tell the two apart).
+        ``seq`` and ``tree_size`` are >= 1 (the edge refuses anything else).
+        ``AuditUnavailable`` when the tree cannot be read.
+        """
+        ...
+
+    async def consistency_proof(self, old: int, new: int | None) -> TreeProof:
+        """The consistency proof from the tree of ``old`` entries to that of ``new``
+        (default: the current size); empty when they are equal.
+
+        ``InvalidRequest`` unless ``1 <= old <= new <= current size``;
+        ``AuditUnavailable`` when the tree cannot be read.
+        """
+        ...
+
+    async def trail(self, tenant: str, after: int, limit: int) -> tuple[list[bytes], int | None]:
+        """Up to ``limit`` stored lines of the tenant's own entries with seq after
+        ``after``, byte for byte, by rising seq; and the ``after`` of the next page (None
+        at the end). O(page), never a pass over the log (file: an index tenant -> seqs;
+        postgresql: an index on ``(tenant, seq)``). ``AuditUnavailable`` while the store
+        cannot answer yet (file: the index is being rebuilt after a start).
+        """
         ...
 
     def journal_stats(self) -> JournalStats:

@@ -1,10 +1,11 @@
 """The file store: one process, the state in memory, everything durable under the data dir.
 
 What lies where (API.md, "Data directory"): the journal in ``audit/`` (the audit writer's
-segments, ``actors/journal/``), signed checkpoints in ``audit-checkpoints.jsonl`` with
-their key in ``keys/audit-ed25519.key``, the token-signing keyring in
-``keys/token-signing.keyring.json``, the operator's token in ``admin.token``, and
-snapshots in ``snapshot/``.
+segments, ``actors/journal/``), its Merkle tree in ``tree/`` (tiles, derived from the
+journal), signed checkpoints in ``audit-checkpoints.jsonl`` with their key in
+``keys/audit-ed25519.key`` and the log's origin in ``keys/audit-origin``, the
+token-signing keyring in ``keys/token-signing.keyring.json``, the operator's token in
+``admin.token``, and snapshots in ``snapshot/``.
 
 The state is the fold of the log (``actors/journal/fold.py``) and changes nowhere else:
 :meth:`FileStore.decide` runs a tenant's decision against its state and applies the
@@ -26,39 +27,47 @@ import hmac
 import itertools
 import logging
 import secrets
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 import trio
 
-from actors.errors import AuditUnavailable, NotFound, StartupError
+from actors.errors import AuditUnavailable, InvalidRequest, NotFound, StartupError
 from actors.fsutil import atomic_write, create_private, fsync_dir
-from actors.journal import fold, snapshot
+from actors.journal import fold, merkle, refold, snapshot
 from actors.journal.chain import ChainBroken
-from actors.journal.checkpoint import CheckpointSigner
+from actors.journal.checkpoint import CheckpointSigner, SignedHead
 from actors.journal.entries import Entry, utc_now
+from actors.journal.note import Verifier
 from actors.journal.reader import AuditReader
+from actors.journal.tiles import TileDamaged, TreeView
+from actors.journal.trail import TrailIndex, scan_trails
+from actors.journal.tree import LogTree
 from actors.journal.writer import AuditTicket, AuditWriter
 from actors.metrics import Metrics
 from actors.state import (
     IN_DOUBT_STATES,
+    SETTLED_STATES,
     Directory,
     ProxyState,
     TenantSlice,
     TenantState,
     VmRecord,
 )
-from actors.store import Decided, JournalStats, Observer, SigningKey
+from actors.store import Decided, JournalStats, Observer, SigningKey, TreeProof
 from actors.views import Tenant, Usage, Vm, find_vm, tenant_view, usage_view, vm_page
 
 log = logging.getLogger("vm_tenant.store")
 
 D = TypeVar("D", bound=Decided)
+T = TypeVar("T")
 
 KEYRING_FILE = "token-signing.keyring.json"
 LEGACY_KEY_FILE = "token-signing.key"
@@ -166,14 +175,23 @@ class FileStore:
         writer: AuditWriter,
         signer: CheckpointSigner,
         admin_token: str,
+        tree: LogTree | None = None,
     ) -> None:
         self.config = config
         self.state: ProxyState = replayed.state
         self.writer = writer
         self.checkpoints = signer
+        self.tree = tree
+        #: tenant -> seqs of its own entries; the entries before the writer's first batch
+        #: are added by a pass over the log in the upkeep
+        self.trails = TrailIndex(ready=writer.seq == 0)
+        self._started_at = writer.seq
+        #: the newest head signed on demand (or stored), re-used while the head stays
+        self._signed: SignedHead | None = None
         #: the anchor of the snapshot on disk
         self.snapshot_anchor = replayed.anchor
         self._recovered_anchor = replayed.anchor
+        self._recovered_digest = replayed.snapshot.digest
         self._admin = admin_token.encode()
         self._keys = FileKeyStorage(config.data_dir / "keys")
         self._reader = AuditReader(config.data_dir / "audit")
@@ -237,6 +255,25 @@ class FileStore:
             if any(vm.state in IN_DOUBT_STATES for vm in tenant.vms.values())
         ]
 
+    # -- what the fleet says ------------------------------------------------------------------
+
+    def tenants_with_vms(self) -> list[str]:
+        return [tenant.id for tenant in self.state.tenants.values() if tenant.vms]
+
+    async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
+        tenant = self.state.tenants.get(tenant_id)
+        if tenant is None:
+            return 0
+        changed = 0
+        for vm_id, state in states.items():
+            vm = tenant.vms.get(vm_id)
+            if vm is None or state not in SETTLED_STATES or vm.state == state:
+                continue
+            if vm.state in SETTLED_STATES:  # else an operation owns it
+                tenant.set_vm_state(vm_id, sys.intern(state), settled=True)
+                changed += 1
+        return changed
+
     # -- the directory and the reads: views taken between two changes ------------------------
 
     @property
@@ -290,8 +327,87 @@ class FileStore:
     def observe(self, observer: Observer) -> None:
         self.writer.observe_durable(observer)
 
-    async def checkpoint(self) -> dict[str, Any] | None:
-        return self.checkpoints.latest
+    # -- the Merkle log ------------------------------------------------------------------------
+
+    @property
+    def log_key(self) -> Verifier:
+        return self.checkpoints.verifier
+
+    def _view_for(self, size: int) -> TreeView:
+        """A view of the tree that answers for every size up to ``size``."""
+        view = self.writer.tree_view
+        if view is None or view.size < size:
+            # behind: the tree may have caught up since the writer's last batch
+            view = self.tree.view() if self.tree is not None else None
+        if view is None or view.size < size:
+            raise AuditUnavailable("the Merkle tree is behind the log; it is being rebuilt")
+        return view
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking file work in a worker thread (inline for virtual-clock tests)."""
+        if self.config.inline_io:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def _in_tree(self, fn: Callable[..., list[bytes]], *args: Any) -> list[bytes]:
+        """Run a proof (or root) computation over a view in a worker thread."""
+        try:
+            return await self._blocking(fn, *args)
+        except TileDamaged as error:
+            log.error("the Merkle tree cannot be read: %s", error)
+            raise AuditUnavailable("the Merkle tree cannot be read") from None
+
+    async def signed_head(self) -> SignedHead:
+        seq, head = self.writer.seq, self.writer.head
+        signed = self._signed
+        if signed is not None and signed.seq == seq:
+            return signed
+        view = self._view_for(seq)
+        if view.size == seq:
+            root = view.root()
+        else:
+            root = (await self._in_tree(lambda: [merkle.root(view, seq)]))[0]
+        signed = self.checkpoints.sign(seq, head, utc_now(), root)
+        if self._signed is None or self._signed.seq < seq:
+            self._signed = signed
+        return signed
+
+    async def inclusion_proof(
+        self, seq: int, tree_size: int | None, *, tenant: str | None = None
+    ) -> TreeProof:
+        current = self.writer.seq
+        size = current if tree_size is None else tree_size
+        if size > current:
+            raise InvalidRequest(f"tree_size {size} is beyond the current size {current}")
+        if tenant is not None:
+            if not self.trails.ready:
+                raise AuditUnavailable("the audit index is being rebuilt after a start")
+            if not self.trails.owns(tenant, seq):
+                raise NotFound("no such entry")
+        if not 1 <= seq <= size:
+            raise NotFound("no such entry")
+        view = self._view_for(size)
+        hashes = await self._in_tree(merkle.inclusion_proof, view, seq - 1, size)
+        return TreeProof(size, hashes)
+
+    async def consistency_proof(self, old: int, new: int | None) -> TreeProof:
+        current = self.writer.seq
+        size = current if new is None else new
+        if not 1 <= old <= size <= current:
+            raise InvalidRequest(
+                f"a consistency proof needs 1 <= from <= to <= {current} (the current size)"
+            )
+        view = self._view_for(size)
+        hashes = await self._in_tree(merkle.consistency_proof, view, old, size)
+        return TreeProof(size, hashes)
+
+    async def trail(self, tenant: str, after: int, limit: int) -> tuple[list[bytes], int | None]:
+        if not self.trails.ready:
+            raise AuditUnavailable("the audit index is being rebuilt after a start")
+        seqs, following = self.trails.page(tenant, after, limit)
+        upto = self.writer.seq
+        lines = await self._blocking(self._reader.read_seqs, seqs, upto)
+        return lines, following
 
     def journal_stats(self) -> JournalStats:
         writer = self.writer
@@ -328,15 +444,18 @@ class FileStore:
     # -- the writer's observers: the fold in chain order, and the undo ------------------------
 
     def _durable(self, entries: list[Entry]) -> None:
+        self.trails.add(entries)
         state = self.state
         for entry in entries:
-            if not fold.reserves(entry):
-                try:
+            try:
+                if not fold.reserves(entry):
                     fold.apply(state, entry)
-                except Exception:
-                    # A bug: the state no longer is the fold of the log; a restart
-                    # (which replays the log) repairs it. The batch itself is durable.
-                    log.exception("folding durable entry %s failed", entry.get("seq"))
+                elif fold.remembers_key(entry) and (tenant := state.tenants.get(entry["tenant"])):
+                    fold.expire(tenant, entry)  # its reservation was folded in when drafted
+            except Exception:
+                # A bug: the state no longer is the fold of the log; a restart
+                # (which replays the log) repairs it. The batch itself is durable.
+                log.exception("folding durable entry %s failed", entry.get("seq"))
 
     def _lost(self, drafts: list[Entry]) -> None:
         tenants = self.state.tenants
@@ -348,32 +467,62 @@ class FileStore:
 
     async def upkeep(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._verify_prefix)
+            nursery.start_soon(self._check_snapshot)
+            nursery.start_soon(self._index_trails)
             nursery.start_soon(self._snapshot_loop)
             nursery.start_soon(self._checkpoint_loop)
 
     async def write_checkpoint(self) -> None:
-        """Sign the durable head, unless the latest checkpoint already covers it."""
+        """Make the tree durable, then sign the head and store the checkpoint, unless the
+        latest stored checkpoint already covers the head."""
         latest = self.checkpoints.latest
-        seq, head = self.writer.seq, self.writer.head
-        if seq == 0 or (latest is not None and latest["seq"] == seq):
+        seq = self.writer.seq
+        if seq == 0 or (latest is not None and latest["seq"] == seq and "note" in latest):
             return
-        await trio.to_thread.run_sync(self.checkpoints.append, seq, head, utc_now())
+        if self.tree is not None:
+            try:
+                await self._blocking(self.tree.sync)
+            except (OSError, TileDamaged) as error:
+                # The tree is derived from the log: a checkpoint does not wait for it.
+                log.error("the Merkle tree could not be synced: %s", error)
+        try:
+            head = await self.signed_head()
+        except AuditUnavailable as error:
+            raise OSError(f"no checkpoint: {error}") from None
+        await self._blocking(self.checkpoints.append, head)
+
+    async def _index_trails(self) -> None:
+        """Add the entries that were in the log at start to the tenants' trail index."""
+        if self.trails.ready:
+            return
+        audit_dir = self.config.data_dir / "audit"
+        older = await trio.to_thread.run_sync(
+            scan_trails, audit_dir, self._started_at, abandon_on_cancel=True
+        )
+        self.trails.merge(older)
+        log.debug("audit trail index ready (%d entries)", self.trails.entries())
 
     async def write_snapshot(self) -> snapshot.Anchor:
-        """Compact the durable log into a new snapshot (in a worker thread)."""
+        """Compact the durable log into a new, sealed snapshot (in a worker thread)."""
         upto = self.writer.seq
         self.snapshot_anchor = await trio.to_thread.run_sync(
-            snapshot.compact, self.config.data_dir, upto
+            snapshot.compact, self.config.data_dir, upto, self.checkpoints
         )
         return self.snapshot_anchor
 
-    async def _verify_prefix(self) -> None:
-        """Verify the chain before the snapshot's anchor; damage there stops all writes."""
-        audit_dir = self.config.data_dir / "audit"
-        report = await trio.to_thread.run_sync(
-            snapshot.verify_prefix, audit_dir, self._recovered_anchor, abandon_on_cancel=True
+    async def _check_snapshot(self) -> None:
+        """Verify the chain up to the snapshot's anchor and the snapshot against its fold;
+        damage in either stops all writes."""
+        check = partial(
+            refold.check_snapshot,
+            self.config.data_dir,
+            self._recovered_anchor,
+            self._recovered_digest,
         )
+        if self.config.inline_io:
+            report = check()
+        else:
+            report = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
         if not report.intact:
             self.writer.mark_damaged(
                 f"audit chain {report.verdict} at seq {report.bad_seq}: {report.reason}"
@@ -385,6 +534,9 @@ class FileStore:
             if self.writer.seq > self.snapshot_anchor.seq:
                 try:
                     await self.write_snapshot()
+                except snapshot.SnapshotDamaged as damage:
+                    self.writer.mark_damaged(str(damage))
+                    return
                 except (OSError, ChainBroken, snapshot.SnapshotError) as error:
                     log.error("snapshot failed (will retry): %s", error)
 
@@ -436,21 +588,43 @@ async def open_file_store(
     data_dir = config.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (data_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+    signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
+    key = signer.public_key
     try:
-        replayed = await trio.to_thread.run_sync(lambda: snapshot.replay(data_dir, cut_torn=True))
+        replayed = await trio.to_thread.run_sync(
+            lambda: snapshot.replay(data_dir, key=key, cut_torn=True)
+        )
     except (ChainBroken, snapshot.SnapshotError) as error:
         raise StartupError(f"cannot start on {data_dir}: {error}") from error
     if replayed.torn_cut:
         log.warning("cut an incomplete last audit line (it was never acknowledged)")
+    if replayed.snapshot.legacy:
+        log.info("snapshot/state.json predates sealed snapshots: replayed the whole log")
     head = replayed.head
+    tree = LogTree(data_dir / "tree", data_dir / "audit")
+    try:
+        # (an OSError, a full disk, is reported by the start-up like any other)
+        await trio.to_thread.run_sync(tree.open, head.seq)
+    except ValueError as error:
+        raise StartupError(f"cannot start on {data_dir}: the Merkle tree: {error}") from error
     writer = AuditWriter(
-        data_dir / "audit", head.seq, head.hash, inline_io=config.inline_io, metrics=metrics
+        data_dir / "audit",
+        head.seq,
+        head.hash,
+        inline_io=config.inline_io,
+        metrics=metrics,
+        tree=tree,
     )
-    signer = await trio.to_thread.run_sync(CheckpointSigner, data_dir)
+    if replayed.snapshot.damage is not None:
+        # Not served from: the state is the fold of the whole log. But someone changed
+        # what this process wrote, so nothing more is written until an operator looks.
+        writer.mark_damaged(
+            f"{replayed.snapshot.damage}; the state was rebuilt from the log instead"
+        )
     admin = await trio.to_thread.run_sync(
         read_or_create_secret, admin_token_path(data_dir), _new_admin_token
     )
-    store = FileStore(config, replayed, writer, signer, admin)
+    store = FileStore(config, replayed, writer, signer, admin, tree)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         try:

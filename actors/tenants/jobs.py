@@ -61,7 +61,7 @@ class TenantJobs:
     async def refused(self, ticket: Ticket, error: DomainError, reply: Reply[Any]) -> None:
         """Answer a refused write once its ``rejected`` entry is durable."""
         try:
-            await ticket.wait()
+            reply.audited(await ticket.wait())
         except AuditUnavailable as exc:
             send_reply(reply, outcome.Error(exc))
             return
@@ -70,7 +70,7 @@ class TenantJobs:
     async def recorded(self, ticket: Ticket, reply: Reply[Any]) -> None:
         """Answer once the entry is durable (and so folded into the state)."""
         try:
-            await ticket.wait()
+            reply.audited(await ticket.wait())
         except AuditUnavailable as exc:
             send_reply(reply, outcome.Error(exc))
             return
@@ -82,7 +82,7 @@ class TenantJobs:
     ) -> None:  # fmt: skip
         """Carry out a spawn or a destroy once its ``requested`` entry is durable."""
         try:
-            await ticket.wait()
+            reply.audited(await ticket.wait())
         except AuditUnavailable as exc:
             send_reply(reply, outcome.Error(exc))
             return
@@ -93,7 +93,8 @@ class TenantJobs:
             return
         except (FleetError, FleetUnavailable) as exc:
             entry = outcome_entry(operation, False, None, str(exc), source, request_id)
-            if await self._durable(entry):
+            if (failed := await self._durable(entry)) is not None:
+                reply.audited(failed)
                 send_reply(reply, outcome.Error(exc))
             else:
                 unrecorded = FleetInDoubt(
@@ -103,8 +104,10 @@ class TenantJobs:
             return
         entry = outcome_entry(operation, True, state, "", source, request_id)
         recorded = await self._durable(entry)
+        if recorded is not None:
+            reply.audited(recorded)
         send_reply(reply, outcome.Value(self._answer(operation, state)))
-        if not recorded:
+        if recorded is None:
             await self._record_late(operation, state, request_id)
 
     @staticmethod
@@ -120,14 +123,14 @@ class TenantJobs:
         await self.fleet.destroy(operation.vm_id)
         return None
 
-    async def _durable(self, entry: Entry) -> bool:
-        """Write ``entry`` and wait until it is durable; False when it could not be."""
+    async def _durable(self, entry: Entry) -> Entry | None:
+        """Write ``entry`` and wait until it is durable: the stored entry, or None when it
+        could not be made durable."""
         try:
-            await self.store.record(entry).wait()
+            return await self.store.record(entry).wait()
         except AuditUnavailable as error:
             log.warning("outcome of %s not recorded yet: %s", entry["vm"], error)
-            return False
-        return True
+            return None
 
     async def _in_doubt(self, operation: Operation, reply: Reply[Any], error: DomainError) -> None:
         await self.store.mark_in_doubt(operation.tenant, operation.vm_id, operation.kind)
@@ -147,7 +150,7 @@ class TenantJobs:
             if not self.store.ready:
                 continue
             entry = outcome_entry(operation, True, state, "", SYSTEM, request_id, "recorded_late")
-            if await self._durable(entry):
+            if await self._durable(entry) is not None:
                 return
 
     async def reconcile(self, operation: Operation) -> None:
@@ -167,7 +170,7 @@ class TenantJobs:
                 entry = outcome_entry(operation, False, None, str(exc), SYSTEM, None, "reconciled")
             except (FleetUnavailable, FleetInDoubt):
                 pass  # still in doubt: ask again after the backoff
-            if entry is not None and await self._durable(entry):
+            if entry is not None and await self._durable(entry) is not None:
                 return
             await trio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, ceiling)

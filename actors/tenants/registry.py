@@ -28,8 +28,8 @@ import trio
 
 from actors.errors import AuditUnavailable, Busy, Conflict, DomainError, NotFound
 from actors.fleet.client import FleetClient
-from actors.journal.entries import draft
-from actors.reply import Reply
+from actors.journal.entries import Entry, draft
+from actors.reply import Receipt, Reply
 from actors.state import Quota
 from actors.store import Store, Ticket
 from actors.tenants.actor import TenantActor
@@ -192,13 +192,19 @@ class TenantRegistry:
         """Whether the tenant has a running actor now (not passivated, never started)."""
         return tenant_id in self._actors
 
-    async def call(self, tenant_id: str, make: Callable[[Reply[T]], TenantMessage]) -> T:
+    async def call(
+        self,
+        tenant_id: str,
+        make: Callable[[Reply[T]], TenantMessage],
+        receipt: Receipt | None = None,
+    ) -> T:
         """Send ``make(reply)`` to the tenant's actor and wait for its answer.
 
-        A full mailbox answers ``Busy`` at once rather than queueing without limit.
+        A full mailbox answers ``Busy`` at once rather than queueing without limit. The
+        seqs of the entries the command wrote are noted on ``receipt`` before it answers.
         """
         actor = self.actor(tenant_id)
-        reply: Reply[T] = Reply()
+        reply: Reply[T] = Reply(receipt)
         try:
             actor.inbox.send_nowait(make(reply))
         except trio.WouldBlock:
@@ -223,6 +229,7 @@ class TenantRegistry:
         source: Source,
         request_id: str,
         expires_at: str | None = None,
+        receipt: Receipt | None = None,
     ) -> str:
         """Provision a tenant with its first token; returns that token's id."""
         if self._directory.exists(tenant_id) or tenant_id in self._creating:
@@ -238,12 +245,14 @@ class TenantRegistry:
                 _token_detail({"quota": quota.to_json(), "token_id": token_id}, expires_at),
             )
             with trio.CancelScope(shield=True):
-                await ticket.wait()
+                _note(receipt, await ticket.wait())
         finally:
             self._creating.discard(tenant_id)
         return token_id
 
-    async def delete_tenant(self, tenant_id: str, source: Source, request_id: str) -> None:
+    async def delete_tenant(
+        self, tenant_id: str, source: Source, request_id: str, receipt: Receipt | None = None
+    ) -> None:
         """Deprovision a tenant with no VMs; all its tokens stop working."""
         # Once Retire is queued the tenant refuses writes until the delete ends one way or
         # the other, so a caller that goes away must not leave it half-deleted: shielded
@@ -262,7 +271,7 @@ class TenantRegistry:
             detail = {"revoked_token_ids": sorted(tokens)}
             try:
                 ticket = self._submit("tenant.delete", tenant_id, source, request_id, detail)
-                await ticket.wait()
+                _note(receipt, await ticket.wait())
             except DomainError:
                 # not deleted after all (not durable; or, with replicas, another one spawned
                 # a VM meanwhile): take spawns again
@@ -279,7 +288,12 @@ class TenantRegistry:
             await actor.inbox.send(Reopen())
 
     async def issue_token(
-        self, tenant_id: str, source: Source, request_id: str, expires_at: str | None = None
+        self,
+        tenant_id: str,
+        source: Source,
+        request_id: str,
+        expires_at: str | None = None,
+        receipt: Receipt | None = None,
     ) -> str:
         """Issue a token id (``expires_at``, RFC 3339, is recorded in the entry)."""
         self.require(tenant_id)
@@ -290,7 +304,7 @@ class TenantRegistry:
         issuing.add(token_id)
         try:
             with trio.CancelScope(shield=True):
-                await ticket.wait()
+                _note(receipt, await ticket.wait())
         finally:
             issuing.discard(token_id)
             if not issuing and self._issuing.get(tenant_id) is issuing:
@@ -298,13 +312,18 @@ class TenantRegistry:
         return token_id
 
     async def revoke_token(
-        self, tenant_id: str, token_id: str, source: Source, request_id: str
+        self,
+        tenant_id: str,
+        token_id: str,
+        source: Source,
+        request_id: str,
+        receipt: Receipt | None = None,
     ) -> None:
         if not self._directory.token_valid(tenant_id, token_id):
             raise NotFound("no such token")
         ticket = self._submit("token.revoke", tenant_id, source, request_id, {"token_id": token_id})
         with trio.CancelScope(shield=True):
-            await ticket.wait()
+            _note(receipt, await ticket.wait())
 
     def _submit(
         self, op: str, tenant_id: str, source: Source, request_id: str, detail: dict[str, Any]
@@ -312,6 +331,11 @@ class TenantRegistry:
         """Write a tenant or token entry; the store folds it in once it is durable."""
         entry = draft(op, "succeeded", tenant_id, None, source.to_json(), request_id, detail)
         return self._store.record(entry)
+
+
+def _note(receipt: Receipt | None, entry: Entry) -> None:
+    if receipt is not None:
+        receipt.note(entry)
 
 
 def _token_detail(detail: dict[str, Any], expires_at: str | None) -> dict[str, Any]:

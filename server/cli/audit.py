@@ -1,10 +1,10 @@
 """The ``audit`` commands: the admin API's reads and the checks anyone can run on a log.
 
 ``audit verify`` works offline on a data dir, or on the database of replicas
-(``--store postgresql://...``). ``audit head`` and ``audit list`` read the
-admin API (they live with the other admin commands, :mod:`server.cli.admin`). Further
-audit tools (a tenant's own check of its trail, a witness) are added to :data:`audit`
-here, each in its own module when it is more than a few lines.
+(``--store postgresql://...``). ``audit head`` and ``audit list`` read the admin API (they
+live with the other admin commands, :mod:`server.cli.admin`). ``audit check`` (a tenant's
+own check of its trail) and ``audit witness-key`` live with ``vm-tenant witness`` in
+:mod:`server.cli.witness`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from actors.journal.chain import VerifyReport
 from actors.journal.verify import verify_data_dir
 from server.cli.admin import audit_head, audit_list
 from server.cli.shared import CONTEXT, DEFAULT_DATA_DIR, example
+from server.cli.witness import check, witness_key
 
 
 @click.group(context_settings=CONTEXT)
@@ -30,6 +31,8 @@ def audit() -> None:
 
 audit.add_command(audit_head)
 audit.add_command(audit_list)
+audit.add_command(check)
+audit.add_command(witness_key)
 
 
 class ExpectHead(click.ParamType[tuple[int, str]]):

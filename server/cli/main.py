@@ -8,6 +8,7 @@ Each subcommand lives in the module of its concern and is imported only when it 
 - :mod:`server.cli.tenant`: ``vm``, ``usage``
 - :mod:`server.cli.audit`: ``audit`` (``verify``, and the admin reads)
 - :mod:`server.cli.db`: ``db import`` (a data dir into the replicas' database)
+- :mod:`server.cli.witness`: ``witness``, ``audit check``, ``audit witness-key``
 
 What the client commands share (connection options, output, exit codes) is in
 :mod:`server.cli.shared`, their parameter types in :mod:`server.cli.params`.
@@ -41,6 +42,7 @@ COMMANDS: Mapping[str, str] = {
     "usage": "server.cli.tenant:usage",
     "audit": "server.cli.audit:audit",
     "db": "server.cli.db:db",
+    "witness": "server.cli.witness:witness",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar, cast
@@ -36,6 +36,8 @@ from server.client.operations import API, Answer, Operation, audit_seqs
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 30.0
+#: the largest body :meth:`Client.fetch` reads (a trail page of 1,000 entries fits many times)
+MAX_FETCH = 16 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -50,7 +52,7 @@ def _user_agent() -> str:
         return "vm-tenant"
 
 
-def _retry_after(headers: httpx.Headers) -> int | None:
+def retry_after(headers: httpx.Headers) -> int | None:
     text = headers.get("Retry-After", "").strip()
     return int(text) if text.isascii() and text.isdigit() else None
 
@@ -78,7 +80,7 @@ def _error(response: httpx.Response) -> ApiError:
         detail,
         problem,
         request_id=response.headers.get("X-Request-Id"),
-        retry_after=_retry_after(response.headers),
+        retry_after=retry_after(response.headers),
         audit_seqs=audit_seqs(response.headers),
     )
 
@@ -148,6 +150,27 @@ class Client:
             where = response.headers.get("Location", "nowhere")
             raise Unreachable(f"{self.url} answered {status} (to {where}); is the URL right?")
         return Answer(self._value(operation, response), response.content, status, response.headers)
+
+    def fetch(
+        self, path: str, params: Mapping[str, str] | None = None, *, limit: int = MAX_FETCH
+    ) -> tuple[int, bytes, httpx.Headers]:
+        """``GET path`` as it comes: the status, the exact body and the headers.
+
+        For checkers that trust no parse but their own (``server/witness.py``). A body
+        over ``limit`` bytes, or no answer, raises :class:`Unreachable`.
+        """
+        try:
+            with self._http.stream("GET", path, params=dict(params or {})) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise Unreachable(f"GET {path}: an answer larger than {limit} bytes")
+                return response.status_code, bytes(body), response.headers
+        except httpx.TimeoutException as error:
+            raise Unreachable(f"no answer from {self.url} in time ({error or 'timeout'})") from None
+        except httpx.TransportError as error:
+            raise Unreachable(f"cannot reach {self.url}: {error}") from None
 
     def pages(
         self, first: Operation[T], following: Callable[[T], Operation[T] | None]

@@ -61,7 +61,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
         Operation(
             "POST", "/v1/admin/tenants", "createTenant", "tenants", "Provision a tenant", "admin",
             201, CreatedTenant, ("conflict", "audit_unavailable"), request=CreateTenantBody,
-            headers={"Location": "the new tenant"},
+            headers={"Location": "the new tenant"}, audited=True,
         )
     )  # fmt: skip
     async def create_tenant() -> tuple[CreatedTenant, dict[str, str]]:
@@ -72,7 +72,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
         expires = authority.expiry(body.token_ttl_seconds)
         expires_at = authority.expires_at(expires)
         token_id = await registry.create_tenant(
-            body.id, quota, gates.source(), g.request_id, expires_at
+            body.id, quota, gates.source(), g.request_id, expires_at, g.receipt
         )
         token = authority.issue(body.id, token_id, expires)
         created = CreatedTenant(body.id, quota, token, token_id, expires_at)
@@ -112,7 +112,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
             "PATCH", "/v1/admin/tenants/<tenant_id>", "updateTenant", "tenants",
             "Change a tenant's quota", "admin", 200, Tenant,
             ("not_found", "conflict", "rate_limited", "audit_unavailable"), params=(TENANT_ID,),
-            request=UpdateTenantBody,
+            request=UpdateTenantBody, audited=True,
         )
     )  # fmt: skip
     async def update_tenant(tenant_id: str) -> Tenant:
@@ -122,7 +122,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
         body = await gates.body(UpdateTenantBody)
         quota, source = body.quota.to_quota(), gates.source()
         await registry.call(
-            tenant_id, lambda reply: UpdateQuota(quota, source, g.request_id, reply)
+            tenant_id, lambda reply: UpdateQuota(quota, source, g.request_id, reply), g.receipt
         )
         return await reads.tenant(tenant_id)
 
@@ -131,12 +131,13 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
             "DELETE", "/v1/admin/tenants/<tenant_id>", "deleteTenant", "tenants",
             "Deprovision a tenant without VMs; revokes all its tokens", "admin", 204, None,
             ("not_found", "conflict", "rate_limited", "audit_unavailable"), params=(TENANT_ID,),
+            audited=True,
         )
     )  # fmt: skip
     async def delete_tenant(tenant_id: str) -> None:
         gates.admin()
         gates.no_params()
-        await registry.delete_tenant(tenant_id, gates.source(), g.request_id)
+        await registry.delete_tenant(tenant_id, gates.source(), g.request_id, g.receipt)
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -145,7 +146,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
             "POST", "/v1/admin/tenants/<tenant_id>/tokens", "issueToken", "tokens",
             "Issue a token (optionally with a lifetime)", "admin", 201, Token,
             ("not_found", "audit_unavailable"), params=(TENANT_ID,), request=IssueTokenBody,
-            request_required=False, links=REVOKE_LINK,
+            request_required=False, links=REVOKE_LINK, audited=True,
         )
     )  # fmt: skip
     async def issue_token(tenant_id: str) -> Token:
@@ -155,21 +156,23 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
         body = await gates.body(IssueTokenBody, optional=True)
         expires = authority.expiry(body.ttl_seconds)
         expires_at = authority.expires_at(expires)
-        token_id = await registry.issue_token(tenant_id, gates.source(), g.request_id, expires_at)
+        token_id = await registry.issue_token(
+            tenant_id, gates.source(), g.request_id, expires_at, g.receipt
+        )
         return Token(authority.issue(tenant_id, token_id, expires), token_id, expires_at)
 
     @routes.operation(
         Operation(
             "DELETE", "/v1/admin/tenants/<tenant_id>/tokens/<token_id>", "revokeToken", "tokens",
             "Revoke a token", "admin", 204, None, ("not_found", "audit_unavailable"),
-            params=(TENANT_ID, TOKEN_ID),
+            params=(TENANT_ID, TOKEN_ID), audited=True,
         )
     )  # fmt: skip
     async def revoke_token(tenant_id: str, token_id: str) -> None:
         gates.admin()
         gates.no_params()
         registry.require(tenant_id)
-        await registry.revoke_token(tenant_id, token_id, gates.source(), g.request_id)
+        await registry.revoke_token(tenant_id, token_id, gates.source(), g.request_id, g.receipt)
 
     # -- signing keys -------------------------------------------------------------------------
 

@@ -43,6 +43,13 @@ class Gates:
         self._registry.limits.of(who.tenant).admit()
         return who.tenant
 
+    def anyone(self) -> Principal:
+        """A tenant (within its rate) or the operator: the audit log's public reads."""
+        who = self.principal()
+        if who.tenant is not None:
+            self._registry.limits.of(who.tenant).admit()
+        return who
+
     def admin(self) -> Principal:
         """The operator; 403 for a tenant token."""
         who = self.principal()

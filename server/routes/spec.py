@@ -19,9 +19,13 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from quart import Blueprint, Response
 
-Auth = Literal["tenant", "admin", "none"]
-#: what a handler gives back: the body (or None for 204), optionally with headers
-Answer = msgspec.Struct | None | tuple[msgspec.Struct, dict[str, str]]
+#: who may call: a tenant token, the admin token, either of them ("any"), or no one needs one
+Auth = Literal["tenant", "admin", "any", "none"]
+#: what a handler gives back: the body (a struct, a ``str`` for a text/plain answer, or
+#: None for 204), optionally with headers
+Answer = msgspec.Struct | str | None | tuple[msgspec.Struct | str, dict[str, str]]
+#: the media type of a ``str`` answer
+TEXT = "text/plain; charset=utf-8"
 Handler = Callable[..., Awaitable[Answer]]
 H = TypeVar("H", bound=Handler)
 
@@ -36,10 +40,12 @@ class Param:
     description: str = ""
     #: the route's variable, when it differs from the documented name (path only)
     variable: str | None = None
+    #: a query parameter without which the request is a 400 (a path parameter always is)
+    required: bool = False
 
     def document(self) -> dict[str, Any]:
         param: dict[str, Any] = {"name": self.name, "in": self.where, "schema": self.schema}
-        param["required"] = self.where == "path"
+        param["required"] = self.where == "path" or self.required
         if self.description:
             param["description"] = self.description
         return param
@@ -56,13 +62,15 @@ class Operation:
     summary: str
     auth: Auth
     status: int  # of the success answer
-    body: type[msgspec.Struct] | None  # its struct; None: no body (204)
+    body: type[msgspec.Struct] | type[str] | None  # its struct; str: text/plain; None: 204
     problems: tuple[str, ...] = ()
     params: tuple[Param, ...] = ()
     request: type[msgspec.Struct] | None = None
     request_required: bool = True
     #: headers of the success answer: name -> description
     headers: dict[str, str] = field(default_factory=dict)
+    #: it appends audit entries: any of its answers may name them in ``Audit-Seq``
+    audited: bool = False
     links: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,6 +110,10 @@ class Routes:
                     if answer is not None:
                         raise TypeError(f"{op.operation_id} answers no body")
                     return Response(b"", status=status, headers=headers)
+                if expected is str and type(answer) is str:
+                    return Response(
+                        answer.encode(), status=status, content_type=TEXT, headers=headers
+                    )
                 if type(answer) is not expected:
                     raise TypeError(
                         f"{op.operation_id} answers {expected.__name__}, not {answer!r}"

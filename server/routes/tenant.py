@@ -10,7 +10,7 @@ from quart import g, request
 from actors.errors import DomainError
 from actors.journal.chain import canonical
 from actors.service import Service
-from actors.state import VmSpec
+from actors.state import SETTLED_STATES, VmSpec
 from actors.tenants.protocol import Destroy, Replay, Spawn
 from actors.views import Destroyed, Usage, Vm
 from server.auth import Authority
@@ -19,9 +19,6 @@ from server.responses import VmList
 from server.routes.gates import Gates
 from server.routes.spec import CURSOR, LIMIT, Operation, Param, Routes
 from server.schemas import IDEMPOTENCY_KEY_RE, SpawnBody, parse_int, reject_unknown_params, single
-
-#: states whose live value is worth asking the fleet for
-LIVE_STATES = frozenset({"pending", "running", "error"})
 
 VM_ID = Param("id", "path", {"type": "string"}, variable="vm_id")
 IDEMPOTENCY_KEY = Param(
@@ -45,6 +42,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
             ("quota_exceeded", "conflict", "idempotency_conflict", *WRITE_PROBLEMS),
             params=(IDEMPOTENCY_KEY,), request=SpawnBody,
             headers={"Location": "the new VM", "Idempotent-Replayed": "`true` on a replay"},
+            audited=True,
         )
     )  # fmt: skip
     async def spawn_vm() -> tuple[Vm, dict[str, str]]:
@@ -61,7 +59,9 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
                 digest = hashlib.sha256(canonical(msgspec.structs.asdict(body))).hexdigest()
             source = gates.source()
             result: Vm | Replay = await registry.call(
-                tenant, lambda reply: Spawn(spec, key, digest, source, g.request_id, reply)
+                tenant,
+                lambda reply: Spawn(spec, key, digest, source, g.request_id, reply),
+                g.receipt,
             )
         if isinstance(result, Replay):
             replayed = {"Idempotent-Replayed": "true"}
@@ -98,9 +98,12 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         tenant = gates.tenant()
         gates.no_params()
         vm = await reads.vm(tenant, vm_id)
-        if vm.state in LIVE_STATES:
+        if vm.state in SETTLED_STATES:
             try:
                 live = await service.fleet.status(vm_id)
+                if live is not None:
+                    # what the fleet said is what the list and the metrics show from now on
+                    await service.store.record_fleet_states(tenant, {vm_id: live})
             except DomainError:
                 live = None
             if live is not None:
@@ -111,6 +114,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         Operation(
             "DELETE", "/v1/vms/<vm_id>", "destroyVm", "vms", "Destroy a VM", "tenant", 200,
             Destroyed, ("not_found", "conflict", *WRITE_PROBLEMS), params=(VM_ID,),
+            audited=True,
         )
     )  # fmt: skip
     async def destroy_vm(vm_id: str) -> Destroyed:
@@ -118,7 +122,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         gates.no_params()
         source = gates.source()
         result: Destroyed = await registry.call(
-            tenant, lambda reply: Destroy(vm_id, source, g.request_id, reply)
+            tenant, lambda reply: Destroy(vm_id, source, g.request_id, reply), g.receipt
         )
         return result
 

@@ -7,9 +7,10 @@ waited longest is shed to make room, since ending it loses no work. Never shed: 
 connection whose request the server is working on; one with bytes the server has not
 read yet (then the server keeps it waiting, not the reverse: in a burst, a request can
 sit unread for a while); one that has waited less than ``SHED_GRACE`` (its request may
-be on its way). Only when none of the ``SHED_CANDIDATES`` longest-waiting can yield is
-the newcomer refused (see :func:`refuse`). A peer address over its own ceiling is
-refused outright: sharing fairly is the point of that ceiling.
+be on its way). A shed connection that has not ended after ``SHED_WAIT`` (a loaded
+machine) is joined by the next candidate. Only when none of the ``SHED_CANDIDATES``
+longest-waiting can yield is the newcomer refused (see :func:`refuse`). A peer address
+over its own ceiling is refused outright: sharing fairly is the point of that ceiling.
 
 One owner: the server's accept loops and its connections' phase changes, all on the
 event loop's thread.
@@ -27,7 +28,8 @@ import trio
 
 from server.problems import RETRY_AFTER_503, problem_body
 
-#: how long a newcomer waits for a shed connection to let go of its descriptor
+#: how long a newcomer waits for a shed connection to let go of its descriptor before
+#: another one is shed too
 SHED_WAIT = 0.5
 #: a connection must have kept the server waiting this long before it can be shed
 SHED_GRACE = 0.1
@@ -36,9 +38,8 @@ SHED_CANDIDATES = 16
 
 
 class Sheddable(Protocol):
-    """A connection that can be told to end now, with an event set once it has ended."""
+    """A connection that can be told to end now (it leaves the admission when it has)."""
 
-    ended: trio.Event
     waiting_since: float
 
     def shed(self) -> None: ...
@@ -56,25 +57,35 @@ class Admission:
         self._peers: dict[str, int] = {}
         # Insertion-ordered: the first one has been waiting on its peer the longest.
         self._waiting: dict[Sheddable, None] = {}
+        #: set (and replaced) whenever a connection leaves: a place may be free
+        self._left = trio.Event()
 
     def peer_full(self, peer: str) -> bool:
         return self._peers.get(peer, 0) >= self.per_peer
 
     async def make_room(self) -> bool:
-        """Whether a newcomer fits, shedding the longest-waiting connection if need be."""
+        """Whether a newcomer fits, shedding the longest-waiting connection if need be.
+
+        A shed connection ends on its own close path, which takes a few turns of the
+        event loop: on a loaded machine that can be longer than ``SHED_WAIT``. Then the
+        next candidate is shed as well (a place is being made; the newcomer must not be
+        refused for the machine's slowness), and the newcomer is admitted as soon as any
+        of them has ended. It is refused only when no candidate can yield.
+        """
         if self.active < self.total:
             return True
-        now = trio.current_time()
-        for victim in islice(self._waiting, SHED_CANDIDATES):
-            if now - victim.waiting_since < SHED_GRACE:
-                return False  # the ones after it have waited even less
+        for victim in list(islice(self._waiting, SHED_CANDIDATES)):
+            if trio.current_time() - victim.waiting_since < SHED_GRACE:
+                break  # the ones after it have waited even less
             if victim.has_unread():
                 continue
             victim.shed()
             with trio.move_on_after(SHED_WAIT):
-                await victim.ended.wait()
-            return self.active < self.total
-        return False
+                while self.active >= self.total:  # any connection leaving will do
+                    await self._left.wait()
+            if self.active < self.total:
+                return True
+        return self.active < self.total
 
     def enter(self, peer: str) -> None:
         self.active += 1
@@ -83,6 +94,8 @@ class Admission:
     def leave(self, peer: str, connection: Sheddable) -> None:
         self.active -= 1
         self._waiting.pop(connection, None)
+        self._left.set()
+        self._left = trio.Event()
         left = self._peers[peer] - 1
         if left:
             self._peers[peer] = left

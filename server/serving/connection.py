@@ -84,7 +84,6 @@ class Connection:
         counts: Counter[str] | None = None,
     ) -> None:
         self.client = client
-        self.ended = trio.Event()
         self._app = app
         self._config = config
         self._context = context
@@ -110,9 +109,10 @@ class Connection:
         self._busy_since = now
 
     def shed(self) -> None:
-        """End now, to make room for another connection (:attr:`ended` tells when)."""
-        self._counts["shed"] += 1
-        self._watchdog.cancel()
+        """End now, to make room for another connection (it leaves the admission then)."""
+        if not self._watchdog.cancel_called:  # two newcomers may ask the same one
+            self._counts["shed"] += 1
+            self._watchdog.cancel()
 
     def has_unread(self) -> bool:
         """Whether the peer sent bytes the server has not read yet."""
@@ -158,7 +158,6 @@ class Connection:
         finally:
             with trio.CancelScope(shield=True):
                 await self._close()
-            self.ended.set()
 
     async def _serve(self) -> None:
         stream = self._stream

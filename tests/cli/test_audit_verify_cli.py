@@ -25,7 +25,10 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pymerkle import InmemoryTree
 
+from actors.journal import verify as verify_module
+from actors.journal.note import Signer, Verifier, open_checkpoint, sign_note
 from conftest import LiveServer, audit_lines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,8 +267,12 @@ def test_truncation_is_caught_by_an_expected_head_without_checkpoints(data_dir: 
     head = json.loads(lines[-1])
     write_lines(data_dir, lines[:-5])
     (data_dir / "audit-checkpoints.jsonl").unlink()
+    # The sealed snapshot names the seq it covers: evidence of the cut by itself...
+    result = verify(data_dir)
+    assert result.returncode == 1 and "truncated" in output(result), output(result)
+    (data_dir / "snapshot" / "state.json").unlink()
 
-    # Without any evidence from outside the log, a clean cut cannot be seen...
+    # ...without any evidence from outside the log, a clean cut cannot be seen...
     assert verify(data_dir).returncode == 0
     # ...but a head kept elsewhere shows it.
     result = verify(data_dir, "--expect-head", f"{head['seq']}:{head['hash']}")
@@ -301,8 +308,12 @@ def test_a_chain_rewritten_with_fresh_hashes_is_tampered(data_dir: Path) -> None
     assert result.returncode == 1, output(result)
     assert "tampered" in output(result)
 
-    # The rewrite itself is self-consistent: only the signed checkpoint gives it away.
+    # The rewrite itself is self-consistent: only what the key signed gives it away, the
+    # checkpoints and the sealed snapshot's anchor.
     (data_dir / "audit-checkpoints.jsonl").unlink()
+    result = verify(data_dir)
+    assert result.returncode == 1 and "snapshot anchor" in output(result), output(result)
+    (data_dir / "snapshot" / "state.json").unlink()
     assert verify(data_dir).returncode == 0
 
 
@@ -336,6 +347,82 @@ def test_a_forged_checkpoint_fails(data_dir: Path, forge: Callable[[dict[str, An
     result = verify(data_dir)
     assert result.returncode == 1, output(result)
     assert "tampered" in output(result)
+
+
+# -- the Merkle roots and notes of the checkpoints --------------------------------------------
+
+
+def test_every_checkpoint_carries_the_trees_root_and_a_note(data_dir: Path) -> None:
+    stored = checkpoints(data_dir)[-1]
+    assert {"size", "root", "note"} <= stored.keys() and stored["size"] == stored["seq"]
+    key = Verifier.parse((data_dir / "keys" / "audit-note.vkey").read_text().strip())
+    tree, _ = open_checkpoint(stored["note"], key)
+    reference = InmemoryTree(algorithm="sha256")  # shares no code with ours
+    for line in read_lines(data_dir)[: tree.size]:
+        reference.append_entry(line)
+    assert tree.root == reference.get_root(tree.size)
+    assert base64.b64decode(stored["root"]) == tree.root
+
+
+def test_a_line_respelled_without_changing_its_entry_is_tampered(data_dir: Path) -> None:
+    """The chain hashes the canonical form, so an extra space leaves it intact; the tree
+    hashes the stored bytes, so the signed root no longer matches."""
+    lines = read_lines(data_dir)
+    lines[6] = lines[6].replace(b'"seq":7,', b'"seq": 7,')
+    write_lines(data_dir, lines)
+    result = verify(data_dir)
+    assert result.returncode == 1, output(result)
+    size = checkpoints(data_dir)[-1]["size"]
+    assert "tampered" in output(result) and "Merkle root" in output(result), output(result)
+    assert names_seq(output(result), size)
+
+
+def respell_root(checkpoint: dict[str, Any]) -> None:
+    checkpoint["root"] = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+
+
+def forge_note(checkpoint: dict[str, Any]) -> None:
+    text, _, signature = checkpoint["note"].partition("\n\n")
+    origin, size, _root = text.split("\n")[:3]
+    other = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    checkpoint["note"] = f"{origin}\n{size}\n{other}\n\n{signature}"
+
+
+def note_by_another_key(checkpoint: dict[str, Any]) -> None:
+    text = checkpoint["note"].partition("\n\n")[0] + "\n"
+    origin = text.partition("\n")[0]
+    checkpoint["note"] = sign_note(text, [Signer.generate(origin)])
+
+
+@pytest.mark.parametrize(
+    "forge", [respell_root, forge_note, note_by_another_key], ids=["root", "note", "key"]
+)
+def test_a_forged_tree_head_fails(data_dir: Path, forge: Callable[[dict[str, Any]], None]) -> None:
+    items = checkpoints(data_dir)
+    forge(items[-1])
+    write_checkpoints(data_dir, items)
+    result = verify(data_dir)
+    assert result.returncode == 1, output(result)
+    assert "checkpoint" in output(result) and "tampered" in output(result)
+
+
+def test_roots_computed_in_a_second_process_agree(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a big log does (PARALLEL_BYTES lowered): the roots come from another process."""
+    monkeypatch.setattr(verify_module, "PARALLEL_BYTES", 0)
+    started = []
+    real = verify_module._start_roots
+    monkeypatch.setattr(
+        verify_module, "_start_roots", lambda *args: started.append(args) or real(*args)
+    )
+    assert verify_module.verify_data_dir(data_dir).verdict == "ok"
+    lines = read_lines(data_dir)
+    lines[6] = lines[6].replace(b'"seq":7,', b'"seq": 7,')
+    write_lines(data_dir, lines)
+    report = verify_module.verify_data_dir(data_dir)
+    assert (report.verdict, report.bad_seq) == ("tampered", checkpoints(data_dir)[-1]["size"])
+    assert len(started) == 2
 
 
 # -- a write in progress --------------------------------------------------------------------

@@ -99,6 +99,8 @@ def test_every_command_of_the_contract_exists() -> None:
         "audit head",
         "audit list",
         "audit verify",
+        "audit check",
+        "witness",
         "vm spawn",
         "vm list",
         "vm get",
@@ -132,7 +134,7 @@ def test_client_commands_take_the_connection_options_and_tokens_from_env() -> No
         if name.split()[0] in {"tenant", "token", "keys"} or name in {"audit head", "audit list"}:
             assert {"--url", "-o", "--admin-token", "--data-dir"} <= options, name
             assert "VM_TENANT_ADMIN_TOKEN" in envvars
-        if name.split()[0] in {"vm", "usage"}:
+        if name.split()[0] in {"vm", "usage", "witness"} or name == "audit check":
             assert {"--url", "-o", "--token"} <= options, name
             assert "VM_TENANT_TOKEN" in envvars
 

@@ -6,6 +6,7 @@ not the API's) come from httpx's ``MockTransport``, the transport httpx provides
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import sys
 import httpx
 import pytest
 
+from actors.journal.merkle import leaf_hash, verify_inclusion
+from actors.journal.note import Verifier, open_checkpoint
 from conftest import LiveServer
 from server.client import (
     API,
@@ -30,6 +33,7 @@ from server.client import (
     Vm,
     segment,
 )
+from server.witness import stored_line
 
 QUOTA = Quota(vcpus=8, memory_mib=4096, vms=4)
 SPEC = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
@@ -96,6 +100,37 @@ def test_every_operation_typed_against_a_live_server(live_server: LiveServer) ->
     ):
         revoked.usage()
     assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+
+
+def test_the_proof_methods_typed_against_a_live_server(live_server: LiveServer) -> None:
+    with Client(live_server.url, live_server.admin_token) as admin:
+        token = admin.create_tenant("acme", QUOTA).token
+        admin.create_tenant("beta", QUOTA)
+    with Client(live_server.url, token) as acme:
+        spawned = acme.send(API.spawn_vm(**SPEC))
+        assert spawned.audit_seqs == (3, 4)
+        key = Verifier.parse(acme.log_key())
+        tree, _ = open_checkpoint(acme.checkpoint(), key)
+        assert tree.size == 4
+        proof = acme.inclusion_proof(3, tree_size=4)
+        assert (proof.seq, proof.leaf_index, proof.tree_size) == (3, 2, 4)
+        trail = acme.audit_trail(limit=2)
+        assert [e["seq"] for e in trail.entries] == [1, 3] and trail.next == 3
+        assert [e["seq"] for e in acme.audit_trail(after=3).entries] == [4]
+        leaf = leaf_hash(stored_line(trail.entries[1]))
+        hashes = [base64.b64decode(h) for h in proof.hashes]
+        assert verify_inclusion(leaf, 2, 4, hashes, tree.root)
+        consistency = acme.consistency_proof(2)
+        assert (consistency.first, consistency.to) == (2, 4)
+        assert acme.consistency_proof(1, 1).hashes == []
+        with pytest.raises(ApiError) as foreign:
+            acme.inclusion_proof(2)  # beta's creation
+        assert (foreign.value.status, foreign.value.code) == (404, "not_found")
+    with Client(live_server.url, live_server.admin_token) as admin:
+        head = admin.audit_head()
+        assert head.seq == 4 and head.checkpoint is not None
+        assert open_checkpoint(head.checkpoint, key)[0] == tree
+        assert admin.inclusion_proof(2).tree_size == 4
 
 
 def test_answers_carry_body_and_headers(live_server: LiveServer) -> None:

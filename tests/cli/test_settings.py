@@ -111,6 +111,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "VM_TENANT_LOG_FORMAT": "console",
         "VM_TENANT_LOG_LEVEL": "debug",
         "VM_TENANT_PASSIVATE_AFTER": "60",
+        "VM_TENANT_FLEET_SYNC_INTERVAL": "20",
         "VM_TENANT_RATE_LIMIT": "0",
         "VM_TENANT_RATE_BURST": "1",
         "VM_TENANT_MAX_INFLIGHT_SPAWNS": "0",
@@ -137,6 +138,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
     assert from_env["metrics_bind"] == "127.0.0.1:9100"
     assert from_env["log_format"] == "console"
     assert from_env["log_level"] == "debug"
+    assert from_env["fleet_sync_interval"] == 20.0
     assert from_env["limits"] == {"rate": 0.0, "burst": 1, "max_inflight_spawns": 0}
     assert from_env["trusted_proxies"] == "10.0.0.0/8, 192.0.2.1"
     assert from_env["serving"] == {
@@ -154,7 +156,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "--data-dir", "/srv/flag", "--store", "file", "--bind", "[::1]:82", "--fleet", "embedded",
         "--fleet-timeout", "4", "--snapshot-interval", "31", "--checkpoint-interval", "6",
         "--metrics-bind", "off", "--log-format", "json", "--log-level", "warning",
-        "--passivate-after", "61",
+        "--passivate-after", "61", "--fleet-sync-interval", "2.5",
         "--rate-limit", "9.5", "--rate-burst", "3", "--max-inflight-spawns", "4",
         "--keep-alive-timeout", "1.5", "--head-timeout", "2", "--body-timeout", "3",
         "--send-timeout", "4", "--max-connections", "100", "--max-connections-per-peer", "10",
@@ -174,6 +176,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
         "log_format": "json",
         "log_level": "warning",
         "passivate_after": 61.0,
+        "fleet_sync_interval": 2.5,
         "tls_cert": "off",
         "tls_key": "off",
         "trusted_proxies": "::1",

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from conftest import LiveServer, Provision, bearer
-from fleet_process import FleetServer
+from fleet_server import FleetServer
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
 BIG_QUOTA = {"vcpus": 1000, "memory_mib": 1_000_000, "vms": 1000}
@@ -179,8 +179,13 @@ def fleet(tmp_path: Path) -> Iterator[FleetServer]:
 
 
 @pytest.fixture
-def proxy(tmp_path: Path, fleet: FleetServer) -> Iterator[LiveServer]:
+def proxy(
+    tmp_path: Path, fleet: FleetServer, request: pytest.FixtureRequest
+) -> Iterator[LiveServer]:
     env = {"VM_TENANT_FLEET": fleet.url, "VM_TENANT_FLEET_TIMEOUT": "1"}
+    # The fleet's knobs apply to every call: no state sweep (a list call) may take an
+    # injected fault meant for a spawn, so it runs only where a test asks for it.
+    env["VM_TENANT_FLEET_SYNC_INTERVAL"] = getattr(request, "param", "3600")
     server = LiveServer(tmp_path / "proxy-data", env=env).start()
     try:
         yield server
@@ -548,3 +553,29 @@ async def test_a_proxy_killed_with_fleet_calls_in_flight_resolves_them(rig: Rig)
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert verify.stdout.startswith("intact"), verify.stdout
+
+
+# -- the state the fleet reports -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proxy", ["0.2"], indirect=True)
+async def test_the_list_shows_the_state_the_fleet_reports_without_asking_per_request(
+    rig: Rig,
+) -> None:
+    """The list once showed ``pending`` minutes after the fleet said ``running``."""
+    token = await rig.tenant("acme", BIG_QUOTA)
+    await rig.knobs(boot=3600.0)  # the fleet keeps new VMs pending until told otherwise
+    made = [await rig.spawn_ok(token) for _ in range(3)]
+    assert {vm["state"] for vm in made} == {"pending"}
+    await rig.knobs(boot=0.0)  # ...and now reports them all running
+
+    before = (await rig.stats())["calls"]
+    with trio.fail_after(30):
+        while {vm["state"] for vm in await rig.listed(token)} != {"running"}:
+            await trio.sleep(0.05)
+    after = (await rig.stats())["calls"]
+    # The list requests cost no call each: the sweep asked, one list call per tenant.
+    assert after["GET"] == before["GET"]
+    assert after["LIST"] > before["LIST"]
+    usage = await rig.api.get("/v1/usage", headers=bearer(token))
+    assert usage.json()["allocated"] == allocation_of(made), "counted the same"

@@ -23,6 +23,8 @@ import trio.testing
 from quart import Response
 
 from actors.journal.checkpoint import load_public_key, public_key_path, signature_valid
+from actors.journal.merkle import MemoryTree, leaf_hash
+from actors.journal.note import Verifier, open_checkpoint
 from actors.service import open_service
 from conftest import QUOTA, Api, Tenant, audit_lines, service_config
 from server.app import create_app
@@ -797,26 +799,44 @@ async def test_audit_listing_returns_the_stored_lines(api: Api, data_dir: Path) 
         prev = entry["hash"]
 
 
-async def test_audit_head_is_the_latest_signed_checkpoint(api: Api, data_dir: Path) -> None:
+async def test_audit_head_is_the_current_head_signed_on_demand(api: Api, data_dir: Path) -> None:
+    key = load_public_key(public_key_path(data_dir))
+    log_key = Verifier.parse((data_dir / "keys" / "audit-note.vkey").read_text().strip())
+    # an empty log has a head too: size 0, the empty tree's root
+    empty = await (await api.client.get("/v1/admin/audit/head", headers=api.admin)).get_json()
+    assert (empty["seq"], empty["hash"]) == (0, "0" * 64)
+    tree, _ = open_checkpoint(empty["checkpoint"], log_key)
+    assert (tree.size, tree.root) == (0, hashlib.sha256(b"").digest())
+
     acme = await api.provision("acme")
     await spawned(api, acme)
-    await api.service.write_checkpoint()
     response = await api.client.get("/v1/admin/audit/head", headers=api.admin)
     assert response.status_code == 200
     head = await response.get_json()
-    assert set(head) == {"seq", "hash", "ts", "signature"}
+    assert set(head) == {"seq", "hash", "ts", "signature", "checkpoint"}
     assert head["seq"] == api.service.audit.seq == 3
     assert head["hash"] == json.loads(audit_lines(data_dir)[-1])["hash"]
-    key = load_public_key(public_key_path(data_dir))
     assert signature_valid(key, head)
     assert not signature_valid(key, {**head, "seq": head["seq"] - 1})
+    # the same head as a C2SP checkpoint of the tree over the stored lines
+    tree, _ = open_checkpoint(head["checkpoint"], log_key)
+    assert tree.origin == log_key.name and tree.size == 3
+    assert tree.root == MemoryTree(leaf_hash(line) for line in audit_lines(data_dir)).root()
+    assert (
+        await (await api.client.get("/v1/audit/checkpoint", headers=acme.auth)).get_data(
+            as_text=True
+        )
+        == head["checkpoint"]
+    )
 
+    # no checkpoint is written in between: the head moves with every acknowledged write
     await spawned(api, acme)
-    await api.service.write_checkpoint()
     newer = await (await api.client.get("/v1/admin/audit/head", headers=api.admin)).get_json()
     assert newer["seq"] == 5
     assert newer["hash"] == json.loads(audit_lines(data_dir)[-1])["hash"]
     assert signature_valid(key, newer)
+    assert open_checkpoint(newer["checkpoint"], log_key)[0].size == 5
+    assert api.service.latest_checkpoint() is None  # signed on demand, not stored
 
 
 # -- authentication and authorisation ------------------------------------------------------------

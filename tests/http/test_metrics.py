@@ -156,14 +156,17 @@ def test_process_build_and_no_created_series(metered: LiveServer) -> None:
                 sock.close()
     assert value(held, "process_open_fds") - value(before, "process_open_fds") == 5
 
-    # CPU seconds as the kernel counts them (user + system ticks), read around a scrape
-    def cpu() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # CPU as the kernel counts it (user + system ticks), read around a scrape; compared
+    # in whole ticks, since the collector's sum of two divided tick counts is not exact
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
 
-    low = cpu()
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+
+    low = cpu_ticks()
     scraped = value(scrape(url), "process_cpu_seconds_total")
-    assert low <= scraped <= cpu()
+    assert low <= round(scraped * ticks_per_second) <= cpu_ticks()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from actors.errors import AuditUnavailable
 from actors.journal.chain import GENESIS
@@ -234,3 +235,43 @@ async def test_unencodable_entry_fails_alone(data_dir: Path) -> None:
         assert service.audit.healthy
     lines = audit_lines(data_dir)
     assert [json.loads(line)["op"] for line in lines] == ["tenant.create"]
+
+
+async def test_a_full_disk_stays_unhealthy_until_a_probe_finds_room(
+    audit_dir: Path, monkeypatch: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Cutting the file back needs no space, so it must not count as writable again."""
+    writer = AuditWriter(audit_dir, inline_io=True)
+    real_write = os.write
+    disk = {"full": False, "refused": 0}
+
+    def write(fd: int, data: Any) -> int:
+        if disk["full"]:
+            disk["refused"] += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await submit(writer, 1).wait()
+        size = sum(p.stat().st_size for p in audit_dir.iterdir())
+        disk["full"] = True
+        with pytest.raises(AuditUnavailable):
+            await submit(writer, 2).wait()
+        assert not writer.healthy
+        with trio.fail_after(60):  # virtual seconds: a guard against a hang only
+            for _ in range(5):  # the writer probes every second on its own, and fails
+                refused = disk["refused"]
+                while disk["refused"] == refused:
+                    await trio.sleep(0.1)
+                assert not writer.healthy
+            disk["full"] = False
+            # no write is submitted: a probe finds the room
+            while not writer.healthy:
+                await trio.sleep(0.1)
+        assert sum(p.stat().st_size for p in audit_dir.iterdir()) == size, "probe cut off"
+        entry = await submit(writer, 3).wait()
+        writer.close()
+    assert entry["seq"] == 2
+    independent_check(audit_lines(audit_dir.parent))

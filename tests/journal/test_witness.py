@@ -1,8 +1,10 @@
 """The witness and the tenant's audit check, against a fake log server.
 
-The server side of API.md's proof endpoints does not exist yet, so :class:`FakeLog` plays
-it: a chain of entries kept as API.md describes, a tree and signed checkpoints from our own
-merkle and note modules, served through httpx's MockTransport. What is under test is the
+A log that cheats on purpose is easiest to play, so :class:`FakeLog` plays the server side
+of API.md's proof endpoints (the attacks on a real server's data dir are in
+``test_witness_live.py``): a chain of entries kept as API.md describes, a tree and signed
+checkpoints from our own merkle and note modules, served to the typed client through
+httpx's MockTransport. What is under test is the
 checking side, which trusts nothing the fake says unless a signature or proof backs it;
 each attack below is a way a real operator could cheat, and the checks must catch it.
 """
@@ -28,13 +30,14 @@ from actors.journal.note import (
     open_note,
     sign_checkpoint,
 )
+from server.client import Client
 from server.witness import (
     BadState,
     Inconsistent,
     Refused,
     Unavailable,
     audit_check,
-    http_getter,
+    client_getter,
     stored_line,
     witness_round,
 )
@@ -132,8 +135,8 @@ class FakeLog:
         return httpx.Response(404)
 
     def getter(self, token: str = "tok-acme"):  # type: ignore[no-untyped-def]
-        client = httpx.Client(transport=httpx.MockTransport(self.handle))
-        return http_getter("http://log.test", token, client=client)
+        transport = httpx.MockTransport(self.handle)
+        return client_getter(Client("http://log.test", token, transport=transport))
 
 
 @pytest.fixture
@@ -264,14 +267,16 @@ def test_an_unreachable_or_failing_log_is_unavailable_not_inconsistent(
     def down(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    client = httpx.Client(transport=httpx.MockTransport(down))
+    client = Client("http://x", "t", transport=httpx.MockTransport(down))
     with pytest.raises(Unavailable):
-        witness_round(http_getter("http://x", "t", client=client), log.signer.verifier, state)
-    huge = httpx.Client(
-        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"x" * (17 << 20)))
+        witness_round(client_getter(client), log.signer.verifier, state)
+    huge = Client(
+        "http://x",
+        "t",
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"x" * (17 << 20))),
     )
     with pytest.raises(Unavailable, match="larger"):
-        witness_round(http_getter("http://x", "t", client=huge), log.signer.verifier, state)
+        witness_round(client_getter(huge), log.signer.verifier, state)
     assert state.read_bytes() == before
 
 
@@ -368,3 +373,29 @@ def test_audit_check_refuses_an_entry_beyond_the_checkpoint(log: FakeLog) -> Non
     log.overrides["/v1/audit/checkpoint"] = httpx.Response(200, text=checkpoint_of_ten.checkpoint())
     with pytest.raises(Inconsistent, match=r"^entry 11 is not in the signed tree of size 10"):
         _check(log)
+
+
+def test_rate_limits_and_short_unavailability_are_waited_out(log: FakeLog, state: Path) -> None:
+    """An audit check asks for a proof per entry, so it meets its rate limit: a 429 is
+    waited out (Retry-After), so is a 503 for a while; a 503 that lasts is Unavailable."""
+    refusals = {"/v1/audit/proof": 5, "/v1/audit/checkpoint": 2}
+    waits: list[float] = []
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        left = refusals.get(request.url.path, 0)
+        if left:
+            refusals[request.url.path] = left - 1
+            status = 429 if request.url.path == "/v1/audit/proof" else 503
+            return httpx.Response(status, headers={"Retry-After": "2"})
+        return log.handle(request)
+
+    client = Client("http://log.test", "tok-acme", transport=httpx.MockTransport(limited))
+    get = client_getter(client, sleep=waits.append)
+    assert audit_check(get, log.signer.verifier).entries == 6
+    assert waits == [2.0] * 7
+    log.overrides["/v1/audit/checkpoint"] = httpx.Response(503, headers={"Retry-After": "1"})
+    waits.clear()
+    with pytest.raises(Unavailable):
+        witness_round(get, log.signer.verifier, state)
+    assert waits == [1.0] * 10
+    assert not state.exists()

@@ -20,7 +20,7 @@ import httpx
 
 from actors.store.postgres.schema import advisory_key
 from conftest import UNLIMITED, LiveServer, bearer
-from fleet_process import FleetServer
+from fleet_server import FleetServer
 from pgcluster import PgCluster, start_cluster
 
 SEQUENCER_LOCK = advisory_key("vm-tenant.audit.sequencer")

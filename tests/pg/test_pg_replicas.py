@@ -226,6 +226,56 @@ async def test_a_key_rotated_on_one_replica_signs_tokens_every_replica_accepts(
             await client.aclose()
 
 
+# -- the Merkle log ---------------------------------------------------------------------------
+
+
+async def test_every_replica_serves_the_same_tree_and_its_proofs_check(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """Entries written through every replica; each replica's key, head and proofs are the
+    same tree's, and the tenant's own check (``audit check``) and a witness (``witness
+    --once``, its state carried from one replica to the next) pass against each."""
+    clients = replicas.clients()
+    try:
+        token, _ = await provision(clients[0], replicas.admin, "proven", BIG)
+        for client in clients:
+            for _ in range(2):
+                assert (await spawn(client, token)).status_code == 201
+        keys = {(await c.get("/v1/audit/key", headers=bearer(token))).text for c in clients}
+        assert len(keys) == 1
+        log_key = tmp_path / "log.vkey"
+        log_key.write_text(keys.pop())
+        # the same seq proven by every replica in the same tree: the same hashes
+        mine = (await clients[1].get("/v1/audit", headers=bearer(token))).json()["entries"]
+        size = (await whole_audit(clients[2], replicas.admin))[-1]["seq"]
+        proofs = [
+            (await c.get(f"/v1/audit/proof?seq={mine[0]['seq']}&tree_size={size}",
+                         headers=bearer(token))).json()
+            for c in clients
+        ]  # fmt: skip
+        assert all(proof == proofs[0] for proof in proofs) and proofs[0]["hashes"]
+        consistency = [
+            (await c.get(f"/v1/audit/consistency?from=2&to={size}", headers=bearer(token))).json()
+            for c in clients
+        ]
+        assert all(proof == consistency[0] for proof in consistency)
+
+        state = tmp_path / "witness.state"
+        for n, server in enumerate(replicas.servers):
+            env = {"VM_TENANT_TOKEN": token, "VM_TENANT_URL": server.url}
+            checked = vm_tenant("audit", "check", "--log-key", f"@{log_key}", env=env)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            witnessed = vm_tenant(
+                "witness", "--log-key", f"@{log_key}", "--state", str(state), "--once", env=env
+            )
+            assert witnessed.returncode == 0, witnessed.stdout + witnessed.stderr
+            # the log grows between two rounds, through another replica
+            assert (await spawn(clients[(n + 1) % len(clients)], token)).status_code == 201
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 # -- a replica killed ------------------------------------------------------------------------
 
 

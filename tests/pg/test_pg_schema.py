@@ -12,7 +12,7 @@ from pgcluster import PgDatabase
 TABLES = {
     "schema_version", "log_meta", "signing_keys", "tenants", "tokens", "directory_changes",
     "vms", "idempotency", "audit_queue", "audit_log", "audit_head", "merkle_nodes",
-    "checkpoints",
+    "checkpoints", "heartbeats",
 }  # fmt: skip
 
 

@@ -190,8 +190,9 @@ async def test_checkpoint_at_least_every_n_entries(
     seqs = [c["seq"] for c in stored]
     assert seqs == sorted(seqs) and seqs[-1] >= 15
     assert all(b - a <= 2 * 5 for a, b in zip([0, *seqs], seqs, strict=False))
+    # the head answered is signed on demand: it covers all 17, stored or not
     head = await (await api.client.get("/v1/admin/audit/head", headers=api.admin)).get_json()
-    assert head == stored[-1]
+    assert head["seq"] == 17 >= stored[-1]["seq"]
 
 
 ADMIN = Source("127.0.0.1", "admin")

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 
 from actors.journal import snapshot
 from actors.journal.chain import VerifyReport, decode_line
-from actors.journal.checkpoint import read_checkpoints
+from actors.journal.checkpoint import origin_path, read_checkpoints, read_origin
 from actors.journal.merkle import Frontier
 from actors.journal.segments import iter_chunks
 from actors.journal.verify import verify_data_dir
@@ -95,6 +95,8 @@ class _Source:
     audit_key_pem: str
     audit_key_created: str
     checkpoints: list[dict[str, Any]]
+    #: the log's origin (``keys/audit-origin``), None for a data dir from before it
+    origin: str | None
 
 
 def _read_source(data_dir: Path) -> _Source:
@@ -118,6 +120,12 @@ def _read_source(data_dir: Path) -> _Source:
     except ValueError as error:
         raise ImportRefused(f"{data_dir / AUDIT_KEY} is not a usable key: {error}") from None
     checkpoints = [c for c in read_checkpoints(data_dir) if c is not None]
+    origin: str | None = None
+    if origin_path(data_dir).exists():
+        try:
+            origin = read_origin(data_dir)
+        except (OSError, ValueError) as error:
+            raise ImportRefused(f"cannot read the log's origin: {error}") from None
     return _Source(
         report,
         state,
@@ -126,6 +134,7 @@ def _read_source(data_dir: Path) -> _Source:
         audit_pem,
         _modified(data_dir / AUDIT_KEY),
         checkpoints,
+        origin,
     )
 
 
@@ -151,8 +160,9 @@ async def import_data_dir(
 ) -> ImportReport:
     """Import ``data_dir`` into the (empty) database; raises :class:`ImportRefused`.
 
-    ``origin`` is the log's name for its signed notes; by default a new one is made,
-    ``vm-tenant/<random id>``.
+    ``origin`` is the log's name for its signed notes; by default the data dir's own
+    (``keys/audit-origin``: the log keeps its identity, and a witness or a tenant that
+    kept its checkpoints goes on checking), or a new one for a data dir that has none.
     """
     source = await trio.to_thread.run_sync(_read_source, data_dir)
     await migrate(db)
@@ -163,12 +173,12 @@ async def import_data_dir(
             raise ImportRefused("the database is not empty: nothing was imported")
         await con.execute(
             "INSERT INTO log_meta (origin, admin_token_sha256) VALUES ($1, $2)",
-            origin or f"vm-tenant/{secrets.token_hex(8)}",
+            origin or source.origin or f"vm-tenant/{secrets.token_hex(8)}",
             source.admin_sha256,
         )
         await _import_keys(con, source)
-        await _import_chain(con, data_dir, source.report)
-        await _import_state(con, source.state)
+        created = await _import_chain(con, data_dir, source.report)
+        await _import_state(con, source.state, created)
     state = source.state
     return ImportReport(
         source.report.entries,
@@ -206,13 +216,19 @@ async def _import_keys(con: Connection, source: _Source) -> None:
         rows,
     )
     await con.executemany(
-        "INSERT INTO checkpoints (seq, hash, ts, signature) VALUES ($1, $2, $3, $4)",
-        [(c["seq"], c["hash"], c["ts"], c["signature"]) for c in source.checkpoints],
+        "INSERT INTO checkpoints (seq, hash, ts, signature, root, note) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            (c["seq"], c["hash"], c["ts"], c["signature"], c.get("root"), c.get("note"))
+            for c in source.checkpoints
+        ],
     )
 
 
-async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -> None:
-    """Every complete line up to the verified head, as stored, with the tree's nodes."""
+async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -> dict[str, int]:
+    """Every complete line up to the verified head, as stored, with the tree's nodes;
+    returns the seq of each tenant's latest creation (where its own entries start)."""
+    created: dict[str, int] = {}
     frontier = Frontier()
     seqs: list[int] = []
     tenants: list[str | None] = []
@@ -241,6 +257,8 @@ async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -
             hashes.append(entry["hash"])
             lines.append(line)
             last_ts = entry["ts"]
+            if entry["op"] == "tenant.create" and entry["outcome"] == "succeeded":
+                created[entry["tenant"]] = entry["seq"]
             if len(seqs) == BATCH:
                 await flush()
     if seqs:
@@ -251,16 +269,18 @@ async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -
         report.head_hash,
         last_ts,
     )
+    return created
 
 
-async def _import_state(con: Connection, state: ProxyState) -> None:
+async def _import_state(con: Connection, state: ProxyState, created: dict[str, int]) -> None:
     tenants = state.tenants.values()
     await con.executemany(
         "INSERT INTO tenants (id, quota_vcpus, quota_memory_mib, quota_vms, allocated_vcpus, "
-        "allocated_memory_mib, allocated_vms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "allocated_memory_mib, allocated_vms, created_seq) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         [
             (t.id, t.quota.vcpus, t.quota.memory_mib, t.quota.vms,
-             t.allocated_vcpus, t.allocated_memory, len(t.vms))
+             t.allocated_vcpus, t.allocated_memory, len(t.vms), created.get(t.id))
             for t in tenants
         ],
     )  # fmt: skip

@@ -31,7 +31,7 @@ import asyncpg
 import msgspec
 
 from actors.errors import NotFound
-from actors.state import IN_DOUBT_STATES, IdempotencyRecord, Quota, VmRecord
+from actors.state import IN_DOUBT_STATES, REFUSED, IdempotencyRecord, Quota, VmRecord
 from actors.store.postgres.bridge import Queries, Statement
 
 #: how long a replica's claim on an operation in flight holds without renewal
@@ -122,6 +122,8 @@ class RowSlice:
             name, row = key
             self._keys_loaded[name] = None if row is None else key_record(row)
         self._keys_now: dict[str, IdempotencyRecord | None] = dict(self._keys_loaded)
+        #: the retention the fold asked for (``forget_keys``): records older than, kept
+        self._forget: tuple[str, int] | None = None
 
     @classmethod
     async def load(
@@ -191,6 +193,12 @@ class RowSlice:
         if self._keys_now.get(key) is not None:
             self._keys_now[key] = None
 
+    def forget_keys(self, before: str, sweep_before: str, refusals: int) -> None:
+        """Record the retention of the tenant's idempotency records (the fold's rule):
+        written with the decision, as two deletes behind its guard (``sweep_before`` is
+        not needed: a delete by index costs nothing when nothing is that old)."""
+        self._forget = (before, refusals)
+
     def _count(self, vm: VmRecord, sign: int) -> None:
         self._vcpus += sign * vm.vcpus
         self._memory += sign * vm.memory_mib
@@ -249,7 +257,7 @@ class RowSlice:
         return writes
 
     def _key_writes(self) -> list[Statement]:
-        writes: list[Statement] = []
+        writes: list[Statement] = self._forget_writes()
         for key, record in self._keys_now.items():
             if record is self._keys_loaded.get(key):
                 continue
@@ -268,6 +276,32 @@ class RowSlice:
                      record.created],
                 ))  # fmt: skip
         return writes
+
+    def _forget_writes(self) -> list[Statement]:
+        if self._forget is None:
+            return []
+        before, refusals = self._forget
+        # the statement's deletes see the rows as they were before it: a refusal it
+        # records now counts against the newest ``refusals`` already
+        fresh = sum(
+            1
+            for key, record in self._keys_now.items()
+            if record is not None and record.status == REFUSED
+            and record is not self._keys_loaded.get(key)
+        )  # fmt: skip
+        return [
+            (
+                "DELETE FROM idempotency WHERE tenant = $1 AND status <> 0 AND created < $2 "
+                f"{AND_GUARD}",
+                [self._id, before],
+            ),
+            (
+                "DELETE FROM idempotency WHERE tenant = $1 AND status = 403 AND key IN ("
+                "SELECT key FROM idempotency WHERE tenant = $1 AND status = 403 "
+                f"ORDER BY created DESC, key DESC OFFSET $2) {AND_GUARD}",
+                [self._id, max(0, refusals - fresh)],
+            ),
+        ]
 
 
 def _json(body: Any) -> str | None:

@@ -32,7 +32,7 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,22 +40,36 @@ from typing import Any, TypeVar
 
 import trio
 
-from actors.errors import AuditUnavailable, Busy, Conflict, NotFound, StartupError
+from actors.errors import (
+    AuditUnavailable,
+    Busy,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    StartupError,
+)
 from actors.fsutil import create_private
 from actors.journal import fold
-from actors.journal.checkpoint import sign_checkpoint
+from actors.journal.checkpoint import SignedHead, sign_head
 from actors.journal.entries import Entry, utc_now
 from actors.journal.merkle import (
     EMPTY_ROOT,
-    ProofPlan,
     consistency_plan,
     inclusion_plan,
     range_nodes,
 )
 from actors.journal.merkle import fold as merkle_fold
+from actors.journal.note import Signer, Verifier
 from actors.metrics import Metrics
-from actors.state import IN_DOUBT_STATES, Directory, Quota, TenantSlice, VmRecord
-from actors.store import Decided, JournalStats, Observer, SigningKey
+from actors.state import (
+    IN_DOUBT_STATES,
+    SETTLED_STATES,
+    Directory,
+    Quota,
+    TenantSlice,
+    VmRecord,
+)
+from actors.store import Decided, JournalStats, Observer, SigningKey, TreeProof
 from actors.store.postgres.bootstrap import (
     KEYS_CHANNEL,
     Secrets,
@@ -83,7 +97,7 @@ from actors.store.postgres.sequencer import (
     Sequencer,
     enqueue,
 )
-from actors.store.postgres.tree import node_hashes
+from actors.store.postgres.tree import TreeIncomplete, node_hashes
 from actors.views import Tenant, Usage, Vm, vm_view
 
 log = logging.getLogger("vm_tenant.store")
@@ -209,7 +223,12 @@ class PostgresStore:
         self._observers: list[Observer] = []
         self._healthy = True
         self._head: tuple[int, str] = (0, "0" * 64)
-        self._latest_checkpoint: dict[str, Any] | None = None
+        self._latest_checkpoint: SignedHead | None = None
+        #: the latest head this replica signed (signed again only once the head moved)
+        self._signed: SignedHead | None = None
+        self._log_signer = Signer(secrets_.origin, secrets_.audit_key)
+        #: tenants with VMs, as the last housekeeping read them (for the fleet's sweep)
+        self._with_vms: list[str] = []
         self._by_state: dict[str, int] = {}
 
     # -- health -------------------------------------------------------------------------------
@@ -264,6 +283,10 @@ class PostgresStore:
                 if entry is None:
                     return
                 fold.apply_to_tenant(rows, entry)
+                if fold.remembers_key(entry):
+                    # the retention, in the statement that makes the new record (nothing
+                    # to undo: a statement that did not commit forgot nothing)
+                    fold.expire(rows, entry)
                 guard, writes = rows.decision_writes(self.owner)
                 pending = self.acks.register([rows.qid])  # before anyone can sequence it
                 writing = True
@@ -341,6 +364,11 @@ class PostgresStore:
                     raise NotFound("no such tenant")
                 await DIRECTORY_OPS[op](self, con, entry)
             pending = await self._queue(con, [entry])
+            if op == "tenant.create":  # its own entries start at this one (OWN_SINCE)
+                await con.execute(
+                    "UPDATE tenants SET created_qid = $2 WHERE id = $1",
+                    entry["tenant"], pending.qids[0],
+                )  # fmt: skip
 
         try:
             await self._call(lambda: self.db.atomic(body), commit_unknown=True)
@@ -535,6 +563,28 @@ class PostgresStore:
             except StoreUnavailable as error:
                 log.warning("could not renew leases: %s", error)
 
+    # -- what the fleet says ------------------------------------------------------------------
+
+    def tenants_with_vms(self) -> list[str]:
+        """As the last housekeeping read them, and only on the replica that sequences: one
+        replica sweeps the fleet for all (every replica reads the states it records)."""
+        return list(self._with_vms) if self.sequencer.leading else []
+
+    async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
+        settled = [(vm_id, state) for vm_id, state in states.items() if state in SETTLED_STATES]
+        if not settled:
+            return 0
+        done = await self._call(
+            lambda: self.db.execute(
+                "UPDATE vms v SET state = s.state, settled_state = s.state "
+                "FROM unnest($2::text[], $3::text[]) AS s (id, state) "
+                "WHERE v.tenant = $1 AND v.id = s.id AND v.state <> s.state "
+                "AND v.state IN ('pending', 'running', 'error')",
+                tenant_id, [vm_id for vm_id, _ in settled], [state for _, state in settled],
+            )
+        )  # fmt: skip
+        return int(done.rpartition(" ")[2] or 0)
+
     # -- the directory and the reads ----------------------------------------------------------
 
     @property
@@ -618,63 +668,111 @@ class PostgresStore:
     def observe(self, observer: Observer) -> None:
         self._observers.append(observer)
 
-    # -- the Merkle tree (the same on every replica: tree.py) ----------------------------------
+    # -- the Merkle log (the same tree and heads on every replica: tree.py) ---------------------
 
-    async def _proof(self, plan: ProofPlan) -> list[bytes]:
-        hashes = await self._call(lambda: self.db.session(lambda c: node_hashes(c, plan.nodes)))
-        return plan.assemble(hashes)
+    @property
+    def log_key(self) -> Verifier:
+        return self._log_signer.verifier
 
-    async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        """The RFC 9162 inclusion proof of leaf ``index`` (seq ``index + 1``) in the tree
-        of ``size`` entries (at most the head)."""
-        return await self._proof(inclusion_plan(index, size))
+    async def _tree(self, body: Callable[[Direct], Awaitable[T]]) -> T:
+        """``body`` on one connection (one crossing); a tree that lacks a node it should
+        hold (damage) is an unavailability, as with the file store's tiles."""
+        try:
+            return await self._call(lambda: self.db.session(body))
+        except TreeIncomplete as error:
+            log.error("the Merkle tree cannot be read: %s", error)
+            raise AuditUnavailable("the Merkle tree cannot be read") from None
 
-    async def consistency_proof(self, old: int, new: int) -> list[bytes]:
-        """The RFC 9162 consistency proof from the tree of ``old`` entries to ``new``."""
-        return await self._proof(consistency_plan(old, new))
+    async def signed_head(self) -> SignedHead:
+        """The database's head, signed by this replica with the shared key (every replica
+        signs the same seq, hash and root; only ``ts`` and so the signatures differ)."""
 
-    async def tree_root(self, size: int) -> bytes:
-        """The root of the tree of the first ``size`` entries."""
-        if size == 0:
-            return EMPTY_ROOT
-        nodes = range_nodes(0, size)
-        hashes = await self._call(lambda: self.db.session(lambda c: node_hashes(c, nodes)))
-        return merkle_fold(hashes)
+        async def read(con: Direct) -> tuple[int, str, bytes | None]:
+            head = await con.fetchrow("SELECT seq, hash FROM audit_head")
+            assert head is not None
+            signed = self._signed
+            if signed is not None and signed.seq == head["seq"]:
+                return head["seq"], head["hash"], None
+            return head["seq"], head["hash"], await _root(con, head["seq"])
 
-    async def checkpoint(self) -> dict[str, Any] | None:
-        """The latest signed checkpoint, signed now if the head moved since (any replica
-        may sign: the key is shared)."""
-        return await self._call(self._sign_head)
+        seq, head, root = await self._tree(read)
+        if root is None:
+            assert self._signed is not None
+            return self._signed
+        signed = sign_head(self._log_signer, self._secrets.audit_key, seq, head, utc_now(), root)
+        if self._signed is None or self._signed.seq < seq:
+            self._signed = signed
+        return signed
 
-    async def _sign_head(self) -> dict[str, Any] | None:
-        checkpoint = await self.db.atomic(self._sign_body)
-        if checkpoint is not None:
-            self._latest_checkpoint = checkpoint
-        return checkpoint
+    async def inclusion_proof(
+        self, seq: int, tree_size: int | None, *, tenant: str | None = None
+    ) -> TreeProof:
+        async def prove(con: Direct) -> TreeProof:
+            current = await con.fetchval("SELECT seq FROM audit_head")
+            size = current if tree_size is None else tree_size
+            if size > current:
+                raise InvalidRequest(f"tree_size {size} is beyond the current size {current}")
+            if tenant is not None and not await con.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM audit_log WHERE seq = $1 AND tenant = $2 "
+                f"AND seq >= ({OWN_SINCE.format(tenant='$2')}))",
+                seq, tenant,
+            ):  # fmt: skip
+                raise NotFound("no such entry")
+            if not 1 <= seq <= size:
+                raise NotFound("no such entry")
+            plan = inclusion_plan(seq - 1, size)
+            return TreeProof(size, plan.assemble(await node_hashes(con, plan.nodes)))
 
-    async def _sign_body(self, con: Direct) -> dict[str, Any] | None:
-        head = await con.fetchrow("SELECT seq, hash FROM audit_head")
-        latest = await con.fetchrow(
-            "SELECT seq, hash, ts, signature FROM checkpoints ORDER BY id DESC LIMIT 1"
-        )
-        assert head is not None
-        if head["seq"] == 0 or (latest is not None and latest["seq"] >= head["seq"]):
-            checkpoint = None if latest is None else dict(latest)
-        else:
-            key = self._secrets.audit_key
-            checkpoint = sign_checkpoint(key, head["seq"], head["hash"], utc_now())
-            await con.execute(
-                "INSERT INTO checkpoints (seq, hash, ts, signature) VALUES ($1, $2, $3, $4)",
-                checkpoint["seq"], checkpoint["hash"], checkpoint["ts"],
-                checkpoint["signature"],
-            )  # fmt: skip
-        return checkpoint
+        return await self._tree(prove)
+
+    async def consistency_proof(self, old: int, new: int | None) -> TreeProof:
+        async def prove(con: Direct) -> TreeProof:
+            current = await con.fetchval("SELECT seq FROM audit_head")
+            size = current if new is None else new
+            if not 1 <= old <= size <= current:
+                raise InvalidRequest(
+                    f"a consistency proof needs 1 <= from <= to <= {current} (the current size)"
+                )
+            plan = consistency_plan(old, size)
+            return TreeProof(size, plan.assemble(await node_hashes(con, plan.nodes)))
+
+        return await self._tree(prove)
+
+    async def trail(self, tenant: str, after: int, limit: int) -> tuple[list[bytes], int | None]:
+        """One index range read (``audit_log (tenant, seq)``), from the tenant's latest
+        creation on."""
+        rows = await self._call(
+            lambda: self.db.fetch(
+                f"SELECT seq, line FROM audit_log WHERE tenant = $1 AND seq > $2 "
+                f"AND seq >= ({OWN_SINCE.format(tenant='$1')}) ORDER BY seq LIMIT $3",
+                tenant, after, limit + 1,
+            )
+        )  # fmt: skip
+        page = rows[:limit]
+        following = page[-1]["seq"] if len(rows) > limit else None
+        return [bytes(row["line"]) for row in page], following
+
+    async def _store_checkpoint(self) -> SignedHead | None:
+        """Sign the head and store it in ``checkpoints`` (the leading sequencer's upkeep)."""
+        signed = await self.signed_head()
+        if signed.seq == 0:
+            return None
+        await self._call(
+            lambda: self.db.execute(
+                "INSERT INTO checkpoints (seq, hash, ts, signature, root, note) "
+                "SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS "
+                "(SELECT 1 FROM checkpoints WHERE seq >= $1)",
+                signed.seq, signed.hash, signed.ts, signed.signature, signed.root, signed.note,
+            )
+        )  # fmt: skip
+        self._latest_checkpoint = signed
+        return signed
 
     def journal_stats(self) -> JournalStats:
         latest = self._latest_checkpoint
         signed = None
         if latest is not None:
-            signed = (latest["seq"], dt.datetime.fromisoformat(latest["ts"]).timestamp())
+            signed = (latest.seq, dt.datetime.fromisoformat(latest.ts).timestamp())
         return JournalStats(self._head[0], self.acks.waiting, self.ready, checkpoint=signed)
 
     # -- secrets ----------------------------------------------------------------------------
@@ -724,13 +822,13 @@ class PostgresStore:
             if not self.sequencer.leading or self._head[0] <= signed_at:
                 continue
             try:
-                checkpoint = await self._sign_head()
-            except (StoreUnavailable, CommitUnknown) as error:
+                checkpoint = await self._store_checkpoint()
+            except AuditUnavailable as error:
                 log.error("checkpoint failed (will retry): %s", error)
                 await trio.sleep(1.0)
                 continue
             if checkpoint is not None:
-                signed_at = checkpoint["seq"]
+                signed_at = checkpoint.seq
 
     async def _housekeeping(self) -> None:
         """Counts for the metrics; old idempotency records and directory changes pruned.
@@ -742,6 +840,11 @@ class PostgresStore:
                 rows = await self.db.fetch("SELECT state, count(*) AS n FROM vms GROUP BY state")
                 self._by_state = {row["state"]: row["n"] for row in rows}
                 if self.sequencer.leading:
+                    with_vms = await self.db.fetch("SELECT id FROM tenants WHERE allocated_vms > 0")
+                    self._with_vms = [row["id"] for row in with_vms]
+                    await self.db.execute(
+                        "DELETE FROM heartbeats WHERE at < now() - interval '1 hour'"
+                    )
                     cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=24)).strftime(
                         "%Y-%m-%dT%H:%M:%S.%fZ"
                     )
@@ -763,11 +866,38 @@ class PostgresStore:
                 self._healthy = False
 
     async def _probe_once(self) -> None:
-        row = await self.db.fetchrow("SELECT seq, hash FROM audit_head")
+        """A write that commits (the replica's heartbeat), and the head: ready means the
+        database takes writes, not only that it answers (a read-only or full one does)."""
+
+        async def probe(con: Direct) -> Any:
+            await con.execute(
+                "INSERT INTO heartbeats (replica, at) VALUES ($1, now()) "
+                "ON CONFLICT (replica) DO UPDATE SET at = now()",
+                self.owner,
+            )
+            return await con.fetchrow("SELECT seq, hash FROM audit_head")
+
+        row = await self.db.session(probe)
         assert row is not None
         if row["seq"] > self._head[0]:
             self._head = (row["seq"], row["hash"])
         self._healthy = True
+
+
+#: the first seq of the tenant ``{tenant}``'s own entries (API.md "Proofs": from its latest
+#: creation on; NULL, so nothing, for a tenant that does not exist or whose creation is
+#: not in the chain yet)
+OWN_SINCE = (
+    "SELECT coalesce(t.created_seq, l.seq) FROM tenants t "
+    "LEFT JOIN audit_log l ON l.qid = t.created_qid WHERE t.id = {tenant}"
+)
+
+
+async def _root(con: Queries, size: int) -> bytes:
+    """The root of the stored tree of ``size`` leaves (its complete subtrees, one query)."""
+    if size == 0:
+        return EMPTY_ROOT
+    return merkle_fold(await node_hashes(con, range_nodes(0, size)))
 
 
 #: the tenant and token changes, each made under the tenant's row lock

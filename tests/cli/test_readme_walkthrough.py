@@ -1,9 +1,12 @@
-"""The walk-through of ``docs/cli.md`` and its Python client example run as written.
+"""The README's walk-through, and the Python client's example of ``docs/cli.md``, run as
+written.
 
-Its shell block is executed by bash with ``set -euo pipefail`` (every line must
-succeed), in a directory whose ``vm-tenant-data`` is the server's data dir, with only
-``VM_TENANT_URL`` pointing at the server's ephemeral port; then the Python example runs
-in the same directory against the same server.
+The walk-through's shell blocks are executed by bash with ``set -euo pipefail`` (every
+line must succeed), one after the other, in a directory whose ``vm-tenant-data`` is the
+server's data dir. The server listens on an ephemeral port: ``VM_TENANT_URL`` points
+there, and the literal ``http://127.0.0.1:8080`` of the curl lines is replaced by it
+(the only change made to what a reader pastes). Then the Python example runs in the same
+directory against the same server.
 """
 
 from __future__ import annotations
@@ -21,17 +24,29 @@ from conftest import LiveServer, bearer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def block(heading: str, language: str) -> str:
-    """The first ``language`` code block under ``heading`` in docs/cli.md."""
-    text = (ROOT / "docs" / "cli.md").read_text()
-    section = text.split(f"\n## {heading}\n", 1)[1]
-    found = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
-    assert found, f"docs/cli.md lost its {heading} example"
-    return found.group(1)
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def section(document: str, heading: str) -> str:
+    """The text under ``## heading`` in ``document``, up to the next ``## ``."""
+    text = (ROOT / document).read_text()
+    assert f"\n## {heading}\n" in text, f"{document} lost its section {heading!r}"
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def blocks(document: str, heading: str, language: str) -> list[str]:
+    """Every ``language`` code block under ``heading`` in ``document``."""
+    found = re.findall(rf"```{language}\n(.*?)```", section(document, heading), re.DOTALL)
+    assert found, f"{document} lost its {heading} example"
+    return found
 
 
 def walkthrough() -> str:
-    return block("Walk-through", "sh")
+    return "\n".join(blocks("README.md", "A walk-through", "sh"))
+
+
+def python_example() -> str:
+    return blocks("docs/cli.md", "The Python client", "python")[0]
 
 
 def test_the_walkthrough_has_no_placeholders() -> None:
@@ -50,7 +65,7 @@ def test_the_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
         environ["VM_TENANT_URL"] = server.url
         environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ['PATH']}"
         result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", walkthrough()],
+            ["bash", "-euo", "pipefail", "-c", walkthrough().replace(DEFAULT_URL, server.url)],
             cwd=tmp_path,
             env=environ,
             capture_output=True,
@@ -64,11 +79,13 @@ def test_the_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
             f"{server.url}/v1/admin/tenants/acme", headers=bearer(server.admin_token)
         ).json()
         assert tenant["quota"] == {"vcpus": 16, "memory_mib": 32768, "vms": 8}
-        assert tenant["allocated"]["vms"] == 0  # the VM was destroyed
+        # web-1 was destroyed; web-2, spawned over plain HTTP, is listed and counted
+        assert tenant["allocated"]["vms"] == 1
+        assert len(re.findall(r'"name": ?"web-2"', result.stdout)) == 2  # the 201, the list
 
         # the Python client's example, in the same directory, against the same server
         example = subprocess.run(
-            [sys.executable, "-c", block("The Python client", "python")],
+            [sys.executable, "-c", python_example()],
             cwd=tmp_path,
             env=environ,
             capture_output=True,
