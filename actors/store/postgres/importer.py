@@ -155,14 +155,13 @@ def _token_keys(data_dir: Path) -> list[_KeyringKey]:
     return [_KeyringKey(f"key-{secrets.token_hex(6)}", _modified(legacy), "active", secret)]
 
 
-async def import_data_dir(
-    db: Database, data_dir: Path, *, origin: str | None = None, within: float = 3600.0
-) -> ImportReport:
+async def import_data_dir(db: Database, data_dir: Path, *, within: float = 3600.0) -> ImportReport:
     """Import ``data_dir`` into the (empty) database; raises :class:`ImportRefused`.
 
-    ``origin`` is the log's name for its signed notes; by default the data dir's own
-    (``keys/audit-origin``: the log keeps its identity, and a witness or a tenant that
-    kept its checkpoints goes on checking), or a new one for a data dir that has none.
+    The log's name for its signed notes is the data dir's own (``keys/audit-origin``):
+    the log keeps its identity, so its stored checkpoints still verify and a witness or
+    a tenant that kept a checkpoint goes on checking; a data dir from before the origin
+    gets a new one.
     """
     source = await trio.to_thread.run_sync(_read_source, data_dir)
     await migrate(db)
@@ -173,7 +172,7 @@ async def import_data_dir(
             raise ImportRefused("the database is not empty: nothing was imported")
         await con.execute(
             "INSERT INTO log_meta (origin, admin_token_sha256) VALUES ($1, $2)",
-            origin or source.origin or f"vm-tenant/{secrets.token_hex(8)}",
+            source.origin or f"vm-tenant/{secrets.token_hex(8)}",
             source.admin_sha256,
         )
         await _import_keys(con, source)
