@@ -168,6 +168,7 @@ def open_store(config: ServiceConfig, metrics: Metrics) -> AbstractAsyncContextM
             config.data_dir,
             checkpoint_interval=config.checkpoint_interval,
             checkpoint_every=config.checkpoint_every,
+            with_vms_interval=min(5.0, config.fleet_sync_interval),
         )
         if config.fleet == "embedded":
             log.warning(

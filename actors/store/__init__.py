@@ -280,7 +280,11 @@ class Store(Protocol):
 
     async def usage(self, tenant_id: str) -> Usage: ...
 
-    async def tenant(self, tenant_id: str) -> Tenant: ...
+    async def tenant(self, tenant_id: str) -> Tenant:
+        """The tenant (``NotFound`` when there is none). Afterwards :attr:`directory` knows
+        a tenant this returned (postgresql: one another replica created a moment ago is
+        read into the directory now; the registry's ``confirm`` relies on it)."""
+        ...
 
     async def tenants(self, after: str | None, limit: int) -> tuple[list[Tenant], str | None]:
         """Up to ``limit`` tenants with ids after ``after``, by id; the id to continue after."""

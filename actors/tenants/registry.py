@@ -111,6 +111,16 @@ class TenantRegistry:
         if not self._directory.exists(tenant_id):
             raise NotFound("no such tenant")
 
+    async def confirm(self, tenant_id: str) -> None:
+        """``NotFound`` unless the tenant exists. One the directory does not know is looked
+        up in the store first: with replicas, another one may have created it a moment
+        ago, before this one's directory heard of it (the store then brings the directory
+        up to date), and an operator's next call must not depend on which replica it hits."""
+        if self._directory.exists(tenant_id):
+            return
+        await self._store.tenant(tenant_id)  # NotFound when there is no such tenant
+        self.require(tenant_id)
+
     def token_valid(self, tenant_id: str, token_id: str) -> bool:
         """Whether the tenant exists and this token id of it is neither revoked nor unknown."""
         return self._directory.token_valid(tenant_id, token_id)
@@ -254,6 +264,7 @@ class TenantRegistry:
         self, tenant_id: str, source: Source, request_id: str, receipt: Receipt | None = None
     ) -> None:
         """Deprovision a tenant with no VMs; all its tokens stop working."""
+        await self.confirm(tenant_id)
         # Once Retire is queued the tenant refuses writes until the delete ends one way or
         # the other, so a caller that goes away must not leave it half-deleted: shielded
         # (each wait inside still has its own deadline).
@@ -296,7 +307,7 @@ class TenantRegistry:
         receipt: Receipt | None = None,
     ) -> str:
         """Issue a token id (``expires_at``, RFC 3339, is recorded in the entry)."""
-        self.require(tenant_id)
+        await self.confirm(tenant_id)
         token_id = new_token_id()
         detail = _token_detail({"token_id": token_id}, expires_at)
         ticket = self._submit("token.issue", tenant_id, source, request_id, detail)

@@ -174,8 +174,12 @@ async def test_revocation_and_deletion_reach_every_replica_within_a_second(
     try:
         first, _ = await provision(a, replicas.admin, "revoked", {"vcpus": 1, "memory_mib": 1,
                                                                   "vms": 1})  # fmt: skip
+        # at once, through the other replicas: whichever replica served the creation
         issued = (await b.post("/v1/admin/tenants/revoked/tokens", headers=replicas.admin)).json()
         second = issued["token"]
+        quota = {"quota": {"vcpus": 2, "memory_mib": 2, "vms": 2}}
+        updated = await c.patch("/v1/admin/tenants/revoked", json=quota, headers=replicas.admin)
+        assert updated.status_code == 200, updated.text
         for token in (first, second):  # a token made on one replica works on every one
             with trio.fail_after(5):  # a hang guard
                 for client in clients:

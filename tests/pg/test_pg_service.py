@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 from pymerkle import InmemoryTree
 
 from actors.journal.chain import ChainVerifier
@@ -133,3 +135,82 @@ async def test_the_merkle_tree_in_the_database_is_rfc_9162s(pg_api: Api) -> None
         for old in range(1, size + 1):
             proof = await store.consistency_proof(old, size)
             assert proof.hashes == consistency_proof(ours, old, size)
+
+
+async def test_a_read_only_database_is_not_ready_and_refuses_writes(
+    data_dir: Path, pg_own: PgDatabase
+) -> None:
+    """A database that answers reads but takes no writes (a standby after a failover):
+    ``/readyz`` follows a write that commits, so it turns 503 with no request failing
+    first; writes answer 503 ``audit_unavailable``; both recover once writes commit
+    again, without a restart. (The whole cluster turns read-only on a reload, so the
+    replica's connections stay up: nothing else tells it.)"""
+
+    def read_only(on: bool) -> None:
+        setting = "SET default_transaction_read_only = on" if on else "RESET ALL"
+        pg_own.cluster.psql(f"ALTER SYSTEM {setting}")
+        pg_own.cluster.psql("SELECT pg_reload_conf()")
+
+    async with open_service(service_config(data_dir, store=pg_own.dsn)) as service:
+        app = create_app(service, Authority.for_store(service.store))
+        api = Api(app.test_client(), service, (data_dir / "admin.token").read_text().strip())
+        acme = await api.provision("acme", {"vcpus": 4, "memory_mib": 4096, "vms": 4})
+        assert (await api.client.get("/readyz")).status_code == 200
+
+        read_only(True)
+        with trio.fail_after(10):  # a hang guard: the probe runs every second
+            while (await api.client.get("/readyz")).status_code != 503:
+                await trio.sleep(0.1)
+        refused = await api.spawn(acme.bearer)
+        assert refused.status_code == 503
+        assert (await refused.get_json())["code"] == "audit_unavailable"
+        listed = await api.client.get("/v1/vms", headers={"Authorization": acme.bearer})
+        assert listed.status_code == 200  # reads still answer
+
+        read_only(False)
+        with trio.fail_after(10):
+            while (await api.client.get("/readyz")).status_code != 200:
+                await trio.sleep(0.1)
+        assert (await api.spawn(acme.bearer)).status_code == 201
+
+
+async def test_the_fleets_word_reaches_the_vm_rows(data_dir: Path, pg_db: PgDatabase) -> None:
+    """The fleet state sweep and a VM's live status on the PostgreSQL store: settled VM
+    rows take the fleet's state (every replica reads the rows); a VM with an operation in
+    flight keeps its own; list requests never call the fleet."""
+    config = service_config(
+        data_dir, store=pg_db.dsn, embedded_boot_seconds=3600.0, fleet_sync_interval=0.2
+    )
+    async with open_service(config) as service:
+        app = create_app(service, Authority.for_store(service.store))
+        api = Api(app.test_client(), service, (data_dir / "admin.token").read_text().strip())
+        acme = await api.provision("acme", {"vcpus": 8, "memory_mib": 8192, "vms": 8})
+        auth = {"Authorization": acme.bearer}
+        made = [await (await api.spawn(acme.bearer)).get_json() for _ in range(3)]
+
+        async def states() -> dict[str, str]:
+            page = await (await api.client.get("/v1/vms", headers=auth)).get_json()
+            return {vm["id"]: vm["state"] for vm in page["vms"]}
+
+        assert set((await states()).values()) == {"pending"}
+        api.fleet.boot_seconds = 0.0  # the fleet now reports them running
+        # a VM's own page asks the fleet and keeps its answer
+        page = await api.client.get(f"/v1/vms/{made[0]['id']}", headers=auth)
+        assert (await page.get_json())["state"] == "running"
+        with trio.fail_after(10):  # a hang guard: the sweep runs every 0.2 s
+            while await states() != {vm["id"]: "running" for vm in made}:
+                await trio.sleep(0.05)
+        stored = await service.store.record_fleet_states("acme", {made[1]["id"]: "error"})
+        assert stored == 1
+        assert (await states())[made[1]["id"]] == "error"
+        # a VM whose destroy is in flight keeps its state, whatever the fleet says
+        api.fleet.knobs.hang = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(api.client.delete, headers=auth), f"/v1/vms/{made[2]['id']}")
+            with trio.fail_after(10):
+                while (await states())[made[2]["id"]] != "destroying":
+                    await trio.sleep(0.05)
+            assert await service.store.record_fleet_states("acme", {made[2]["id"]: "running"}) == 0
+            assert (await states())[made[2]["id"]] == "destroying"
+            api.fleet.knobs.hang = False
+            nursery.cancel_scope.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -19,9 +20,10 @@ import pytest
 import trio.testing
 
 from actors.errors import AuditUnavailable, NotFound
+from actors.journal import fold
 from actors.journal.entries import draft
 from actors.reply import Reply
-from actors.state import Quota, VmSpec
+from actors.state import IdempotencyRecord, Quota, VmSpec
 from actors.store import Store, Ticket
 from actors.store.file import FileStoreConfig, open_file_store
 from actors.store.postgres.store import PostgresStoreConfig, open_postgres_store
@@ -189,3 +191,35 @@ async def test_an_unknown_tenant_is_not_found_and_nothing_is_written(
         await store.usage("nobody")
     await trio.testing.wait_all_tasks_blocked()
     assert store.head() == head
+
+
+@dataclass(frozen=True)
+class Looked:
+    """A decision that writes nothing: what the slice held for an idempotency key."""
+
+    record: IdempotencyRecord | None
+    entry: None = None
+
+
+async def test_only_a_tenants_newest_refusal_records_are_kept(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold's bound on quota refusal records (``fold.expire``), kept by both stores as
+    each new record is made (the bound made small here: it is read at each decision)."""
+    monkeypatch.setattr(fold, "MAX_REFUSALS", 3)
+    store = any_store
+    await provision(store, "full", Quota(0, 0, 0))
+    keys = [f"k{n}" for n in range(5)]
+    for key in keys:
+        refused, ticket = await store.decide(
+            "full", partial(decide_spawn, cmd=spawn_command(key), ctx=Context()), key=key
+        )
+        assert type(refused).__name__ == "Refuse" and ticket is not None
+        await ticket.wait()
+    kept = []
+    for key in keys:
+        looked, _ = await store.decide("full", lambda s, key=key: Looked(s.key(key)), key=key)
+        if looked.record is not None:
+            assert looked.record.status == 403
+            kept.append(key)
+    assert kept == keys[-3:]

@@ -134,6 +134,8 @@ class PostgresStoreConfig:
     #: how often a replica looks for operations whose owner's lease expired
     claim_interval: float = 5.0
     renew_interval: float = 10.0
+    #: how often the sequencing replica reads which tenants have VMs (for the fleet sweep)
+    with_vms_interval: float = 5.0
 
 
 class _Ticket:
@@ -566,8 +568,9 @@ class PostgresStore:
     # -- what the fleet says ------------------------------------------------------------------
 
     def tenants_with_vms(self) -> list[str]:
-        """As the last housekeeping read them, and only on the replica that sequences: one
-        replica sweeps the fleet for all (every replica reads the states it records)."""
+        """As last read (every ``with_vms_interval``), and only on the replica that
+        sequences: one replica sweeps the fleet for all (every replica reads the states
+        it records)."""
         return list(self._with_vms) if self.sequencer.leading else []
 
     async def record_fleet_states(self, tenant_id: str, states: Mapping[str, str]) -> int:
@@ -630,7 +633,12 @@ class PostgresStore:
         return Usage(tenant_id, *await self._tenant_row(tenant_id))
 
     async def tenant(self, tenant_id: str) -> Tenant:
-        return Tenant(tenant_id, *await self._tenant_row(tenant_id))
+        found = Tenant(tenant_id, *await self._tenant_row(tenant_id))
+        if not self._directory.directory.exists(tenant_id):
+            # created by another replica a moment ago: the directory learns it now rather
+            # than at its next notification (the registry relies on that, see confirm)
+            await self._call(lambda: self._directory.reread([tenant_id]))
+        return found
 
     async def tenants(self, after: str | None, limit: int) -> tuple[list[Tenant], str | None]:
         rows = await self._call(
@@ -808,6 +816,7 @@ class PostgresStore:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._checkpoint_loop)
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self._follow_tenants_with_vms)
 
     async def _checkpoint_loop(self) -> None:
         """The leading sequencer signs the head every interval or every N entries."""
@@ -840,8 +849,6 @@ class PostgresStore:
                 rows = await self.db.fetch("SELECT state, count(*) AS n FROM vms GROUP BY state")
                 self._by_state = {row["state"]: row["n"] for row in rows}
                 if self.sequencer.leading:
-                    with_vms = await self.db.fetch("SELECT id FROM tenants WHERE allocated_vms > 0")
-                    self._with_vms = [row["id"] for row in with_vms]
                     await self.db.execute(
                         "DELETE FROM heartbeats WHERE at < now() - interval '1 hour'"
                     )
@@ -855,6 +862,17 @@ class PostgresStore:
             except StoreUnavailable as error:
                 log.warning("housekeeping skipped: %s", error)
             await trio.sleep(HOUSEKEEPING)
+
+    async def _follow_tenants_with_vms(self) -> None:
+        """While this replica sequences: which tenants have VMs, for the fleet sweep."""
+        while True:
+            if self.sequencer.leading:
+                try:
+                    rows = await self.db.fetch("SELECT id FROM tenants WHERE allocated_vms > 0")
+                    self._with_vms = [row["id"] for row in rows]
+                except StoreUnavailable as error:
+                    log.warning("could not read the tenants with VMs: %s", error)
+            await trio.sleep(self.config.with_vms_interval)
 
     async def _probe(self) -> None:
         """Follow the database's health and the head, at least every ``probe_interval``."""

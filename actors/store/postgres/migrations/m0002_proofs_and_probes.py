@@ -13,6 +13,11 @@ ALTER TABLE checkpoints ADD COLUMN root text, ADD COLUMN note text;
 -- Where a tenant's own entries start (API.md "Proofs": from its latest tenant.create):
 -- the queue id of that entry, or its seq for imported history.
 ALTER TABLE tenants ADD COLUMN created_qid bigint, ADD COLUMN created_seq bigint;
+-- tenants of a database made by version 1: found in the chain (one pass, at the upgrade)
+UPDATE tenants t SET created_seq = (
+    SELECT max(l.seq) FROM audit_log l WHERE l.tenant = t.id
+    AND convert_from(l.line, 'UTF8')::jsonb @> '{"op": "tenant.create", "outcome": "succeeded"}'
+);
 -- One row per replica process, written by its health probe: /readyz follows a write
 -- that commits, not a read (a read-only or full database still answers reads).
 CREATE TABLE heartbeats (
