@@ -65,6 +65,10 @@ class EmbeddedFleet:
         self._destroyed: set[str] = set()
         stored = self._journal.read_bytes() if self._journal.exists() else None
         self._vms: dict[str, _SimVm] = self._load(stored or b"")
+        #: each tenant's VM ids, so that a tenant's list costs its own VMs, not the fleet's
+        self._by_tenant: dict[str, set[str]] = {}
+        for vm in self._vms.values():
+            self._by_tenant.setdefault(vm.tenant, set()).add(vm.id)
         # Compact on open, so the journal grows with activity since the last start only
         # (destroyed ids stay: they are never re-created). A journal that is compact
         # already is left alone: a start needs no free space for it.
@@ -119,13 +123,19 @@ class EmbeddedFleet:
             )
             self._append(_Record("spawn", vm))
             self._vms[vm_id] = vm
+            self._by_tenant.setdefault(tenant, set()).add(vm_id)
         return self._state(vm)
 
     async def destroy(self, vm_id: str) -> None:
         await self._behave()
-        if self._vms.pop(vm_id, None) is not None:
+        vm = self._vms.pop(vm_id, None)
+        if vm is not None:
             self._append(_Record("destroy", id=vm_id))
             self._destroyed.add(vm_id)
+            owned = self._by_tenant[vm.tenant]
+            owned.discard(vm_id)
+            if not owned:
+                del self._by_tenant[vm.tenant]
 
     async def status(self, vm_id: str) -> str | None:
         await self._behave()
@@ -134,7 +144,7 @@ class EmbeddedFleet:
 
     async def list(self, tenant: str) -> dict[str, str]:
         await self._behave()
-        return {vm.id: self._state(vm) for vm in self._vms.values() if vm.tenant == tenant}
+        return {vm_id: self._state(self._vms[vm_id]) for vm_id in self._by_tenant.get(tenant, ())}
 
     def vm_ids(self) -> set[str]:
         """Every VM the simulator holds (for tests that compare it with the proxy)."""
