@@ -1,4 +1,4 @@
-"""The tenant's walk-through of ``docs/proofs.md`` runs as written, against a real server.
+"""The tenant's walk-through in the README runs as written, against a real server.
 
 Its shell block is executed by bash with ``set -euo pipefail`` (every line must succeed)
 in a directory whose ``vm-tenant-data`` is the server's data dir, with ``vm-tenant`` on
@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def walkthrough() -> str:
-    text = (ROOT / "docs" / "proofs.md").read_text()
+    text = (ROOT / "README.md").read_text()
     section = text.split("\n## For a tenant: keep receipts, prove them later\n", 1)[1]
     found = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert found, "docs/proofs.md lost its walk-through"
+    assert found, "the README lost the tenant's walk-through"
     return found.group(1)
 
 
