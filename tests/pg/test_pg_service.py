@@ -214,3 +214,21 @@ async def test_the_fleets_word_reaches_the_vm_rows(data_dir: Path, pg_db: PgData
             assert (await states())[made[2]["id"]] == "destroying"
             api.fleet.knobs.hang = False
             nursery.cancel_scope.cancel()
+
+
+async def test_the_sequencing_replica_stores_a_last_checkpoint_at_shutdown(
+    data_dir: Path, pg_db: PgDatabase
+) -> None:
+    """As the file store does: the head at shutdown is signed and kept (with its root and
+    note), so ``audit verify --store`` checks the newest entries against a signature."""
+    async with open_service(service_config(data_dir, store=pg_db.dsn)) as service:
+        app = create_app(service, Authority.for_store(service.store))
+        api = Api(app.test_client(), service, (data_dir / "admin.token").read_text().strip())
+        acme = await api.provision("acme", {"vcpus": 4, "memory_mib": 4096, "vms": 4})
+        assert (await api.spawn(acme.bearer)).status_code == 201
+        head = len(await api.audit())
+    async with open_database(DatabaseSettings(pg_db.dsn)) as db:
+        last = await db.fetchrow("SELECT seq, root, note FROM checkpoints ORDER BY id DESC")
+        assert last is not None and last["seq"] == head
+        assert last["root"] and last["note"]
+        assert (await verify_database(db)).verdict == "ok"

@@ -116,6 +116,8 @@ HOUSEKEEPING = 15.0
 DECIDE_ATTEMPTS = 50
 #: how often the checkpoint loop looks at the head's count since the last checkpoint
 CHECKPOINT_TICK = 0.5
+#: the longest a shutdown waits for its last checkpoint
+SHUTDOWN_CHECKPOINT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,6 +778,17 @@ class PostgresStore:
         self._latest_checkpoint = signed
         return signed
 
+    async def _last_checkpoint(self) -> None:
+        """At shutdown, after the actors drained: the replica that sequences stores a last
+        checkpoint (bounded: a database that is away does not hold the shutdown up)."""
+        if not self.sequencer.leading:
+            return
+        with trio.move_on_after(SHUTDOWN_CHECKPOINT):
+            try:
+                await self._store_checkpoint()
+            except AuditUnavailable as error:
+                log.error("no checkpoint at shutdown: %s", error)
+
     def journal_stats(self) -> JournalStats:
         latest = self._latest_checkpoint
         signed = None
@@ -994,4 +1007,6 @@ async def open_postgres_store(
             try:
                 yield store
             finally:
+                with trio.CancelScope(shield=True):
+                    await store._last_checkpoint()
                 nursery.cancel_scope.cancel()
