@@ -81,8 +81,9 @@ class Busy(RequestRefused):
 
 
 #: why a request was answered 429: the tenant's request rate, its spawns in flight, its
-#: actor's full mailbox, or the service (or the actor) stopping
-BUSY_REASONS = ("rate_limit", "spawn_slots", "mailbox_full", "shutting_down")
+#: actor's full mailbox, the service (or the actor) stopping, or (replicas on PostgreSQL)
+#: the tenant's state changing under a decision, other replicas deciding, until it gave up
+BUSY_REASONS = ("rate_limit", "spawn_slots", "mailbox_full", "shutting_down", "contention")
 
 
 # -- a dependency could not act --------------------------------------------------------------

@@ -1,20 +1,21 @@
 """The running core: the store, the actors' nurseries, background upkeep, ordered shutdown.
 
 :func:`open_service` is the one place that wires the actors together. On entry it opens
-the store (for the file store: rebuilds the state from the snapshot and a verified
-replay, cutting a torn last line, and starts the audit writer), then starts the fleet
-client and the tenant registry, each in a nursery of its own so that shutdown runs in
-order: the store's upkeep and the fleet state sweep stop, tenant actors drain, then the
-fleet client, then the
-store closes (the audit writer flushes; a last checkpoint and snapshot). The edge
-(HTTP) must have drained before it leaves the context.
+the store that ``ServiceConfig.store`` names (:func:`open_store`: the file store rebuilds
+the state from the snapshot and a verified replay, cutting a torn last line, and starts
+the audit writer; the PostgreSQL store joins the database, creating the schema and the
+log's keys on the first start, and runs the replica's sequencer and followers), then
+starts the fleet client and the tenant registry, each in a nursery of its own so that
+shutdown runs in order: the store's upkeep and the fleet state sweep stop, tenant actors
+drain, then the fleet client, then the store closes (the audit writer flushes; a last
+checkpoint and snapshot). The edge (HTTP) must have drained before it leaves the context.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class ServiceConfig:
     """Settings of the core; the CLI fills them from flags and the environment."""
 
     data_dir: Path
+    #: ``file`` (the data dir) or a ``postgresql://`` URL (replicas sharing that database)
+    store: str = "file"
     fleet: str = "embedded"
     fleet_timeout: float = 10.0
     snapshot_interval: float = 60.0
@@ -148,6 +151,34 @@ def read_state(registry: TenantRegistry, store: Store, fleet: FleetClient) -> St
     )
 
 
+#: URL schemes that name a PostgreSQL database (asyncpg takes both)
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(config: ServiceConfig, metrics: Metrics) -> AbstractAsyncContextManager[Store]:
+    """The store ``config.store`` names, to be entered (StartupError for an unknown one)."""
+    if config.store == "file":
+        return open_file_store(config.file_store(), metrics)
+    if config.store.startswith(POSTGRES_SCHEMES):
+        # imported here: only a replica on PostgreSQL loads asyncpg and trio-asyncio
+        from actors.store.postgres.store import PostgresStoreConfig, open_postgres_store
+
+        pg = PostgresStoreConfig(
+            config.store,
+            config.data_dir,
+            checkpoint_interval=config.checkpoint_interval,
+            checkpoint_every=config.checkpoint_every,
+            with_vms_interval=min(5.0, config.fleet_sync_interval),
+        )
+        if config.fleet == "embedded":
+            log.warning(
+                "the embedded fleet lives in this replica's data dir: replicas on one "
+                "database need one fleet they share (--fleet http://...)"
+            )
+        return open_postgres_store(pg, metrics)
+    raise StartupError(f"--store must be 'file' or a postgresql:// URL, not {config.store!r}")
+
+
 def make_driver(config: ServiceConfig) -> FleetDriver:
     if config.fleet == "embedded":
         return EmbeddedFleet(config.data_dir / "fleet", boot_seconds=config.embedded_boot_seconds)
@@ -170,7 +201,7 @@ async def open_service(
     """Open the store and run the core until the context exits."""
     limits = limit_settings(config)
     metrics = Metrics()
-    async with open_file_store(config.file_store(), metrics) as store:
+    async with open_store(config, metrics) as store:
         fleet = FleetClient(
             driver or make_driver(config), timeout=config.fleet_timeout, metrics=metrics
         )
@@ -183,8 +214,9 @@ async def open_service(
             passivate_after=config.passivate_after,
         )
         metrics.watch(lambda: read_state(registry, store, fleet))
+        file_store = store if isinstance(store, FileStore) else None
         sync = FleetSync(store, fleet, interval=config.fleet_sync_interval)
-        service = Service(config, store, fleet, registry, metrics, sync, file_store=store)
+        service = Service(config, store, fleet, registry, metrics, sync, file_store=file_store)
         async with trio.open_nursery() as fleet_nursery:
             await fleet_nursery.start(fleet.run)
             async with trio.open_nursery() as tenants_nursery:

@@ -326,6 +326,9 @@ class Directory:
         tokens = self._tokens.get(tenant_id)
         return tokens is not None and token_id in tokens
 
+    def tenant_ids(self) -> list[str]:
+        return list(self._tokens)
+
     def tokens(self, tenant_id: str) -> frozenset[str]:
         """The tenant's valid token ids (none for an unknown tenant)."""
         return frozenset(self._tokens.get(tenant_id, ()))

@@ -87,7 +87,9 @@ class Keyring:
                 storage.save(keys)
         except (OSError, ValueError) as error:
             raise KeyringError(str(error)) from None
-        return cls(keys, storage, clock)
+        keyring = cls(keys, storage, clock)
+        storage.watch(keyring._changed_elsewhere)
+        return keyring
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -140,6 +142,13 @@ class Keyring:
             await self._commit(keys)
             log.info("signing key %s retired; what only it signed is refused now", key_id)
             return self._view(retired, current)
+
+    def _changed_elsewhere(self, keys: list[SigningKey]) -> None:
+        """Another server sharing the storage changed the keys (replicas on one database)."""
+        if any(key.state == "active" and key.secret for key in keys):
+            self._keys = keys
+            self.version += 1
+            log.info("signing keys reloaded: changed by another replica")
 
     async def _commit(self, keys: list[SigningKey]) -> None:
         if self._storage is not None:

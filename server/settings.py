@@ -69,6 +69,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     """The effective settings of ``vm-tenant serve``, validated and merged."""
 
     data_dir: Text = "./vm-tenant-data"
+    #: ``file`` (the data dir) or ``postgresql://USER@HOST:PORT/DB`` (replicas share it)
+    store: Text = "file"
     bind: Text = "127.0.0.1:8080"
     fleet: Text = "embedded"
     fleet_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
@@ -122,6 +124,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
         """The core's share of the settings."""
         return ServiceConfig(
             data_dir=Path(self.data_dir),
+            store=self.store,
             fleet=self.fleet,
             fleet_timeout=self.fleet_timeout,
             snapshot_interval=self.snapshot_interval,
@@ -151,6 +154,10 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("data_dir", "--data-dir", "VM_TENANT_DATA_DIR", "DIR", "data directory"),
+    Option(
+        "store", "--store", "VM_TENANT_STORE", "file|URL",
+        "where the state lives: the data dir, or a postgresql:// database replicas share",
+    ),
     Option("bind", "--bind", "VM_TENANT_BIND", "HOST:PORT", "where the API listens"),
     Option("fleet", "--fleet", "VM_TENANT_FLEET", "embedded|URL", "the fleet controller"),
     Option(
@@ -388,12 +395,31 @@ def _check(values: dict[str, Any]) -> dict[str, str]:
         parse_networks(values.get("trusted_proxies", ""))
     except ValueError as error:
         problems["trusted_proxies"] = str(error)
+    store = values.get("store")
+    if store is not None and (problem := _store_problem(store)):
+        problems["store"] = problem
     fleet = values.get("fleet")
     if fleet is not None and fleet != "embedded":
         url = urlsplit(fleet)
         if url.scheme not in {"http", "https"} or not url.hostname:
             problems["fleet"] = f"expected 'embedded' or an http(s):// URL, got {fleet!r}"
     return problems
+
+
+def _store_problem(store: str) -> str | None:
+    """What is wrong with a ``store`` value, if anything.
+
+    A password in the URL is refused: settings are no place for a secret (``config show``
+    prints them all); PostgreSQL's own ``PGPASSWORD`` or ``~/.pgpass`` hold it instead.
+    """
+    if store == "file":
+        return None
+    url = urlsplit(store)
+    if url.scheme not in {"postgresql", "postgres"} or not url.hostname:
+        return f"expected 'file' or a postgresql://USER@HOST:PORT/DB URL, got {store!r}"
+    if url.password is not None:
+        return "no password in the URL: give it in PGPASSWORD or ~/.pgpass"
+    return None
 
 
 def resolve(

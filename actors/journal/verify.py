@@ -106,7 +106,7 @@ def _read_signed(
         root = None
         if checkpoint is not None and "note" in checkpoint:
             log_key = log_key or _log_key(data_dir, key, checkpoint["note"])
-            root = _tree_head(checkpoint, log_key)
+            root = checkpoint_root(checkpoint, log_key)
         if (
             checkpoint is None
             or type(seq) is not int
@@ -135,8 +135,9 @@ def _log_key(data_dir: Path, key: Ed25519PublicKey, note: object) -> Verifier | 
         return None
 
 
-def _tree_head(checkpoint: dict[str, Any], log_key: Verifier | None) -> bytes | None:
-    """The root a stored checkpoint signs, if its note verifies and agrees with its members."""
+def checkpoint_root(checkpoint: dict[str, Any], log_key: Verifier | None) -> bytes | None:
+    """The root a stored checkpoint signs, if its note verifies and agrees with its members
+    (also for the checkpoints a PostgreSQL store keeps in its ``checkpoints`` table)."""
     if log_key is None or not isinstance(checkpoint.get("note"), str):
         return None
     try:

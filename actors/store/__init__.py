@@ -16,14 +16,15 @@ durable, with the fold (``actors/journal/fold.py``) as the only code that change
   ``Idempotency-Key``) is folded in at once, so the tenant's next decision sees it, and
   the entry goes to the audit writer's group commit; if it is not made durable, the
   fold is undone (:func:`~actors.journal.fold.undo`) before the ticket fails.
-- postgresql: one transaction that locks the tenant's row (``SELECT ... FOR UPDATE``),
-  loads the slice the decision names (``vm_id``, ``key``: the quota and allocation, that
-  VM row, that idempotency row) as a :class:`~actors.state.TenantSlice` whose mutators
-  record the rows the fold changes, runs the same decision and the same fold, writes
-  those rows and queues the entry, and commits. The gate across replicas is the row
-  lock; the actor still serialises the tenant's commands on its replica (and may hand
-  the store several queued ones at once). Nothing to undo: a transaction that did not
-  commit changed nothing.
+- postgresql: one statement loads the slice the decision names (``vm_id``, ``key``: the
+  quota, allocation and version, that VM row, that idempotency row) as a
+  :class:`~actors.state.TenantSlice` whose mutators record the rows the fold changes;
+  the same decision and the same fold run on it; one more statement writes those rows
+  and queues the entry behind a compare-and-set of the tenant's version, and a decision
+  whose tenant changed meanwhile is made again. The gate across replicas is that
+  compare-and-set (it holds the tenant's row lock while it writes); the actor still
+  serialises the tenant's commands on its replica. Nothing to undo: a write that did not
+  happen changed nothing.
 
 **Acknowledged** means *in the chain* (sequenced), in both stores: a :class:`Ticket`'s
 :meth:`~Ticket.wait` returns the stored entry (with its ``seq`` and ``hash``) only then,
@@ -55,9 +56,12 @@ claimed by one worker at a time.
   runs). A claim takes only rows whose lease expired (``FOR UPDATE SKIP LOCKED``, with a
   fencing counter); an outcome is written only while its writer still holds the lease,
   and a late writer's ticket returns the entry of whoever settled the operation instead.
-  A dead replica's operations of a tenant whose actor already runs elsewhere also need a
-  periodic look (the registry polling :meth:`Store.tenants_in_doubt` and asking running
-  actors to claim again): not built yet, as nothing here can leave them unowned.
+  Every :attr:`Store.claim_interval` seconds the registry asks
+  :meth:`Store.tenants_in_doubt` for tenants with operations nobody owns (their owner's
+  lease expired: it died, or lost the database for longer than a lease) and has their
+  actors claim them (``others_only``: this replica's own jobs still run theirs). A late
+  writer's ticket returns its own draft, unsequenced: nothing is written for it, the
+  claimer's resolution stands.
 
 **The journal** (append, read, head, checkpoints, verify), the signing keys (the
 keyring's storage), the admin token, and the checkpoint key live behind the boundary.
@@ -154,6 +158,10 @@ class KeyStorage(Protocol):
         """Replace the stored keys, durably (blocking: call it from a worker thread)."""
         ...
 
+    def watch(self, changed: Callable[[list[SigningKey]], None]) -> None:
+        """Call ``changed`` with the keys when someone else changed them (another replica)."""
+        ...
+
 
 class Store(Protocol):
     """Durable storage of one service: state, journal, keys (see the module docstring)."""
@@ -216,13 +224,21 @@ class Store(Protocol):
         spawn or destroy) is reconciled. Not audited (nothing happened yet)."""
         ...
 
-    async def claim_in_doubt(self, tenant_id: str) -> list[VmRecord]:
-        """The tenant's VMs in doubt that no worker owns, now owned by the caller (copies)."""
+    async def claim_in_doubt(self, tenant_id: str, *, others_only: bool = False) -> list[VmRecord]:
+        """The tenant's VMs in doubt that no worker owns, now owned by the caller (copies).
+
+        A tenant actor claims them when it starts; ``others_only`` (the periodic look) leaves
+        the operations this process's jobs work on alone.
+        """
         ...
 
-    def tenants_in_doubt(self) -> list[str]:
+    async def tenants_in_doubt(self) -> list[str]:
         """Tenants that have operations in doubt no worker owns."""
         ...
+
+    #: how often the registry looks for operations whose owner went away (None: never;
+    #: one process owns everything, so its actors claim at start)
+    claim_interval: float | None
 
     # -- what the fleet says -----------------------------------------------------------------
 
@@ -264,7 +280,11 @@ class Store(Protocol):
 
     async def usage(self, tenant_id: str) -> Usage: ...
 
-    async def tenant(self, tenant_id: str) -> Tenant: ...
+    async def tenant(self, tenant_id: str) -> Tenant:
+        """The tenant (``NotFound`` when there is none). Afterwards :attr:`directory` knows
+        a tenant this returned (postgresql: one another replica created a moment ago is
+        read into the directory now; the registry's ``confirm`` relies on it)."""
+        ...
 
     async def tenants(self, after: str | None, limit: int) -> tuple[list[Tenant], str | None]:
         """Up to ``limit`` tenants with ids after ``after``, by id; the id to continue after."""

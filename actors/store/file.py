@@ -158,12 +158,18 @@ class FileKeyStorage:
         self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(self.path, msgspec.json.encode(_KeyringFile(KEYRING_VERSION, keys)))
 
+    def watch(self, changed: Callable[[list[SigningKey]], None]) -> None:
+        """Nothing else changes the keyring of a data dir (one server holds it)."""
+
 
 # -- the store -------------------------------------------------------------------------------
 
 
 class FileStore:
     """The state of one data dir: the fold of its durable log plus the reservations."""
+
+    #: one process owns every operation: its actors claim theirs when they start
+    claim_interval: float | None = None
 
     def __init__(
         self,
@@ -237,7 +243,7 @@ class FileStore:
         if tenant is not None:
             tenant.set_vm_state(vm_id, "unknown", doubt=kind)
 
-    async def claim_in_doubt(self, tenant_id: str) -> list[VmRecord]:
+    async def claim_in_doubt(self, tenant_id: str, *, others_only: bool = False) -> list[VmRecord]:
         tenant = self.state.tenants.get(tenant_id)
         if tenant is None:
             return []
@@ -245,7 +251,7 @@ class FileStore:
             msgspec.structs.replace(vm) for vm in tenant.vms.values() if vm.state in IN_DOUBT_STATES
         ]
 
-    def tenants_in_doubt(self) -> list[str]:
+    async def tenants_in_doubt(self) -> list[str]:
         return [
             tenant.id
             for tenant in self.state.tenants.values()

@@ -51,6 +51,7 @@ from actors.tenants.jobs import TenantJobs
 from actors.tenants.protocol import (
     WRITE_COMMANDS,
     Destroy,
+    Reclaim,
     Reopen,
     Retire,
     Spawn,
@@ -109,7 +110,12 @@ class TenantActor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.last_active = trio.current_time()
-            for vm in await self.store.claim_in_doubt(self.tenant_id):
+            try:
+                claimed = await self.store.claim_in_doubt(self.tenant_id)
+            except DomainError as error:  # the store is away: a later look claims them
+                log.warning("tenant %s could not claim operations: %s", self.tenant_id, error)
+                claimed = []
+            for vm in claimed:
                 self._start(self._jobs.reconcile, Operation.in_doubt(vm))
             task_status.started()
             with self._receive:
@@ -216,13 +222,27 @@ class TenantActor:
             case Retire(reply):
                 if self.closing:
                     send_reply(reply, outcome.Error(Conflict("the tenant is being deleted")))
-                elif (await self.store.usage(self.tenant_id)).allocated.vms:
+                    return
+                try:
+                    usage = await self.store.usage(self.tenant_id)
+                except DomainError as error:  # the store cannot tell (a database away)
+                    send_reply(reply, outcome.Error(error))
+                    return
+                if usage.allocated.vms:
                     send_reply(reply, outcome.Error(Conflict("the tenant still has VMs")))
                 else:
                     self.closing = True
                     send_reply(reply, outcome.Value(None))
             case Reopen():
                 self.closing = False
+            case Reclaim():
+                try:
+                    claimed = await self.store.claim_in_doubt(self.tenant_id, others_only=True)
+                except DomainError as error:  # the store is away: the next look claims them
+                    log.warning("tenant %s could not claim operations: %s", self.tenant_id, error)
+                    return
+                for vm in claimed:
+                    self._start(self._jobs.reconcile, Operation.in_doubt(vm))
 
     async def _decide(
         self,

@@ -10,8 +10,8 @@ allocation, VM records, idempotency records) and the command, and says one of:
 
 The store runs the decision against the tenant's state and makes its entry durable
 (``actors/store/``): with the file store that is the state in memory and the audit
-writer, with a database a transaction holding the tenant's row lock. The same functions
-run in both, and the state changes only through the fold of the entry.
+writer, with a database a write behind a compare-and-set of the tenant's row. The same
+functions run in both, and the state changes only through the fold of the entry.
 
 Also here: :func:`outcome_entry`, the entry that settles an operation.
 """

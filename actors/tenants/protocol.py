@@ -4,10 +4,11 @@ Each message is a small frozen dataclass. Calls carry a one-shot :class:`Reply` 
 the actor puts exactly one :class:`outcome.Outcome`; the actor never waits on it, and a
 reply to a caller that already gave up is dropped.
 
-Every message comes from the edge, and every one may write: reads never come here, they
-go through the store's read surface (immutable views, ``actors/views.py``). The actor's
-own jobs, which do the waiting (for the journal, for the fleet) outside its turns,
-write through the store and never report back through the mailbox.
+Every message but :class:`Reclaim` (the registry's) comes from the edge, and every one
+may write: reads never come here, they go through the store's read surface (immutable
+views, ``actors/views.py``). The actor's own jobs, which do the waiting (for the
+journal, for the fleet) outside its turns, write through the store and never report back
+through the mailbox.
 """
 
 from __future__ import annotations
@@ -80,7 +81,13 @@ class Reopen:
     """Undo ``Retire`` (the deletion could not be made durable)."""
 
 
-TenantMessage = Spawn | Destroy | UpdateQuota | Retire | Reopen
+@dataclass(frozen=True, slots=True)
+class Reclaim:
+    """Claim and reconcile the tenant's operations whose owner went away (another replica
+    died); sent by the registry's periodic look."""
+
+
+TenantMessage = Spawn | Destroy | UpdateQuota | Retire | Reopen | Reclaim
 
 #: commands that may write; refused once the actor is stopping
 WRITE_COMMANDS = (Spawn, Destroy, UpdateQuota, Retire)

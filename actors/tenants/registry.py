@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from actors.errors import AuditUnavailable, Busy, Conflict, NotFound
+from actors.errors import AuditUnavailable, Busy, Conflict, DomainError, NotFound
 from actors.fleet.client import FleetClient
 from actors.journal.entries import Entry, draft
 from actors.reply import Receipt, Reply
@@ -34,7 +34,7 @@ from actors.state import Quota
 from actors.store import Store, Ticket
 from actors.tenants.actor import TenantActor
 from actors.tenants.limits import LimitSettings, TenantLimits
-from actors.tenants.protocol import Reopen, Retire, Source, TenantMessage
+from actors.tenants.protocol import Reclaim, Reopen, Retire, Source, TenantMessage
 
 log = logging.getLogger("vm_tenant.registry")
 
@@ -82,10 +82,15 @@ class TenantRegistry:
             self._nursery = nursery
             # Operations left in doubt by a crash are resolved right away, not on the
             # tenant's next request.
-            for tenant_id in self._store.tenants_in_doubt():
-                self.actor(tenant_id)
+            try:
+                for tenant_id in await self._store.tenants_in_doubt():
+                    self.actor(tenant_id)
+            except (AuditUnavailable, NotFound) as error:
+                log.warning("operations in doubt not looked up at start: %s", error)
             if self._passivate_after < inf:
                 nursery.start_soon(self._sweep)
+            if self._store.claim_interval is not None:
+                nursery.start_soon(self._claim_loop, self._store.claim_interval)
             task_status.started()
             await self._closed.wait()
             for actor in self._actors.values():
@@ -105,6 +110,16 @@ class TenantRegistry:
         """``NotFound`` unless the tenant exists (asking starts no actor)."""
         if not self._directory.exists(tenant_id):
             raise NotFound("no such tenant")
+
+    async def confirm(self, tenant_id: str) -> None:
+        """``NotFound`` unless the tenant exists. One the directory does not know is looked
+        up in the store first: with replicas, another one may have created it a moment
+        ago, before this one's directory heard of it (the store then brings the directory
+        up to date), and an operator's next call must not depend on which replica it hits."""
+        if self._directory.exists(tenant_id):
+            return
+        await self._store.tenant(tenant_id)  # NotFound when there is no such tenant
+        self.require(tenant_id)
 
     def token_valid(self, tenant_id: str, token_id: str) -> bool:
         """Whether the tenant exists and this token id of it is neither revoked nor unknown."""
@@ -154,6 +169,34 @@ class TenantRegistry:
                 await self._closed.wait()
             if not self._closed.is_set():
                 self.passivate_idle()
+
+    async def _claim_loop(self, interval: float) -> None:
+        """Have operations whose owner went away (a dead replica) claimed and reconciled.
+
+        A tenant without a running actor gets one (starting claims); a running actor is
+        asked to claim with :class:`Reclaim`. A full mailbox skips the tenant this time.
+        """
+        while not self._closed.is_set():
+            with trio.move_on_after(interval):
+                await self._closed.wait()
+            if self._closed.is_set():
+                return
+            try:
+                tenants = await self._store.tenants_in_doubt()
+            except AuditUnavailable as error:
+                log.warning("could not look for operations in doubt: %s", error)
+                continue
+            for tenant_id in tenants:
+                if not self._directory.exists(tenant_id):
+                    continue
+                running = self._actors.get(tenant_id)
+                try:
+                    if running is None or running.failed:
+                        self.actor(tenant_id)
+                    else:
+                        running.inbox.send_nowait(Reclaim())
+                except (trio.WouldBlock, trio.ClosedResourceError, Busy):
+                    continue
 
     def is_active(self, tenant_id: str) -> bool:
         """Whether the tenant has a running actor now (not passivated, never started)."""
@@ -221,6 +264,7 @@ class TenantRegistry:
         self, tenant_id: str, source: Source, request_id: str, receipt: Receipt | None = None
     ) -> None:
         """Deprovision a tenant with no VMs; all its tokens stop working."""
+        await self.confirm(tenant_id)
         # Once Retire is queued the tenant refuses writes until the delete ends one way or
         # the other, so a caller that goes away must not leave it half-deleted: shielded
         # (each wait inside still has its own deadline).
@@ -239,8 +283,10 @@ class TenantRegistry:
             try:
                 ticket = self._submit("tenant.delete", tenant_id, source, request_id, detail)
                 _note(receipt, await ticket.wait())
-            except AuditUnavailable:
-                await self._reopen(actor)  # not deleted after all: take spawns again
+            except DomainError:
+                # not deleted after all (not durable; or, with replicas, another one spawned
+                # a VM meanwhile): take spawns again
+                await self._reopen(actor)
                 raise
         self._actors.pop(tenant_id, None)
         self.limits.forget(tenant_id)
@@ -261,7 +307,7 @@ class TenantRegistry:
         receipt: Receipt | None = None,
     ) -> str:
         """Issue a token id (``expires_at``, RFC 3339, is recorded in the entry)."""
-        self.require(tenant_id)
+        await self.confirm(tenant_id)
         token_id = new_token_id()
         detail = _token_detail({"token_id": token_id}, expires_at)
         ticket = self._submit("token.issue", tenant_id, source, request_id, detail)

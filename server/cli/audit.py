@@ -1,9 +1,10 @@
 """The ``audit`` commands: the admin API's reads and the checks anyone can run on a log.
 
-``audit verify`` works offline on a data dir. ``audit head`` and ``audit list`` read the
-admin API (they live with the other admin commands, :mod:`server.cli.admin`). ``audit
-check`` (a tenant's own check of its trail) and ``audit witness-key`` live with
-``vm-tenant witness`` in :mod:`server.cli.witness`.
+``audit verify`` works offline on a data dir, or on the database of replicas
+(``--store postgresql://...``). ``audit head`` and ``audit list`` read the admin API (they
+live with the other admin commands, :mod:`server.cli.admin`). ``audit check`` (a tenant's
+own check of its trail) and ``audit witness-key`` live with ``vm-tenant witness`` in
+:mod:`server.cli.witness`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 
+from actors.journal.chain import VerifyReport
 from actors.journal.verify import verify_data_dir
 from server.cli.admin import audit_head, audit_list
 from server.cli.shared import CONTEXT, DEFAULT_DATA_DIR, example
@@ -50,6 +52,8 @@ class ExpectHead(click.ParamType[tuple[int, str]]):
 
 
 def cmd_audit_verify(args: SimpleNamespace) -> int:
+    if args.store and args.store != "file":
+        return _verify_store(args)
     data_dir = Path(args.data_dir)
     if not (data_dir / "audit").is_dir():
         print(f"vm-tenant: {data_dir} holds no audit log", file=sys.stderr)
@@ -63,6 +67,29 @@ def cmd_audit_verify(args: SimpleNamespace) -> int:
     except (OSError, ValueError) as error:
         print(f"vm-tenant: cannot verify: {error}", file=sys.stderr)
         return 1
+    return _print_report(report)
+
+
+def _verify_store(args: SimpleNamespace) -> int:
+    """The same check of the chain the replicas keep in the database."""
+    import trio
+
+    from actors.journal.checkpoint import load_public_key
+    from actors.store.postgres.bridge import StoreUnavailable
+    from actors.store.postgres.tools import NoLog, verify_url
+
+    try:
+        key = load_public_key(Path(args.public_key)) if args.public_key else None
+        report = trio.run(
+            lambda: verify_url(args.store, expect_head=args.expect_head, public_key=key)
+        )
+    except (OSError, ValueError, StoreUnavailable, NoLog) as error:
+        print(f"vm-tenant: cannot verify: {error}", file=sys.stderr)
+        return 1
+    return _print_report(report)
+
+
+def _print_report(report: VerifyReport) -> int:
     head = f"head {report.head_seq}:{report.head_hash}"
     if report.verdict == "ok":
         print(f"intact: {report.entries} entries, {head}")
@@ -79,6 +106,7 @@ def cmd_audit_verify(args: SimpleNamespace) -> int:
 @audit.command(
     epilog=example(
         "vm-tenant audit verify --data-dir /var/lib/vm-tenant",
+        "vm-tenant audit verify --store postgresql://vmtenant@db:5432/vmtenant",
         'vm-tenant audit verify --expect-head "$(cat head.txt)" --public-key audit-ed25519.pub',
     )
 )
@@ -90,6 +118,13 @@ def cmd_audit_verify(args: SimpleNamespace) -> int:
     show_envvar=True,
     show_default=True,
     help="The data dir whose audit log to verify.",
+)
+@click.option(
+    "--store",
+    metavar="file|URL",
+    envvar="VM_TENANT_STORE",
+    show_envvar=True,
+    help="Verify the chain in this postgresql:// database instead of a data dir.",
 )
 @click.option(
     "--expect-head",

@@ -7,6 +7,7 @@ Each subcommand lives in the module of its concern and is imported only when it 
 - :mod:`server.cli.admin`: ``tenant``, ``token``, ``keys`` (and ``audit head|list``)
 - :mod:`server.cli.tenant`: ``vm``, ``usage``
 - :mod:`server.cli.audit`: ``audit`` (``verify``, and the admin reads)
+- :mod:`server.cli.db`: ``db import`` (a data dir into the replicas' database)
 - :mod:`server.cli.witness`: ``witness``, ``audit check``, ``audit witness-key``
 
 What the client commands share (connection options, output, exit codes) is in
@@ -40,6 +41,7 @@ COMMANDS: Mapping[str, str] = {
     "vm": "server.cli.tenant:vm",
     "usage": "server.cli.tenant:usage",
     "audit": "server.cli.audit:audit",
+    "db": "server.cli.db:db",
     "witness": "server.cli.witness:witness",
 }
 

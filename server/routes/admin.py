@@ -118,7 +118,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
     async def update_tenant(tenant_id: str) -> Tenant:
         gates.admin()
         gates.no_params()
-        registry.require(tenant_id)  # 404 before reading the body of an unknown tenant
+        await registry.confirm(tenant_id)  # 404 before reading the body of an unknown tenant
         body = await gates.body(UpdateTenantBody)
         quota, source = body.quota.to_quota(), gates.source()
         await registry.call(
@@ -152,7 +152,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
     async def issue_token(tenant_id: str) -> Token:
         gates.admin()
         gates.no_params()
-        registry.require(tenant_id)
+        await registry.confirm(tenant_id)
         body = await gates.body(IssueTokenBody, optional=True)
         expires = authority.expiry(body.ttl_seconds)
         expires_at = authority.expires_at(expires)
@@ -171,7 +171,7 @@ def admin_routes(service: Service, authority: Authority, gates: Gates) -> Routes
     async def revoke_token(tenant_id: str, token_id: str) -> None:
         gates.admin()
         gates.no_params()
-        registry.require(tenant_id)
+        await registry.confirm(tenant_id)
         await registry.revoke_token(tenant_id, token_id, gates.source(), g.request_id, g.receipt)
 
     # -- signing keys -------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
 ) -> None:
     env_values = {
         "VM_TENANT_DATA_DIR": "/srv/env",
+        "VM_TENANT_STORE": "postgresql://vmtenant@db.example:5432/vmtenant",
         "VM_TENANT_BIND": "0.0.0.0:81",
         "VM_TENANT_FLEET": "http://fleet.example:7000",
         "VM_TENANT_FLEET_TIMEOUT": "2",
@@ -131,6 +132,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
         monkeypatch.setenv(name, value)
     from_env, _ = show(capsys)
     assert from_env["data_dir"] == "/srv/env"
+    assert from_env["store"] == "postgresql://vmtenant@db.example:5432/vmtenant"
     assert from_env["bind"] == "0.0.0.0:81"
     assert from_env["fleet"] == "http://fleet.example:7000"
     assert from_env["metrics_bind"] == "127.0.0.1:9100"
@@ -151,7 +153,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
     }
 
     flags = [
-        "--data-dir", "/srv/flag", "--bind", "[::1]:82", "--fleet", "embedded",
+        "--data-dir", "/srv/flag", "--store", "file", "--bind", "[::1]:82", "--fleet", "embedded",
         "--fleet-timeout", "4", "--snapshot-interval", "31", "--checkpoint-interval", "6",
         "--metrics-bind", "off", "--log-format", "json", "--log-level", "warning",
         "--passivate-after", "61", "--fleet-sync-interval", "2.5",
@@ -164,6 +166,7 @@ def test_every_setting_has_a_flag_and_an_env_var(
     from_flags, out = show(capsys, *flags)
     assert from_flags == {
         "data_dir": "/srv/flag",
+        "store": "file",
         "bind": "[::1]:82",
         "fleet": "embedded",
         "fleet_timeout": 4.0,
@@ -304,6 +307,11 @@ def test_readme_example_validates(tmp_path: Path) -> None:
         ('metrics_bind = "[zz]:1"\n', "metrics_bind: expected HOST:PORT"),
         ('metrics_bind = "[1::2::3]:1"\n', "metrics_bind: '1::2::3' is not an IPv6 address"),
         ('fleet = "ftp://x"\n', "fleet: expected 'embedded' or an http(s):// URL"),
+        ('store = "mysql://db/x"\n', "store: expected 'file' or a postgresql://USER@HOST:PORT/DB"),
+        (
+            'store = "postgresql://u:secret@db:5432/x"\n',
+            "store: no password in the URL: give it in PGPASSWORD or ~/.pgpass",
+        ),
         ('bind = "a:1"\nfoo = = 3\n', "TOML syntax error: Invalid value (at line 2, column 7)"),
     ],
 )

@@ -223,3 +223,31 @@ async def test_transact_runs_again_after_a_deadlock(pg_db: PgDatabase) -> None:
         # the server broke the deadlock by aborting one; that one ran again and succeeded
         assert sorted(attempts) == [1, 2]
         assert [r["n"] for r in await db.fetch("SELECT n FROM t ORDER BY id")] == [2, 2]
+
+
+async def test_a_database_that_cannot_serve_is_unavailable_not_an_answer(
+    pg_db: PgDatabase,
+) -> None:
+    """Errors by which the server says it cannot serve now (a read-only standby after a
+    failover, a statement cut by the operator's timeout, a disk full...) are outages, as
+    a lost connection is: 503 to a request, a retry to a background loop. An answer about
+    the data (a unique violation) still passes through."""
+    async with open_database(settings(pg_db)) as db:
+        await db.execute("CREATE TABLE r (x int PRIMARY KEY)")
+        read_only = f"ALTER DATABASE {pg_db.name} SET default_transaction_read_only = on"
+        await db.execute(read_only)
+    async with open_database(settings(pg_db)) as db:
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await db.execute("INSERT INTO r VALUES (1)")
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            async with db.transaction() as con:
+                await con.execute("SET LOCAL statement_timeout = 50")
+                await con.fetchval("SELECT pg_sleep(5)")
+        await db.execute(
+            f"BEGIN READ WRITE; ALTER DATABASE {pg_db.name} "
+            "SET default_transaction_read_only = off; COMMIT"
+        )
+    async with open_database(settings(pg_db)) as db:
+        await db.execute("INSERT INTO r VALUES (1)")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await db.execute("INSERT INTO r VALUES (1)")

@@ -3,6 +3,7 @@ and the chain in the database verified with the file store's report."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -10,14 +11,20 @@ from typing import Any
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from actors.journal import snapshot
-from actors.journal.checkpoint import read_checkpoints
+from actors.journal.checkpoint import read_checkpoints, read_origin
+from actors.journal.merkle import MemoryTree, leaf_hash
+from actors.journal.merkle import root as merkle_root
+from actors.journal.note import Checkpoint, Signer, sign_checkpoint
 from actors.journal.verify import verify_data_dir
 from actors.service import open_service
 from actors.store.postgres.bridge import Database, DatabaseSettings, open_database
 from actors.store.postgres.importer import ImportRefused, import_data_dir
 from actors.store.postgres.schema import migrate
+from actors.store.postgres.tree import restore_frontier
 from actors.store.postgres.verify import verify_database
 from conftest import Api, audit_lines, service_config
 from pgcluster import PgDatabase
@@ -128,7 +135,7 @@ async def test_import_moves_chain_state_and_keys(
     assert file_report.verdict == "ok" and file_report.entries == len(file_lines) > 15
 
     async with open_database(DatabaseSettings(pg_db.dsn)) as db:
-        report = await import_data_dir(db, data_dir, origin="vm-tenant/test")
+        report = await import_data_dir(db, data_dir)
         assert (report.entries, report.head_seq, report.head_hash) == (
             file_report.entries, file_report.head_seq, file_report.head_hash,
         )  # fmt: skip
@@ -141,6 +148,15 @@ async def test_import_moves_chain_state_and_keys(
             report.head_hash,
         )
 
+        # the Merkle tree: every complete subtree, as the sequencer would have written it
+        reference = MemoryTree(leaf_hash(line) for line in file_lines)
+        n = len(file_lines)
+        nodes = await db.fetchval("SELECT count(*) FROM merkle_nodes")
+        assert nodes == sum(n >> level for level in range(n.bit_length()))
+        async with db.connection() as con:
+            frontier = await restore_frontier(con, n)
+        assert frontier.root() == merkle_root(reference, n)
+
         # the state is what the node itself would serve after a restart
         assert await database_state(db) == folded_state(data_dir)
         state = await database_state(db)
@@ -152,7 +168,7 @@ async def test_import_moves_chain_state_and_keys(
         admin = (data_dir / "admin.token").read_text().strip()
         meta = await db.fetchrow("SELECT origin, admin_token_sha256 FROM log_meta")
         assert meta is not None
-        assert meta["origin"] == "vm-tenant/test"
+        assert meta["origin"] == read_origin(data_dir)  # the log keeps its name
         assert meta["admin_token_sha256"] == hashlib.sha256(admin.encode()).hexdigest()
         keyring = json.loads((data_dir / "keys" / "token-signing.keyring.json").read_bytes())
         token_keys = await db.fetch(
@@ -249,9 +265,36 @@ async def test_verify_finds_damage_in_the_database(data_dir: Path, pg_db: PgData
         assert forged.verdict == "tampered" and "checkpoint 1" in forged.reason
         await import_fresh(db, data_dir)
 
+        # a checkpoint's root that is not the lines' (its note re-signed with the real key)
+        row = await db.fetchrow("SELECT id, seq, note FROM checkpoints ORDER BY id LIMIT 1")
+        assert row is not None and row["note"] is not None
+        signer = Signer(read_origin(data_dir), load_audit_key(data_dir))
+        forged_root = sign_checkpoint(Checkpoint(signer.name, row["seq"], bytes(32)), signer)
+        await db.execute(
+            "UPDATE checkpoints SET note = $2, root = $3 WHERE id = $1",
+            row["id"], forged_root, base64.b64encode(bytes(32)).decode(),
+        )  # fmt: skip
+        wrong = await verify_database(db)
+        assert (wrong.verdict, wrong.bad_seq) == ("tampered", row["seq"])
+        assert "Merkle root" in wrong.reason
+        await import_fresh(db, data_dir)
+
+        # a node of the stored tree (what the proofs are made of) that is not the lines'
+        await db.execute("UPDATE merkle_nodes SET hash = $1 WHERE level = 0 AND idx = 0", bytes(32))
+        tree = await verify_database(db)
+        assert tree.verdict == "tampered" and "merkle_nodes" in tree.reason
+        await import_fresh(db, data_dir)
+
         # an expected head the log does not reach
         beyond = await verify_database(db, expect_head=(good.head_seq + 5, "0" * 64))
         assert beyond.verdict == "truncated"
+
+
+def load_audit_key(data_dir: Path) -> Ed25519PrivateKey:
+    pem = (data_dir / "keys" / "audit-ed25519.key").read_bytes()
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    return key
 
 
 async def import_fresh(db: Database, data_dir: Path) -> None:

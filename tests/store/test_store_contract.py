@@ -1,14 +1,17 @@
 """The store boundary's promises (``actors/store/__init__.py``), checked through the interface.
 
 Each test uses only what :class:`~actors.store.Store` offers, plus the pure decisions of
-``actors/tenants/decisions.py``, so another store can run the same tests. The file store
-runs here over a real data dir, with real fsyncs (and a real ``OSError`` where one fails).
+``actors/tenants/decisions.py``. The tests of ``any_store`` run against both stores: the
+file store over a real data dir with real fsyncs, and the PostgreSQL store over a real
+database. The ones about a write that fails use the file store's fsync (a real
+``OSError``); PostgreSQL going away is tested with real replicas (``tests/pg``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -17,17 +20,31 @@ import pytest
 import trio.testing
 
 from actors.errors import AuditUnavailable, NotFound
+from actors.journal import fold
 from actors.journal.entries import draft
 from actors.reply import Reply
-from actors.state import Quota, VmSpec
+from actors.state import IdempotencyRecord, Quota, VmSpec
 from actors.store import Store, Ticket
 from actors.store.file import FileStoreConfig, open_file_store
+from actors.store.postgres.store import PostgresStoreConfig, open_postgres_store
 from actors.tenants.decisions import Context, Operate, decide_spawn, outcome_entry
 from actors.tenants.protocol import Source, Spawn
 from conftest import FlakyFsync
+from pgcluster import PgDatabase
 
 USER = Source("127.0.0.1", "tok-user")
 ADMIN = {"ip": "127.0.0.1", "token_id": "admin"}
+
+
+@pytest.fixture(params=["file", "postgresql"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "file":
+        async with open_file_store(FileStoreConfig(tmp_path / "data")) as store:
+            yield store
+        return
+    pg: PgDatabase = request.getfixturevalue("pg_db")
+    async with open_postgres_store(PostgresStoreConfig(pg.dsn, tmp_path / "data")) as pg_store:
+        yield pg_store
 
 
 @pytest.fixture
@@ -60,9 +77,9 @@ async def decide_spawn_in(
 
 
 async def test_a_reservation_is_seen_by_the_next_decision_before_it_is_durable(
-    file_store: tuple[Store, FlakyFsync],
+    any_store: Store,
 ) -> None:
-    store, _ = file_store
+    store = any_store
     await provision(store, "acme", Quota(8, 8192, 2))
     # No checkpoint between the two decisions: the writer has not run yet.
     _, first = await decide_spawn_in(store, "acme")
@@ -97,9 +114,9 @@ async def test_a_decision_that_never_becomes_durable_leaves_no_trace(
 
 
 async def test_acknowledged_means_in_the_chain_as_stored(
-    file_store: tuple[Store, FlakyFsync],
+    any_store: Store,
 ) -> None:
-    store, _ = file_store
+    store = any_store
     await provision(store, "acme", Quota(8, 8192, 4))
     _, ticket = await decide_spawn_in(store, "acme")
     entry = await ticket.wait()
@@ -131,9 +148,9 @@ async def test_an_outcome_takes_effect_once_durable_and_not_before(
 
 
 async def test_the_directory_follows_durable_entries(
-    file_store: tuple[Store, FlakyFsync],
+    any_store: Store,
 ) -> None:
-    store, _ = file_store
+    store = any_store
     await provision(store, "acme", Quota(1, 1, 1))
     assert store.directory.token_valid("acme", "tok-1")
     revoke = draft("token.revoke", "succeeded", "acme", None, ADMIN, "r", {"token_id": "tok-1"})
@@ -144,9 +161,9 @@ async def test_the_directory_follows_durable_entries(
 
 
 async def test_reads_are_copies_that_cannot_change_the_store(
-    file_store: tuple[Store, FlakyFsync],
+    any_store: Store,
 ) -> None:
-    store, _ = file_store
+    store = any_store
     await provision(store, "acme", Quota(8, 8192, 4))
     decision, ticket = await decide_spawn_in(store, "acme")
     await ticket.wait()
@@ -164,9 +181,9 @@ async def test_reads_are_copies_that_cannot_change_the_store(
 
 
 async def test_an_unknown_tenant_is_not_found_and_nothing_is_written(
-    file_store: tuple[Store, FlakyFsync],
+    any_store: Store,
 ) -> None:
-    store, _ = file_store
+    store = any_store
     head = store.head()
     with pytest.raises(NotFound):
         await decide_spawn_in(store, "nobody")
@@ -174,3 +191,35 @@ async def test_an_unknown_tenant_is_not_found_and_nothing_is_written(
         await store.usage("nobody")
     await trio.testing.wait_all_tasks_blocked()
     assert store.head() == head
+
+
+@dataclass(frozen=True)
+class Looked:
+    """A decision that writes nothing: what the slice held for an idempotency key."""
+
+    record: IdempotencyRecord | None
+    entry: None = None
+
+
+async def test_only_a_tenants_newest_refusal_records_are_kept(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold's bound on quota refusal records (``fold.expire``), kept by both stores as
+    each new record is made (the bound made small here: it is read at each decision)."""
+    monkeypatch.setattr(fold, "MAX_REFUSALS", 3)
+    store = any_store
+    await provision(store, "full", Quota(0, 0, 0))
+    keys = [f"k{n}" for n in range(5)]
+    for key in keys:
+        refused, ticket = await store.decide(
+            "full", partial(decide_spawn, cmd=spawn_command(key), ctx=Context()), key=key
+        )
+        assert type(refused).__name__ == "Refuse" and ticket is not None
+        await ticket.wait()
+    kept = []
+    for key in keys:
+        looked, _ = await store.decide("full", lambda s, key=key: Looked(s.key(key)), key=key)
+        if looked.record is not None:
+            assert looked.record.status == 403
+            kept.append(key)
+    assert kept == keys[-3:]

@@ -14,8 +14,14 @@ Errors, by cause (what the caller may conclude)::
         the connection failed while COMMIT was in flight: the transaction may or may not
         have committed, and the caller must find out (by reading) before it answers
 
-Any other ``asyncpg.PostgresError`` (a unique violation, a serialisation failure) passes
-through unchanged: it is an answer from a working database, and the store decides.
+The server's own errors count as unavailability when their SQLSTATE says it cannot serve
+now, whatever is asked (:data:`UNAVAILABLE_SQLSTATES`): a lost connection (class 08),
+insufficient resources (53: disk full, out of memory, too many connections), operator
+intervention (57: shutting down, starting up, a statement cut by a timeout), a system
+error (58: I/O), a read-only database (25006: a standby after a failover), a session
+ended for idling in a transaction (25P03). Any other ``asyncpg.PostgresError`` (a unique
+violation, a serialisation failure) passes through unchanged: it is an answer from a
+working database about the data, and the store decides.
 
 Rough edges of trio-asyncio, and what this module does about them:
 
@@ -43,9 +49,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import asyncpg
 import trio
@@ -60,15 +67,9 @@ T = TypeVar("T")
 PooledConnection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
-#: failures that mean "the database is not there for us right now"
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, unreachable; also TimeoutError (connect)
-    pgerr.PostgresConnectionError,  # 08xxx, including "connection was closed mid-operation"
-    pgerr.AdminShutdownError,  # 57P01: the server is shutting down
-    pgerr.CrashShutdownError,  # 57P02
-    pgerr.CannotConnectNowError,  # 57P03: starting up / in recovery
-    pgerr.TooManyConnectionsError,  # 53300
-)
+#: SQLSTATE classes (two characters) and codes by which the server says it cannot serve
+#: now, whatever is asked; a request gets 503 and a background loop tries again later
+UNAVAILABLE_SQLSTATES = frozenset({"08", "53", "57", "58", "25006", "25P03"})
 
 
 class StoreUnavailable(AuditUnavailable):
@@ -105,8 +106,13 @@ class DatabaseSettings:
 
 
 def _unavailable(error: BaseException) -> bool:
-    if isinstance(error, _UNAVAILABLE):
+    if isinstance(error, OSError):  # refused, reset, unreachable; also TimeoutError (connect)
         return True
+    if isinstance(error, pgerr.PostgresConnectionError):
+        return True  # asyncpg's own "connection was closed mid-operation" among them
+    if isinstance(error, pgerr.PostgresError):
+        state = str(getattr(error, "sqlstate", "") or "")
+        return state[:2] in UNAVAILABLE_SQLSTATES or state in UNAVAILABLE_SQLSTATES
     # A connection the server dropped while it sat idle in the pool fails its next use
     # inside asyncpg's protocol state machine; one lost mid-use is detached from its pool
     # proxy ("released back to the pool"), or reported closed. None of these is an answer
@@ -129,6 +135,66 @@ def _gone(raw: PooledConnection) -> bool:
 def _terminate(raw: PooledConnection) -> None:
     with contextlib.suppress(pgerr.InterfaceError):  # the pool took it back after it closed
         raw.terminate()
+
+
+#: one SQL statement and its arguments (numbered from $1)
+Statement = tuple[str, list[Any]]
+
+
+class Queries(Protocol):
+    """What a transaction's body may call: a :class:`Connection` (each call crosses into
+    asyncio) or a :class:`Direct` (the body runs inside asyncio already)."""
+
+    async def execute(self, sql: str, *args: Any) -> str: ...
+
+    async def executemany(self, sql: str, args: list[tuple[Any, ...]]) -> None: ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None: ...
+
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+
+class Direct:
+    """A connection seen from inside asyncio: each call is a plain asyncpg call.
+
+    The body of :meth:`Database.atomic` gets one. It must not touch Trio (no Trio call
+    awaits there); pure Python and asyncpg calls only.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: PooledConnection) -> None:
+        self.raw = raw
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self.raw.execute(sql, *args)
+
+    async def executemany(self, sql: str, args: list[tuple[Any, ...]]) -> None:
+        await self.raw.executemany(sql, args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.raw.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self.raw.fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.raw.fetchval(sql, *args)
+
+
+async def _run_atomic(
+    raw: PooledConnection,
+    body: Callable[[Direct], Awaitable[T]],
+    isolation: Isolation,
+    committing: list[bool],
+) -> T:
+    """Inside asyncio: one transaction on ``raw`` (committed when ``body`` returns)."""
+    async with raw.transaction(isolation=isolation):
+        result = await body(Direct(raw))
+        committing.append(True)  # what fails from here on failed in COMMIT
+    return result
 
 
 class Connection:
@@ -168,6 +234,29 @@ class Connection:
         await self._db.call(tx.start)
         async with self._db._completing(self.raw, tx):
             yield
+
+    async def session(self, body: Callable[[Direct], Awaitable[T]]) -> T:
+        """``body`` on this very connection, whole inside asyncio (one crossing), each
+        statement committed on its own; errors as :meth:`Database.session`."""
+        return await self._db.call(
+            body, Direct(self.raw), within=self._db.settings.transaction_timeout
+        )
+
+    async def atomic(
+        self, body: Callable[[Direct], Awaitable[T]], isolation: Isolation = "read_committed"
+    ) -> T:
+        """A transaction on this very connection, run whole inside asyncio (one crossing);
+        errors as :meth:`Database.atomic`."""
+        committing: list[bool] = []
+        try:
+            return await self._db.call(
+                _run_atomic, self.raw, body, isolation, committing,
+                within=self._db.settings.transaction_timeout,
+            )  # fmt: skip
+        except StoreUnavailable as error:
+            if committing:
+                raise CommitUnknown(f"the commit's outcome is unknown: {error}") from error
+            raise
 
 
 class Notifications:
@@ -256,10 +345,12 @@ class Database:
 
     async def _release(self, raw: PooledConnection) -> None:
         # Shielded: a cancelled caller still returns its connection, and only a clean one
-        # goes back (the pool waits for a pending cancel, rolls back, resets the session).
+        # goes back (the pool waits for a pending cancel and rolls back; the session is
+        # reset here: a connection handed out whole may hold locks and LISTENs).
         with trio.CancelScope(shield=True):
             try:
-                await self.call(self._pool.release, raw, within=self.settings.release_timeout)
+                await self.call(_reset_and_release, self._pool, raw,
+                                within=self.settings.release_timeout)  # fmt: skip
             except (StoreUnavailable, pgerr.PostgresError, pgerr.InterfaceError):
                 _terminate(raw)
 
@@ -334,6 +425,53 @@ class Database:
             except (StoreUnavailable, pgerr.PostgresError, pgerr.InterfaceError):
                 _terminate(raw)
 
+    async def atomic(
+        self,
+        body: Callable[[Direct], Awaitable[T]],
+        isolation: Isolation = "read_committed",
+        *,
+        within: float | None = None,
+    ) -> T:
+        """One transaction whose body runs whole inside asyncio: one crossing of the
+        bridge for the lot (taking a connection, BEGIN, the body's statements, COMMIT,
+        giving it back) instead of one per statement, which is most of the CPU a short
+        transaction costs here.
+
+        ``body`` gets a :class:`Direct` connection and must not await anything of Trio.
+        Errors as :meth:`transaction`: :class:`StoreUnavailable` (nothing committed; also
+        past ``within``, default ``transaction_timeout``), :class:`CommitUnknown` (the
+        connection failed during COMMIT), anything else ``body`` raised (rolled back).
+        """
+        limit = self.settings.transaction_timeout if within is None else within
+        committing: list[bool] = []
+
+        async def run() -> T:
+            async with self._pool.acquire(timeout=self.settings.connect_timeout) as raw:
+                return await _run_atomic(raw, body, isolation, committing)
+
+        try:
+            return await self.call(run, within=limit)
+        except StoreUnavailable as error:
+            if committing:
+                raise CommitUnknown(f"the commit's outcome is unknown: {error}") from error
+            raise
+
+    async def session(
+        self, body: Callable[[Direct], Awaitable[T]], *, within: float | None = None
+    ) -> T:
+        """``body`` on one connection, whole inside asyncio (one crossing), its statements
+        each committed on its own (no transaction around them). ``StoreUnavailable``
+        when the database failed or ``within`` (default ``transaction_timeout``) passed:
+        the statement running then may or may not have taken effect (``body`` knows
+        which one that was)."""
+        limit = self.settings.transaction_timeout if within is None else within
+
+        async def run() -> T:
+            async with self._pool.acquire(timeout=self.settings.connect_timeout) as raw:
+                return await body(Direct(raw))
+
+        return await self.call(run, within=limit)
+
     async def transact(
         self,
         body: Callable[[Connection], Awaitable[T]],
@@ -356,11 +494,15 @@ class Database:
 
     async def _read(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
         """One read on a pooled connection; a read is safe to try once more on a fresh
-        connection when the pooled one turned out broken."""
+        connection when the pooled one turned out broken.
+
+        The pool's own method takes, uses and gives back the connection in one crossing
+        into asyncio instead of three (the crossing is most of a read's CPU here); asyncpg
+        shields the release from a cancellation, and resets the connection like ours.
+        """
         for attempt in (1, 2):
             try:
-                async with self.connection() as con:
-                    return await getattr(con, method)(sql, *args)
+                return await self.call(getattr(self._pool, method), sql, *args)
             except StoreUnavailable as error:
                 if attempt == 2 or error.timed_out:
                     raise
@@ -410,12 +552,30 @@ class Database:
 #: the session locks it held (the sequencer's) are released; a process that merely dies
 #: is noticed at once. A transaction left idle by a stuck client is ended after 30 s.
 SESSION_SETTINGS = {
-    "application_name": "vm-tenant",
+    # the process in pg_stat_activity: an operator (or a test) finds which replica holds
+    # the sequencer lock
+    "application_name": f"vm-tenant/{os.getpid()}",
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "5",
     "idle_in_transaction_session_timeout": "30s",
 }
+
+
+async def _reset_and_release(pool: asyncpg.Pool, raw: PooledConnection) -> None:
+    """Inside asyncio: reset the session (advisory locks, LISTENs, settings), give it back."""
+    if not raw.is_closed():
+        await raw.reset()
+    await pool.release(raw)
+
+
+async def _session_untouched(_con: object) -> None:
+    """The pool's reset of connections it lends for one call or one transaction.
+
+    Those never change the session (no SET, no session lock, no LISTEN) and the pool has
+    already rolled back any transaction left open, so the reset query's round trip (a
+    second one per read) is skipped; connections handed out whole are reset on release.
+    """
 
 
 async def _create_pool(settings: DatabaseSettings) -> asyncpg.Pool:
@@ -429,6 +589,7 @@ async def _create_pool(settings: DatabaseSettings) -> asyncpg.Pool:
         # so a pool shrinks again after a burst
         max_inactive_connection_lifetime=60.0,
         server_settings=SESSION_SETTINGS,
+        reset=_session_untouched,
     )
 
 

@@ -1,10 +1,11 @@
 """Moving a single-node data dir into an empty database (``vm-tenant db import``).
 
 What moves: the whole chain (every stored line, with its seq and hash: the same chain and
-the same Merkle leaves), the signed checkpoints, the state the node served (tenants with
-quotas and allocations, tokens, VMs, idempotency records: the snapshot plus the fold of
-the entries after it, exactly what the node rebuilds at its start), the token-signing
-keyring, the checkpoint key, the log's origin and the operator's token (as its hash).
+the same Merkle tree, every complete subtree of it), the signed checkpoints, the state
+the node served (tenants with quotas and allocations, tokens, VMs, idempotency records:
+the snapshot plus the fold of the entries after it, exactly what the node rebuilds at its
+start), the token-signing keyring, the checkpoint key, the log's origin and the
+operator's token (as its hash).
 
 Everything is written in one transaction that first checks the database is empty, so the
 import either happens whole or not at all, and a database that holds anything (another
@@ -33,13 +34,15 @@ from cryptography.hazmat.primitives import serialization
 
 from actors.journal import snapshot
 from actors.journal.chain import VerifyReport, decode_line
-from actors.journal.checkpoint import read_checkpoints
+from actors.journal.checkpoint import origin_path, read_checkpoints, read_origin
+from actors.journal.merkle import Frontier
 from actors.journal.segments import iter_chunks
 from actors.journal.verify import verify_data_dir
 from actors.state import IN_DOUBT_STATES, ProxyState
 from actors.store.postgres.bridge import Connection, Database
 from actors.store.postgres.schema import MIGRATION_LOCK, migrate
 from actors.store.postgres.sequencer import leaf_hash
+from actors.store.postgres.tree import extend, insert_nodes
 
 #: lines inserted per statement
 BATCH = 5000
@@ -92,6 +95,8 @@ class _Source:
     audit_key_pem: str
     audit_key_created: str
     checkpoints: list[dict[str, Any]]
+    #: the log's origin (``keys/audit-origin``), None for a data dir from before it
+    origin: str | None
 
 
 def _read_source(data_dir: Path) -> _Source:
@@ -115,6 +120,12 @@ def _read_source(data_dir: Path) -> _Source:
     except ValueError as error:
         raise ImportRefused(f"{data_dir / AUDIT_KEY} is not a usable key: {error}") from None
     checkpoints = [c for c in read_checkpoints(data_dir) if c is not None]
+    origin: str | None = None
+    if origin_path(data_dir).exists():
+        try:
+            origin = read_origin(data_dir)
+        except (OSError, ValueError) as error:
+            raise ImportRefused(f"cannot read the log's origin: {error}") from None
     return _Source(
         report,
         state,
@@ -123,6 +134,7 @@ def _read_source(data_dir: Path) -> _Source:
         audit_pem,
         _modified(data_dir / AUDIT_KEY),
         checkpoints,
+        origin,
     )
 
 
@@ -143,13 +155,13 @@ def _token_keys(data_dir: Path) -> list[_KeyringKey]:
     return [_KeyringKey(f"key-{secrets.token_hex(6)}", _modified(legacy), "active", secret)]
 
 
-async def import_data_dir(
-    db: Database, data_dir: Path, *, origin: str | None = None, within: float = 3600.0
-) -> ImportReport:
+async def import_data_dir(db: Database, data_dir: Path, *, within: float = 3600.0) -> ImportReport:
     """Import ``data_dir`` into the (empty) database; raises :class:`ImportRefused`.
 
-    ``origin`` is the log's name for its signed notes; by default a new one is made,
-    ``vm-tenant/<random id>``.
+    The log's name for its signed notes is the data dir's own (``keys/audit-origin``):
+    the log keeps its identity, so its stored checkpoints still verify and a witness or
+    a tenant that kept a checkpoint goes on checking; a data dir from before the origin
+    gets a new one.
     """
     source = await trio.to_thread.run_sync(_read_source, data_dir)
     await migrate(db)
@@ -160,12 +172,12 @@ async def import_data_dir(
             raise ImportRefused("the database is not empty: nothing was imported")
         await con.execute(
             "INSERT INTO log_meta (origin, admin_token_sha256) VALUES ($1, $2)",
-            origin or f"vm-tenant/{secrets.token_hex(8)}",
+            source.origin or f"vm-tenant/{secrets.token_hex(8)}",
             source.admin_sha256,
         )
         await _import_keys(con, source)
-        await _import_chain(con, data_dir, source.report)
-        await _import_state(con, source.state)
+        created = await _import_chain(con, data_dir, source.report)
+        await _import_state(con, source.state, created)
     state = source.state
     return ImportReport(
         source.report.entries,
@@ -203,13 +215,20 @@ async def _import_keys(con: Connection, source: _Source) -> None:
         rows,
     )
     await con.executemany(
-        "INSERT INTO checkpoints (seq, hash, ts, signature) VALUES ($1, $2, $3, $4)",
-        [(c["seq"], c["hash"], c["ts"], c["signature"]) for c in source.checkpoints],
+        "INSERT INTO checkpoints (seq, hash, ts, signature, root, note) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            (c["seq"], c["hash"], c["ts"], c["signature"], c.get("root"), c.get("note"))
+            for c in source.checkpoints
+        ],
     )
 
 
-async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -> None:
-    """Every complete line up to the verified head, as stored, with its leaf hash."""
+async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -> dict[str, int]:
+    """Every complete line up to the verified head, as stored, with the tree's nodes;
+    returns the seq of each tenant's latest creation (where its own entries start)."""
+    created: dict[str, int] = {}
+    frontier = Frontier()
     seqs: list[int] = []
     tenants: list[str | None] = []
     hashes: list[str] = []
@@ -222,12 +241,8 @@ async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -
             "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[])",
             seqs, tenants, hashes, lines,
         )  # fmt: skip
-        await con.execute(
-            "INSERT INTO merkle_nodes (level, idx, hash) "
-            "SELECT 0, * FROM unnest($1::bigint[], $2::bytea[])",
-            [s - 1 for s in seqs],
-            [leaf_hash(line) for line in lines],
-        )
+        sql, args = insert_nodes(extend(frontier, [leaf_hash(line) for line in lines]))
+        await con.execute(sql, *args)
         for column in (seqs, tenants, hashes, lines):
             column.clear()
 
@@ -241,6 +256,8 @@ async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -
             hashes.append(entry["hash"])
             lines.append(line)
             last_ts = entry["ts"]
+            if entry["op"] == "tenant.create" and entry["outcome"] == "succeeded":
+                created[entry["tenant"]] = entry["seq"]
             if len(seqs) == BATCH:
                 await flush()
     if seqs:
@@ -251,16 +268,18 @@ async def _import_chain(con: Connection, data_dir: Path, report: VerifyReport) -
         report.head_hash,
         last_ts,
     )
+    return created
 
 
-async def _import_state(con: Connection, state: ProxyState) -> None:
+async def _import_state(con: Connection, state: ProxyState, created: dict[str, int]) -> None:
     tenants = state.tenants.values()
     await con.executemany(
         "INSERT INTO tenants (id, quota_vcpus, quota_memory_mib, quota_vms, allocated_vcpus, "
-        "allocated_memory_mib, allocated_vms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "allocated_memory_mib, allocated_vms, created_seq) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         [
             (t.id, t.quota.vcpus, t.quota.memory_mib, t.quota.vms,
-             t.allocated_vcpus, t.allocated_memory, len(t.vms))
+             t.allocated_vcpus, t.allocated_memory, len(t.vms), created.get(t.id))
             for t in tenants
         ],
     )  # fmt: skip

@@ -3,8 +3,10 @@
 The same evidence as :func:`actors.journal.verify.verify_data_dir`, read from tables
 instead of files, and the same :class:`~actors.journal.chain.VerifyReport`: every stored
 line in seq order (each must parse, link and hash, and carry the seq of its row), every
-signed checkpoint (signature, then the hash at its seq), optionally a head kept
-elsewhere, and the recorded head (``audit_head``) against the last line. The first
+signed checkpoint (signature and, once the tree was kept, its note over the tree's size
+and root; then the hash at its seq and the RFC 9162 root of the lines up to it),
+optionally a head kept elsewhere, and the recorded head (``audit_head``) against the last
+line; and the tree the replicas prove from (``merkle_nodes``) against the lines' own. The first
 problem in chain order wins: *tampered* or *truncated* (a checkpoint, the expected head or
 the recorded head names a seq beyond the last line). Rows are written whole, so there is
 no *torn* here.
@@ -20,7 +22,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from actors.journal.chain import ChainBroken, ChainVerifier, VerifyReport
 from actors.journal.checkpoint import signature_valid
+from actors.journal.merkle import Frontier, Node, leaf_hash
+from actors.journal.note import NoteError, Verifier
+from actors.journal.verify import checkpoint_root
 from actors.store.postgres.bridge import Connection, Database
+from actors.store.postgres.tree import TreeIncomplete, node_hashes
 
 #: rows read per round trip
 PAGE = 10_000
@@ -59,15 +65,26 @@ async def _verify(
 ) -> VerifyReport:
     verifier = ChainVerifier()
     expected: dict[int, tuple[str, str]] = {}
-    checkpoints = await con.fetch("SELECT seq, hash, ts, signature FROM checkpoints ORDER BY id")
+    roots: dict[int, tuple[bytes, str]] = {}
+    checkpoints = await con.fetch(
+        "SELECT seq, hash, ts, signature, root, note FROM checkpoints ORDER BY id"
+    )
     if checkpoints:
         key = public_key or await audit_public_key(con)
+        log_key = await _log_key(con, key)
         for number, row in enumerate(checkpoints, start=1):
-            checkpoint = dict(row)
-            if key is None or not signature_valid(key, checkpoint):
+            checkpoint = {name: value for name, value in dict(row).items() if value is not None}
+            root = checkpoint_root(checkpoint, log_key) if "note" in checkpoint else None
+            if (
+                key is None
+                or not signature_valid(key, checkpoint)
+                or ("note" in checkpoint and root is None)
+            ):
                 why = f"checkpoint {number} is malformed or its signature does not verify"
                 return verifier.report("tampered", row["seq"], why)
             expected[row["seq"]] = (row["hash"], f"signed checkpoint {number}")
+            if root is not None:
+                roots[row["seq"]] = (root, f"signed checkpoint {number}")
     if expect_head is not None:
         expected[expect_head[0]] = (expect_head[1], "the expected head")
     head = await con.fetchrow("SELECT seq, hash FROM audit_head")
@@ -75,6 +92,8 @@ async def _verify(
         expected.setdefault(head["seq"], (head["hash"], "the recorded head"))
 
     check = verifier.check
+    tree = Frontier()
+    computed: list[Node] = []  # the tree's nodes the page's lines complete
     after = 0
     try:
         while True:
@@ -94,6 +113,13 @@ async def _verify(
                     raise ChainBroken(
                         verifier.report("tampered", seq, f"hash differs from {want[1]}")
                     )
+                computed.extend(tree.append(leaf_hash(bytes(row["line"]))))
+                signed = roots.get(seq)
+                if signed is not None and signed[0] != tree.root():
+                    why = f"the Merkle root at size {seq} differs from {signed[1]}"
+                    raise ChainBroken(verifier.report("tampered", seq, why))
+            await _stored_nodes_agree(con, computed, verifier)
+            computed.clear()
             if len(rows) < PAGE:
                 break
             after = rows[-1]["seq"]
@@ -109,3 +135,31 @@ async def _verify(
         why = f"the recorded head is seq {head['seq']} but the log goes on to {verifier.seq}"
         return verifier.report("tampered", head["seq"] + 1, why)
     return verifier.report()
+
+
+async def _log_key(con: Connection, key: Ed25519PublicKey | None) -> Verifier | None:
+    """The log's note verifier: its origin (``log_meta``) and the checkpoint key."""
+    origin = await con.fetchval("SELECT origin FROM log_meta")
+    if key is None or origin is None:
+        return None
+    try:
+        return Verifier.from_public(origin, key)
+    except (NoteError, ValueError):
+        return None
+
+
+async def _stored_nodes_agree(
+    con: Connection, computed: list[Node], verifier: ChainVerifier
+) -> None:
+    """Every node of the stored tree (what the replicas make proofs of) is the one the
+    lines give; ``ChainBroken`` at the last entry under the first that is not."""
+    ids = [(node.level, node.index) for node in computed]
+    try:
+        stored = await node_hashes(con, ids)
+    except TreeIncomplete:
+        stored = []
+    for node, hash_ in zip(computed, stored or [b""] * len(computed), strict=True):
+        if hash_ != node.hash:
+            seq = (node.index + 1) << node.level
+            why = f"the stored Merkle tree (merkle_nodes) differs from the lines' at seq {seq}"
+            raise ChainBroken(verifier.report("tampered", seq, why))
