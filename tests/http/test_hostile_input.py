@@ -100,6 +100,10 @@ CASES = [
     pytest.param(
         spawn_case(spawn_body(vcpus={"a": [1, {"b": None}], "c": "\u0000"})), id="nested-garbage"
     ),
+    pytest.param(
+        spawn_case(b'{"vcpus": 1, "memory_mib": 256, "image": "debian-12", "vcpus": 2}'),
+        id="duplicate-member",
+    ),
     # -- members: unknown, missing, wrong type, out of range ---------------------------------
     pytest.param(spawn_case(spawn_body(gpu=1)), id="unknown-field"),
     pytest.param(spawn_case(spawn_body(image=...)), id="missing-image"),
@@ -167,6 +171,10 @@ CASES = [
     pytest.param(create_case(tenant_body(quota={**QUOTA, "vms": 2**31})), id="quota-2^31"),
     pytest.param(patch_case(quota_body(vms=...)), id="patch-missing-dimension"),
     pytest.param(patch_case(quota_body(gpus=2)), id="patch-extra-dimension"),
+    pytest.param(
+        patch_case(b'{"quota": {"vcpus": 1, "memory_mib": 1, "vms": 1, "vms": 1000}}'),
+        id="patch-duplicate-nested-member",
+    ),
     pytest.param(
         Case("POST", "/v1/admin/tenants/acme/tokens", b'{"ttl": 60}', auth="admin"),
         id="token-issue-unknown-field",
