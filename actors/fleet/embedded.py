@@ -27,6 +27,9 @@ from actors.state import VmSpec
 
 log = logging.getLogger("vm_tenant.fleet.embedded")
 
+#: VMs a list call reads between two yields to the event loop
+LIST_SLICE = 1024
+
 
 @dataclass(slots=True)
 class FleetKnobs:
@@ -65,6 +68,10 @@ class EmbeddedFleet:
         self._destroyed: set[str] = set()
         stored = self._journal.read_bytes() if self._journal.exists() else None
         self._vms: dict[str, _SimVm] = self._load(stored or b"")
+        #: each tenant's VM ids, so that a tenant's list costs its own VMs, not the fleet's
+        self._by_tenant: dict[str, set[str]] = {}
+        for vm in self._vms.values():
+            self._by_tenant.setdefault(vm.tenant, set()).add(vm.id)
         # Compact on open, so the journal grows with activity since the last start only
         # (destroyed ids stay: they are never re-created). A journal that is compact
         # already is left alone: a start needs no free space for it.
@@ -119,13 +126,19 @@ class EmbeddedFleet:
             )
             self._append(_Record("spawn", vm))
             self._vms[vm_id] = vm
+            self._by_tenant.setdefault(tenant, set()).add(vm_id)
         return self._state(vm)
 
     async def destroy(self, vm_id: str) -> None:
         await self._behave()
-        if self._vms.pop(vm_id, None) is not None:
+        vm = self._vms.pop(vm_id, None)
+        if vm is not None:
             self._append(_Record("destroy", id=vm_id))
             self._destroyed.add(vm_id)
+            owned = self._by_tenant[vm.tenant]
+            owned.discard(vm_id)
+            if not owned:
+                del self._by_tenant[vm.tenant]
 
     async def status(self, vm_id: str) -> str | None:
         await self._behave()
@@ -134,7 +147,17 @@ class EmbeddedFleet:
 
     async def list(self, tenant: str) -> dict[str, str]:
         await self._behave()
-        return {vm.id: self._state(vm) for vm in self._vms.values() if vm.tenant == tenant}
+        ids = list(self._by_tenant.get(tenant, ()))
+        states: dict[str, str] = {}
+        for start in range(0, len(ids), LIST_SLICE):
+            if start:
+                # as a remote fleet's answer would, a long list does not hold up the loop
+                await trio.lowlevel.checkpoint()
+            for vm_id in ids[start : start + LIST_SLICE]:
+                vm = self._vms.get(vm_id)
+                if vm is not None:  # (not destroyed in between)
+                    states[vm_id] = self._state(vm)
+        return states
 
     def vm_ids(self) -> set[str]:
         """Every VM the simulator holds (for tests that compare it with the proxy)."""

@@ -69,6 +69,9 @@ log = logging.getLogger("vm_tenant.store")
 D = TypeVar("D", bound=Decided)
 T = TypeVar("T")
 
+#: VMs recorded from a fleet sweep between two yields to the event loop
+SYNC_SLICE = 1024
+
 KEYRING_FILE = "token-signing.keyring.json"
 LEGACY_KEY_FILE = "token-signing.key"
 KEYRING_VERSION = 1
@@ -259,13 +262,22 @@ class FileStore:
         if tenant is None:
             return 0
         changed = 0
-        for vm_id, state in states.items():
+        for done, (vm_id, state) in enumerate(states.items(), start=1):
             vm = tenant.vms.get(vm_id)
-            if vm is None or state not in SETTLED_STATES or vm.state == state:
-                continue
-            if vm.state in SETTLED_STATES:  # else an operation owns it
+            # a VM not settled belongs to the operation in flight on it
+            if (
+                vm is not None
+                and vm.state in SETTLED_STATES
+                and state in SETTLED_STATES
+                and vm.state != state
+            ):
                 tenant.set_vm_state(vm_id, sys.intern(state), settled=True)
                 changed += 1
+            if done % SYNC_SLICE == 0:
+                # A tenant may have 100,000 VMs: let requests run between slices. Each VM
+                # is checked and changed in one step, so an operation that begins in
+                # between is seen.
+                await trio.lowlevel.checkpoint()
         return changed
 
     # -- the directory and the reads: views taken between two changes ------------------------

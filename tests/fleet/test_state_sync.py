@@ -18,7 +18,9 @@ import trio
 import trio.testing
 from prometheus_client import generate_latest
 
+from actors.fleet import embedded
 from actors.service import open_service
+from actors.store import file as file_store
 from conftest import Api, service_config
 from server.app import create_app
 from server.auth import Authority
@@ -125,3 +127,36 @@ async def test_no_sweep_asks_while_the_fleets_circuit_is_open(
     calls = api.fleet.calls
     assert await api.service.sync.sweep() == 0  # type: ignore[union-attr]
     assert api.fleet.calls == calls
+
+
+async def test_a_long_list_is_recorded_in_slices_that_let_requests_run(
+    autojump_clock: trio.testing.MockClock, booting: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = booting
+    quota = {"vcpus": 64, "memory_mib": 65536, "vms": 16}
+    token = (await api.provision("acme", quota)).bearer
+    made = await spawned(api, token, 5)
+    monkeypatch.setattr(file_store, "SYNC_SLICE", 2)
+    monkeypatch.setattr(embedded, "LIST_SLICE", 2)
+    api.fleet.boot_seconds = 0.0
+    done = trio.Event()
+    turns = 0  # turns another task had while the fleet's list was read and recorded
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not done.is_set():
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async def sync_once() -> None:
+        states = await api.service.fleet.states("acme")
+        assert await api.service.store.record_fleet_states("acme", states) == 5
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        nursery.start_soon(sync_once)
+    # 5 VMs in slices of 2: the list yields twice, the recording twice (and the one
+    # fleet call may yield too); without slices the other task gets one turn at most
+    assert turns >= 4
+    assert await listed(api, token) == {vm["id"]: "running" for vm in made}
