@@ -86,6 +86,13 @@ def _plumbing(app: QuartTrio, service: Service) -> None:
         if receipt is not None and receipt.seqs:
             # the entries this request appended, whatever its answer (API.md v1.1)
             response.headers["Audit-Seq"] = ", ".join(map(str, receipt.seqs))
+        if response.status_code == 204:
+            # no content, so nothing to describe (RFC 9110 15.3.5): without this Quart
+            # would label the empty answer text/html
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+        elif request.method == "OPTIONS" and response.content_length == 0:
+            del response.headers["Content-Type"]
         has_body = request.content_length or "Transfer-Encoding" in request.headers
         if has_body and (response.status_code >= 400 or not g.get("body_read")):
             # An answer sent before the body was read (an error, an automatic OPTIONS, a

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from functools import cache
 from typing import Any
 
 import structlog
@@ -31,8 +32,16 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 UNMATCHED = "unmatched"
 #: routes whose lines are debug level: probes, not API calls
 PROBES = frozenset({"/healthz", "/readyz"})
+
 #: version, trace id, parent id, flags; a later version may append fields after a dash
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
+
+
+@cache
+def template(rule: str) -> str:
+    """The route as metrics and logs name it: variables without their converter
+    (``/v1/vms/<path:vm_id>`` is ``/v1/vms/<vm_id>``), so labels stay as documented."""
+    return re.sub(r"<\w+:(\w+)>", r"<\1>", rule)
 
 
 def trace_id(values: list[str]) -> str | None:
@@ -95,7 +104,7 @@ def instrument(
             return response
         seconds = time.perf_counter() - started
         rule = request.url_rule
-        route = rule.rule if rule is not None else UNMATCHED
+        route = template(rule.rule) if rule is not None else UNMATCHED
         method = request.method if request.method in KNOWN_METHODS else "other"
         status = response.status_code
         measure.observe(method, route, status, seconds)

@@ -3,12 +3,16 @@
 Every body is decoded from raw bytes in one step (UTF-8, JSON syntax, types, ranges,
 unknown fields), so a malformed body can only ever become a 400 ``invalid_request``.
 Integers must be JSON integers in 0..2^31-1: msgspec refuses floats, strings and
-booleans for ``int`` fields. Free text (``name``, ``image``) must not contain characters
-of the Unicode categories in :data:`REFUSED_CATEGORIES` (:func:`refused_character`).
+booleans for ``int`` fields. A member name given twice in one object is refused (RFC 8259
+leaves its meaning to the parser, so two readers of the same body, or the idempotency
+record and the audit entry, could disagree about what was asked). Free text (``name``,
+``image``) must not contain characters of the Unicode categories in
+:data:`REFUSED_CATEGORIES` (:func:`refused_character`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from typing import Annotated, Any, TypeVar
@@ -144,12 +148,25 @@ T = TypeVar("T")
 def decode_body(data: bytes, schema: type[T]) -> T:
     """Decode and validate a JSON body; any failure is a 400 problem."""
     try:
-        return msgspec.json.decode(data, type=schema)
+        decoded = msgspec.json.decode(data, type=schema)
     except msgspec.ValidationError as error:
         raise Problem("invalid_request", f"invalid body: {error}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
         # msgspec reports bad UTF-8 inside a string as UnicodeDecodeError.
         raise Problem("invalid_request", f"body is not valid UTF-8 JSON: {error}") from None
+    # msgspec keeps the last of repeated members; the schema has already bounded the
+    # body's shape (no free-form members), so this second, stdlib pass is shallow.
+    json.loads(data, object_pairs_hook=_unique_members)
+    return decoded
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in members:
+            raise Problem("invalid_request", f"invalid body: member `{name}` is given twice")
+        members[name] = value
+    return members
 
 
 def parse_int(args: Any, name: str, default: int, low: int, high: int) -> int:

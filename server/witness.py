@@ -191,8 +191,11 @@ def witness_round(
     With ``cosigner`` (a type-0x04 key), the checkpoint kept in the state file carries
     the witness's own tlog-cosignature, so it can be shown to third parties.
     """
-    previous = load_state(state, log_key)
+    # The log's signature first: a checkpoint that VKEY does not verify is "inconsistent"
+    # (exit 1) whatever the state file holds, also when the state file was kept under
+    # another key; only a log that does verify makes an unusable state file the problem.
     checkpoint, note = fetch_checkpoint(get, log_key)
+    previous = load_state(state, log_key)
     if previous is not None:
         _check_extends(get, previous, checkpoint)
     if cosigner is not None:

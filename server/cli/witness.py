@@ -8,9 +8,10 @@ commands have them:
 - 0: consistent (``witness --once``), verified (``audit check``), or a witness loop that
   was stopped by SIGINT/SIGTERM;
 - 1: the log is inconsistent (``inconsistent: <what>`` on stderr; the state file is left
-  as it was), or it refused a request it should serve (a 4xx: a bad token);
+  as it was; a checkpoint ``--log-key`` does not verify is one, whatever the state file
+  holds), or it refused a request it should serve (a 4xx: a bad token);
 - 2: a usage error, an unusable ``--log-key``/``--cosign-key``, or a state file that does
-  not hold a checkpoint of this log;
+  not hold a checkpoint of this log (checked once the log's own checkpoint verified);
 - 3: the log could not be reached or answered 5xx (``witness --once``, ``audit check``;
   the witness loop says so on stderr and tries again at its next round).
 

@@ -20,6 +20,8 @@ from server.routes.gates import Gates
 from server.routes.spec import CURSOR, LIMIT, Operation, Param, Routes
 from server.schemas import IDEMPOTENCY_KEY_RE, SpawnBody, parse_int, reject_unknown_params, single
 
+#: the routes take any id, also one holding an (encoded) slash: a destroy naming an id the
+#: caller does not own is still a write refused, audited as ``rejected`` (API.md)
 VM_ID = Param("id", "path", {"type": "string"}, variable="vm_id")
 IDEMPOTENCY_KEY = Param(
     "Idempotency-Key",
@@ -90,8 +92,8 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
 
     @routes.operation(
         Operation(
-            "GET", "/v1/vms/<vm_id>", "getVm", "vms", "A VM, with its live state", "tenant", 200,
-            Vm, ("not_found",), params=(VM_ID,),
+            "GET", "/v1/vms/<path:vm_id>", "getVm", "vms", "A VM, with its live state",
+            "tenant", 200, Vm, ("not_found",), params=(VM_ID,),
         )
     )  # fmt: skip
     async def get_vm(vm_id: str) -> Vm:
@@ -112,7 +114,7 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
 
     @routes.operation(
         Operation(
-            "DELETE", "/v1/vms/<vm_id>", "destroyVm", "vms", "Destroy a VM", "tenant", 200,
+            "DELETE", "/v1/vms/<path:vm_id>", "destroyVm", "vms", "Destroy a VM", "tenant", 200,
             Destroyed, ("not_found", "conflict", *WRITE_PROBLEMS), params=(VM_ID,),
             audited=True,
         )

@@ -1,4 +1,4 @@
-"""Which HTTP protocol speaks on a connection: Hypercorn's HTTP/1.1, or its HTTP/2 guarded.
+"""Which HTTP protocol speaks on a connection: Hypercorn's HTTP/1.1 or HTTP/2, both guarded.
 
 :class:`Protocol` does what Hypercorn's ``ProtocolWrapper`` does (HTTP/1.1 unless ALPN
 chose ``h2``; a switch to HTTP/2 on prior knowledge or an ``h2c`` upgrade), with
@@ -15,6 +15,11 @@ peer can send:
   ``:path``; a raw ``0xff`` byte in the path): decoding them raises. Such a request is
   malformed (RFC 9113 section 8.1.1) and its stream is reset with ``PROTOCOL_ERROR``.
 
+:class:`GuardedH11` is Hypercorn's HTTP/1.1 whose answer to a request h11 cannot parse
+(a broken request line, a bad ``Content-Length``, a head over h11's size limit) is a
+problem document with an ``X-Request-Id``, like every other error (API.md), instead of
+Hypercorn's empty 400 or 431.
+
 It also answers what the connection's deadlines need to know (:meth:`Protocol.receiving`,
 :meth:`Protocol.handling`): whether a request body is still on its way, and since when.
 Those read Hypercorn's and h11's state (``their_state``, the open streams), which is why
@@ -24,6 +29,7 @@ the Hypercorn dependency is pinned below its next minor version.
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,12 +37,15 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h11
+import msgspec
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
 from hypercorn.typing import AppWrapper, ConnectionState, TaskGroup, WorkerContext
+
+from server.problems import problem_body
 
 Send = Callable[[Event], Awaitable[None]]
 
@@ -81,6 +90,36 @@ class GuardedH2(H2Protocol):
             self.connection.reset_stream(stream_id, code)
 
 
+class GuardedH11(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol, answering an unparseable request with a problem."""
+
+    async def _send_error_response(self, status_code: int) -> None:
+        # h11's hint is 400, 431 for a head over its size limit (kept: it tells the
+        # client what to shorten), or 501 for a Transfer-Encoding it does not speak
+        # (a 400 here: bad input never gets a 5xx). The code is the input's fault.
+        body = problem_body("invalid_request", "the request is not valid HTTP/1.1")
+        if status_code != 431:
+            status_code = 400
+        else:
+            body = msgspec.structs.replace(
+                body,
+                status=431,
+                title="Request header fields too large",
+                detail="the request head is too large",
+            )
+        payload = msgspec.json.encode(body)
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-request-id", secrets.token_hex(16).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=payload))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
 def _well_formed(headers: Any) -> bool:
     """Whether the request has an ASCII ``:method`` and ``:path`` (what Hypercorn decodes)."""
     found = 0
@@ -109,11 +148,11 @@ class Protocol:
         alpn_protocol: str | None,
     ) -> None:
         self._args = (app, config, context, task_group, state, ssl, client, server, send)
-        self.inner: H11Protocol | GuardedH2
+        self.inner: GuardedH11 | GuardedH2
         if alpn_protocol == "h2":
             self.inner = GuardedH2(*self._args)
         else:
-            self.inner = H11Protocol(*self._args)
+            self.inner = GuardedH11(*self._args)
 
     async def initiate(self) -> None:
         await self.inner.initiate()

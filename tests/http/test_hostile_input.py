@@ -50,8 +50,9 @@ class Case:
 
     ``path`` may name ``{vm}`` (the tenant's VM); ``auth`` is ``tenant``, ``admin``,
     ``none`` or an ``Authorization`` value in which ``{token}`` and ``{admin}`` are
-    replaced; ``audited_vm`` is set when the request is a refused authenticated write
-    that API.md requires to be logged as ``rejected`` with that ``vm``.
+    replaced; ``audited_vm`` (which may name ``{vm}`` too) is set when the request is a
+    refused authenticated write that API.md requires to be logged as ``rejected`` with
+    that ``vm``.
     """
 
     method: str
@@ -99,6 +100,10 @@ CASES = [
     pytest.param(spawn_case(b"[" * 20000 + b"]" * 20000), id="deep-nesting"),
     pytest.param(
         spawn_case(spawn_body(vcpus={"a": [1, {"b": None}], "c": "\u0000"})), id="nested-garbage"
+    ),
+    pytest.param(
+        spawn_case(b'{"vcpus": 1, "memory_mib": 256, "image": "debian-12", "vcpus": 2}'),
+        id="duplicate-member",
     ),
     # -- members: unknown, missing, wrong type, out of range ---------------------------------
     pytest.param(spawn_case(spawn_body(gpu=1)), id="unknown-field"),
@@ -168,6 +173,10 @@ CASES = [
     pytest.param(patch_case(quota_body(vms=...)), id="patch-missing-dimension"),
     pytest.param(patch_case(quota_body(gpus=2)), id="patch-extra-dimension"),
     pytest.param(
+        patch_case(b'{"quota": {"vcpus": 1, "memory_mib": 1, "vms": 1, "vms": 1000}}'),
+        id="patch-duplicate-nested-member",
+    ),
+    pytest.param(
         Case("POST", "/v1/admin/tenants/acme/tokens", b'{"ttl": 60}', auth="admin"),
         id="token-issue-unknown-field",
     ),
@@ -214,6 +223,14 @@ CASES = [
             audited_vm="x' OR '1'='1",
         ),
         id="delete-sql-injection",
+    ),
+    pytest.param(
+        Case("DELETE", "/v1/vms/a%2Fb", status=404, code="not_found", audited_vm="a/b"),
+        id="delete-encoded-slash",
+    ),
+    pytest.param(
+        Case("DELETE", "/v1/vms/{vm}/x", status=404, code="not_found", audited_vm="{vm}/x"),
+        id="delete-below-a-vm",
     ),
     pytest.param(get("/v1/vmz", status=404, code="not_found"), id="unknown-route"),
     # -- methods ---------------------------------------------------------------------------------
@@ -320,14 +337,15 @@ async def test_hostile_request_is_refused_and_changes_nothing(api: Api, case: Ca
         assert len(entries) == 1, entries
         [entry] = entries
         # ids longer than 128 characters are logged cut, and marked so
-        logged = case.audited_vm[:128]
+        named = case.audited_vm.replace("{vm}", world.vm)
+        logged = named[:128]
         assert (entry["op"], entry["outcome"], entry["tenant"], entry["vm"]) == (
             "vm.destroy",
             "rejected",
             "acme",
             logged,
         )
-        assert entry["detail"].get("vm_id_truncated", False) == (logged != case.audited_vm)
+        assert entry["detail"].get("vm_id_truncated", False) == (logged != named)
         assert entry["source"]["token_id"] == world.token_id
 
 

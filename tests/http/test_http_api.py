@@ -26,7 +26,7 @@ from actors.journal.checkpoint import load_public_key, public_key_path, signatur
 from actors.journal.merkle import MemoryTree, leaf_hash
 from actors.journal.note import Verifier, open_checkpoint
 from actors.service import open_service
-from conftest import QUOTA, Api, Tenant, audit_lines, service_config
+from conftest import QUOTA, Api, LiveServer, Tenant, audit_lines, service_config
 from server.app import create_app
 from server.auth import Authority
 
@@ -754,6 +754,32 @@ async def test_issue_and_revoke_tokens(api: Api, data_dir: Path) -> None:
     stored = b"\n".join(audit_lines(data_dir)).decode()
     for secret in (acme.token, second.token, api.admin_token):
         assert secret not in stored
+
+
+async def test_answers_without_content_describe_no_content(live_server: LiveServer) -> None:
+    """A 204 (and an automatic OPTIONS) has no body, so no media type: not text/html.
+
+    Over the wire: Quart's test client would add its own default Content-Type.
+    """
+    admin = {"Authorization": f"Bearer {live_server.admin_token}"}
+    async with live_server.client() as client:
+        created = await client.post(
+            "/v1/admin/tenants", json={"id": "acme", "quota": QUOTA}, headers=admin
+        )
+        assert created.status_code == 201
+        token_id = created.json()["token_id"]
+        revoked = await client.delete(f"/v1/admin/tenants/acme/tokens/{token_id}", headers=admin)
+        deleted = await client.delete("/v1/admin/tenants/acme", headers=admin)
+        options = await client.options("/v1/vms")
+    for response in (revoked, deleted):
+        assert response.status_code == 204
+        assert "Content-Type" not in response.headers
+        assert "Content-Length" not in response.headers
+        assert response.headers["X-Request-Id"] and response.headers["Audit-Seq"]
+        assert response.content == b""
+    assert options.status_code == 200 and options.content == b""
+    assert "Content-Type" not in options.headers
+    assert "POST" in options.headers["Allow"]
 
 
 # -- the audit endpoints -------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from actors.journal.note import Verifier, open_checkpoint, open_note
+from actors.journal.note import Signer, Verifier, open_checkpoint, open_note
 from conftest import LiveServer, bearer, vm_tenant
 
 QUOTA = {"vcpus": 64, "memory_mib": 65536, "vms": 32}
@@ -194,6 +194,29 @@ def test_the_exit_codes_of_a_witness_that_cannot_conclude(log: Log, tmp_path: Pa
     )  # fmt: skip
     assert down.returncode == 3
     assert log.state.read_bytes() == kept
+
+
+def test_a_key_of_another_log_is_a_bad_signature(log: Log, tmp_path: Path) -> None:
+    """A well-formed VKEY under the same origin that did not sign the log: exit 1.
+
+    Also when the state file holds a checkpoint the right key signed: the log's own
+    signature is checked first, and it is the bad one.
+    """
+    consistent(log.witness())
+    kept = log.state.read_bytes()
+    impostor = tmp_path / "impostor.vkey"
+    impostor.write_text(f"{Signer.generate(log.log_key.name).verifier}\n")
+    assert log.log_key.name in impostor.read_text()
+    for state in (log.state, tmp_path / "fresh.state"):
+        result = vm_tenant(
+            "witness", "--url", log.server.url, "--token", log.token,
+            "--log-key", f"@{impostor}", "--state", str(state), "--once",
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("inconsistent: "), result.stderr
+        assert result.stdout == ""
+    assert log.state.read_bytes() == kept
+    assert not (tmp_path / "fresh.state").exists()
 
 
 def test_a_witness_loop_runs_until_sigterm_and_cosigns(log: Log, tmp_path: Path) -> None:

@@ -11,17 +11,27 @@ honest client, and must not have needed its last-resort guard (the race itself i
 
 from __future__ import annotations
 
+import json
 import random
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import h2.errors
 import h2.events
+import h11
 import httpx
 import pytest
 
 from conftest import LiveServer, bearer
-from peers import H2Peer, abandoned_h2_request, abandoned_request, h2_request, honest_status
+from peers import (
+    H2Peer,
+    abandoned_h2_request,
+    abandoned_request,
+    address,
+    h2_request,
+    honest_status,
+)
 
 ROUNDS = 1000
 BODY_HEAD = b"Host: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
@@ -217,3 +227,54 @@ def test_hostile_and_random_bytes_never_break_a_connection_handler(
     for attack in attacks:
         attack()
     assert_still_serving(live_server, token)
+
+
+def _answer_to(url: str, head: bytes) -> tuple[h11.Response, bytes]:
+    """Send ``head`` on a fresh connection and read the whole answer (the server closes)."""
+    client = h11.Connection(h11.CLIENT)
+    # h11 reads an answer only after a request of its own: this one only sets its state
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    with socket.create_connection(address(url), timeout=30) as sock:
+        sock.sendall(head)
+        sock.shutdown(socket.SHUT_WR)
+        response, body = None, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+    assert response is not None
+    return response, body
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"GET /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"POST /v1/vms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
+        (b"GET /v1/vms HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+    ids=["request-line", "content-length-text", "content-length-twice", "transfer-coding",
+         "huge-head"],
+)  # fmt: skip
+def test_a_request_http_cannot_parse_gets_a_problem_document(
+    live_server: LiveServer, head: bytes, status: int
+) -> None:
+    """Like every error (API.md): a problem document with its code and an X-Request-Id,
+    not Hypercorn's empty answer; and never a 5xx for bad input."""
+    response, body = _answer_to(live_server.url, head)
+    headers = {name.decode(): value.decode() for name, value in response.headers}
+    assert response.status_code == status
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["x-request-id"] and headers["connection"] == "close"
+    problem = json.loads(body)
+    assert problem["status"] == status and problem["code"] == "invalid_request"
+    assert problem["type"] and problem["title"] and problem["detail"]
+    assert honest_status(live_server.url) == 200
