@@ -8,8 +8,10 @@ command sends its requests (always through :mod:`server.client`) and prints its 
 
 Exit codes: 0 done; 1 the server refused (4xx); 2 a usage error (click's own, or a token
 that cannot be found); 3 the server could not be reached or answered 5xx. Nothing is
-written to stdout before the command knows it succeeded; failures print one line,
-``vm-tenant: <status> <code>: <detail>``, on stderr.
+written to stdout before the command knows how it ended; failures print one line,
+``vm-tenant: <status> <code>: <detail>``, on stderr. With ``-o json`` stdout is always
+the API's answer body: on a refusal or a 5xx that is its problem document (nothing when
+no server answered with one).
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ class Session:
     def send(self, operation: Operation[T]) -> Answer[T]:
         """Perform one operation; a failure ends the command with its exit code."""
         client = self.client()
-        with failures():
+        with failures(self.json):
             return client.send(operation)
 
     def pages(
@@ -154,7 +156,7 @@ class Session:
     ) -> list[Answer[T]]:
         """Every page, from ``first`` on while ``following`` names the next one."""
         client = self.client()
-        with failures():
+        with failures(self.json):
             return list(client.pages(first, following))
 
     @property
@@ -183,11 +185,17 @@ class Session:
 
 
 @contextmanager
-def failures() -> Iterator[None]:
-    """Turn the client's errors into exit codes: 1 refused, 3 unreachable or 5xx."""
+def failures(json_output: bool = False) -> Iterator[None]:
+    """Turn the client's errors into exit codes: 1 refused, 3 unreachable or 5xx.
+
+    With ``json_output`` a problem document the server answered is printed on stdout, as
+    the answer body of a success would be (``-o json``: one JSON document, the body).
+    """
     try:
         yield
     except ApiError as error:
+        if json_output and error.problem is not None:
+            click.echo(msgspec.json.encode(error.problem))
         wait = f" (retry after {error.retry_after} s)" if error.retry_after is not None else ""
         kind = Unavailable if isinstance(error, Unreachable) else Refused  # a 5xx is both
         raise kind(f"{error}{wait}") from None

@@ -55,10 +55,15 @@ def document(result: Result) -> Any:
     return json.loads(ok(result).stdout)
 
 
-def refused(result: Result, status: int, code: str) -> str:
-    """Exit 1, nothing on stdout, one line naming the problem on stderr; its detail."""
+def refused(result: Result, status: int, code: str, output: str = "text") -> str:
+    """Exit 1, one line naming the problem on stderr; its detail. On stdout nothing, or
+    with ``-o json`` the problem document the server answered."""
     assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
+    if output == "json":
+        problem = json.loads(result.stdout)
+        assert (problem["status"], problem["code"]) == (status, code), problem
+    else:
+        assert result.stdout == ""
     prefix = f"vm-tenant: {status} {code}: "
     assert result.stderr.startswith(prefix) and result.stderr.count("\n") == 1, result.stderr
     return result.stderr.removeprefix(prefix).strip()
@@ -243,17 +248,21 @@ def test_refusals_exit_1_and_name_the_problem(live_server: LiveServer) -> None:
     token = ok(admin(live_server, "tenant", "create", "acme", *QUOTA)).stdout.strip()
     for output in ("text", "json"):
         again = admin(live_server, "tenant", "create", "acme", *QUOTA, "-o", output)
-        assert "already exists" in refused(again, 409, "conflict")
+        assert "already exists" in refused(again, 409, "conflict", output)
         big = ["vm", "spawn", "--vcpus", "9", "--memory-mib", "1", "--image", "x", "-o", output]
-        assert "vcpus" in refused(tenant(live_server, token, *big), 403, "quota_exceeded")
+        exceeded = refused(tenant(live_server, token, *big), 403, "quota_exceeded", output)
+        assert "vcpus" in exceeded
         wrong = CliRunner().invoke(
             cli, ["tenant", "list", "--url", live_server.url, "--admin-token", "nope", "-o", output]
         )
-        refused(wrong, 401, "unauthorized")
+        refused(wrong, 401, "unauthorized", output)
         as_tenant = ["tenant", "get", "acme", "--url", live_server.url, "--admin-token", token]
         refused(CliRunner().invoke(cli, as_tenant), 403, "forbidden")
         refused(
-            tenant(live_server, token, "vm", "destroy", "vm-nope", "-o", output), 404, "not_found"
+            tenant(live_server, token, "vm", "destroy", "vm-nope", "-o", output),
+            404,
+            "not_found",
+            output,
         )
 
     ok(tenant(live_server, token, "vm", "spawn", *SPEC))
@@ -287,7 +296,10 @@ def test_a_5xx_is_exit_3(live_server: LiveServer) -> None:
             "--data-dir", str(live_server.data_dir),
         )  # fmt: skip
         assert process.returncode == 3, process.stderr
-        assert process.stdout == ""
+        if output == "json":  # the answer body: the problem document
+            assert json.loads(process.stdout)["code"] == "audit_unavailable"
+        else:
+            assert process.stdout == ""
         assert process.stderr.startswith("vm-tenant: 503 audit_unavailable: ")
 
 
