@@ -103,8 +103,9 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         if vm.state in SETTLED_STATES:
             try:
                 live = await service.fleet.status(vm_id)
-                if live is not None:
+                if live is not None and live != vm.state:
                     # what the fleet said is what the list and the metrics show from now on
+                    # (recorded only when it changed: on PostgreSQL a record is a write)
                     await service.store.record_fleet_states(tenant, {vm_id: live})
             except DomainError:
                 live = None
