@@ -163,6 +163,38 @@ async def test_a_storm_over_three_replicas_never_exceeds_a_quota(replicas: Repli
             await client.aclose()
 
 
+async def test_capacity_released_by_fleet_refusals_is_never_written_back(
+    replicas: Replicas,
+) -> None:
+    """Every spawn refused by the fleet releases what its decision reserved, while other
+    spawns' decisions are between their read and their write on other replicas: the
+    allocation must end where the VMs say (nothing), on every replica."""
+    clients = replicas.clients()
+    try:
+        quota = {"vcpus": 1000, "memory_mib": 10**6, "vms": 1000}
+        token, _ = await provision(clients[0], replicas.admin, "release-race", quota)
+        await fleet_knobs(replicas, fail_status=422, fail_count=None)  # every spawn refused
+        codes: Counter[int] = Counter()
+
+        async def one(client: httpx.AsyncClient) -> None:
+            codes[(await spawn(client, token)).status_code] += 1
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for client, _ in zip(itertools.cycle(clients), range(90), strict=False):
+                    nursery.start_soon(one, client)
+        finally:
+            await fleet_knobs(replicas, reset=True)
+        assert codes == {502: 90}
+        for client in clients:
+            assert await listed(client, token) == {}
+            usage = (await client.get("/v1/usage", headers=bearer(token))).json()
+            assert usage["allocated"] == {"vcpus": 0, "memory_mib": 0, "vms": 0}
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 # -- the directory --------------------------------------------------------------------------
 
 

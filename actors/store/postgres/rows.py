@@ -12,9 +12,13 @@ are then made in the one statement that queues the entry, all of them behind a *
   the gate across replicas: a decision made on a state that changed since writes nothing
   and is made again on the new state.
 - :meth:`RowSlice.outcome_writes`: the guard is the write of the VM's row while this
-  replica owns the operation. An outcome only ever releases capacity, so it changes the
-  allocation by difference and leaves the version alone: decisions made meanwhile read
-  at most more allocation than there is (safe), and do not have to be made again.
+  replica owns the operation. An outcome only ever releases capacity and leaves the
+  version alone: decisions made meanwhile read at most more allocation than there is
+  (safe for the quota), and do not have to be made again.
+
+Both change the allocation *by difference* (``allocated = allocated + delta``), never
+to the figure they read: a decision whose load came before an outcome's release would
+otherwise write the release away.
 
 Ownership of an operation in flight goes with the VM's state: a row written in a state
 of :data:`~actors.state.IN_DOUBT_STATES` is owned by this replica with a fresh lease; a
@@ -210,12 +214,16 @@ class RowSlice:
         """The guard (the tenant's row, compare-and-set on the version read) and the writes
         of the other rows the fold changed (``owner``: this replica, for VMs in flight)."""
         q = self.quota
+        # The allocation by difference, as an outcome writes it: an outcome that committed
+        # after the load released capacity without moving the version, and writing the
+        # absolute figure read then would take that release back.
         guard = (
             "UPDATE tenants SET quota_vcpus = $3, quota_memory_mib = $4, quota_vms = $5, "
-            "allocated_vcpus = $6, allocated_memory_mib = $7, allocated_vms = $8, "
+            "allocated_vcpus = allocated_vcpus + $6, "
+            "allocated_memory_mib = allocated_memory_mib + $7, "
+            "allocated_vms = allocated_vms + $8, "
             "version = version + 1 WHERE id = $1 AND version = $2 RETURNING id",
-            [self._id, self.version, q.vcpus, q.memory_mib, q.vms, self._vcpus, self._memory,
-             self._vms],
+            [self._id, self.version, q.vcpus, q.memory_mib, q.vms, *self._allocation_delta()],
         )  # fmt: skip
         return guard, self._vm_writes(owner, None) + self._key_writes()
 
@@ -230,8 +238,7 @@ class RowSlice:
             sql, args = _update_vm(vm, owner)
             guard = (f"{sql} AND owner = ${len(args) + 1} RETURNING id", [*args, owner])
         writes = self._vm_writes(owner, vm_id) + self._key_writes()
-        vcpus, memory, vms = self._loaded_allocation
-        delta = [self._vcpus - vcpus, self._memory - memory, self._vms - vms]
+        delta = self._allocation_delta()
         if any(delta):
             writes.append((
                 "UPDATE tenants SET allocated_vcpus = allocated_vcpus + $2, "
@@ -240,6 +247,11 @@ class RowSlice:
                 [self._id, *delta],
             ))  # fmt: skip
         return guard, writes
+
+    def _allocation_delta(self) -> list[int]:
+        """How the fold changed the allocation since the load (vcpus, memory, vms)."""
+        vcpus, memory, vms = self._loaded_allocation
+        return [self._vcpus - vcpus, self._memory - memory, self._vms - vms]
 
     def _vm_writes(self, owner: str, skip: str | None) -> list[Statement]:
         writes: list[Statement] = []
