@@ -111,16 +111,7 @@ class FleetClient:
         A read answers a GET: beyond ``concurrency`` reads in flight it is refused at once
         rather than queued, and it gives up after ``status_timeout``.
         """
-        self._admit(self.driver.status)
-        if self._reads >= self._concurrency:
-            self._count_refused(self.driver.status)
-            raise FleetUnavailable("too many status reads in flight")
-        self._reads += 1
-        try:
-            result = await self._timed(self.driver.status, self.status_timeout, vm_id)
-        finally:
-            self._reads -= 1
-        state: str | None = result.unwrap()
+        state: str | None = await self._read(self.driver.status, self.status_timeout, vm_id)
         return state
 
     async def states(self, tenant: str) -> dict[str, str]:
@@ -129,17 +120,22 @@ class FleetClient:
         Admitted like :meth:`status` (the breaker, the reads in flight), with the write
         deadline: one answer may carry thousands of VMs.
         """
-        self._admit(self.driver.list)
+        states: dict[str, str] = await self._read(self.driver.list, self.timeout, tenant)
+        return states
+
+    async def _read(self, fn: Callable[..., Awaitable[Any]], seconds: float, arg: str) -> Any:
+        """A read: admitted by the breaker, refused at once beyond ``concurrency`` reads in
+        flight (never queued), given up after ``seconds``."""
+        self._admit(fn)
         if self._reads >= self._concurrency:
-            self._count_refused(self.driver.list)
+            self._count_refused(fn)
             raise FleetUnavailable("too many fleet reads in flight")
         self._reads += 1
         try:
-            result = await self._timed(self.driver.list, self.timeout, tenant)
+            result = await self._timed(fn, seconds, arg)
         finally:
             self._reads -= 1
-        states: dict[str, str] = result.unwrap()
-        return states
+        return result.unwrap()
 
     async def _write(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         self._admit(fn)

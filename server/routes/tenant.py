@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import msgspec
 from quart import g, request
@@ -19,6 +20,8 @@ from server.responses import VmList
 from server.routes.gates import Gates
 from server.routes.spec import CURSOR, LIMIT, Operation, Param, Routes
 from server.schemas import IDEMPOTENCY_KEY_RE, SpawnBody, parse_int, reject_unknown_params, single
+
+log = logging.getLogger("vm_tenant.routes")
 
 #: the routes take any id, also one holding an (encoded) slash: a destroy naming an id the
 #: caller does not own is still a write refused, audited as ``rejected`` (API.md)
@@ -103,14 +106,17 @@ def tenant_routes(service: Service, authority: Authority, gates: Gates) -> Route
         if vm.state in SETTLED_STATES:
             try:
                 live = await service.fleet.status(vm_id)
-                if live is not None and live != vm.state:
+            except DomainError:
+                live = None
+            if live is not None and live != vm.state:
+                vm = msgspec.structs.replace(vm, state=live)
+                try:
                     # what the fleet said is what the list and the metrics show from now on
                     # (recorded only when it changed: on PostgreSQL a record is a write)
                     await service.store.record_fleet_states(tenant, {vm_id: live})
-            except DomainError:
-                live = None
-            if live is not None:
-                vm = msgspec.structs.replace(vm, state=live)
+                except DomainError as error:
+                    # the answer stands: the next sweep records it
+                    log.debug("live state of %s not recorded: %s", vm_id, error)
         return vm
 
     @routes.operation(
