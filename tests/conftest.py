@@ -314,3 +314,24 @@ def vm_tenant(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         timeout=60,
         env={**environ, **(env or {})},
     )
+
+
+def pasted_env(server: LiveServer) -> dict[str, str]:
+    """What a reader's shell has: no ``VM_TENANT_*`` but the server's URL, ``vm-tenant``
+    on the ``PATH``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VM_TENANT_")}
+    environ["VM_TENANT_URL"] = server.url
+    environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ['PATH']}"
+    return environ
+
+
+def run_pasted(script: str, server: LiveServer, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A documented shell block run as pasted: every line must succeed."""
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=pasted_env(server),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

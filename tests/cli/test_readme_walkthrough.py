@@ -11,7 +11,6 @@ directory against the same server.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import LiveServer, bearer
+from conftest import LiveServer, bearer, pasted_env, run_pasted
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,17 +60,8 @@ def test_the_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
     server = LiveServer(tmp_path / "vm-tenant-data", env={"VM_TENANT_CHECKPOINT_INTERVAL": "0.1"})
     server.start()
     try:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("VM_TENANT_")}
-        environ["VM_TENANT_URL"] = server.url
-        environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ['PATH']}"
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", walkthrough().replace(DEFAULT_URL, server.url)],
-            cwd=tmp_path,
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        script = walkthrough().replace(DEFAULT_URL, server.url)
+        result = run_pasted(script, server, tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Traceback" not in result.stderr
         assert re.search(r"^intact: \d+ entries, head \d+:[0-9a-f]{64}$", result.stdout, re.M)
@@ -87,7 +77,7 @@ def test_the_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
         example = subprocess.run(
             [sys.executable, "-c", python_example()],
             cwd=tmp_path,
-            env=environ,
+            env=pasted_env(server),
             capture_output=True,
             text=True,
             timeout=120,

@@ -9,14 +9,11 @@ keeps a ``VM_TENANT_URL`` that is set). What it prints is then checked against t
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from actors.journal.note import Verifier, open_checkpoint
-from conftest import LiveServer, audit_lines
+from conftest import LiveServer, audit_lines, run_pasted
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,17 +35,7 @@ def test_the_walkthrough_has_no_placeholders() -> None:
 def test_the_tenants_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
     server = LiveServer(tmp_path / "vm-tenant-data").start()
     try:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("VM_TENANT_")}
-        environ["VM_TENANT_URL"] = server.url
-        environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ['PATH']}"
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", walkthrough()],
-            cwd=tmp_path,
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_pasted(walkthrough(), server, tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
         out = result.stdout
         stored = [json.loads(line) for line in audit_lines(server.data_dir)]

@@ -435,12 +435,7 @@ class PostgresStore:
         )  # fmt: skip
         if not created:
             raise Conflict(f"tenant {entry['tenant']!r} already exists")
-        await con.execute(
-            "INSERT INTO tokens (tenant, token_id) VALUES ($1, $2)",
-            entry["tenant"],
-            entry["detail"]["token_id"],
-        )
-        await note_change(con, entry["tenant"])
+        await self._issue_token(con, entry)  # its first token
 
     async def _delete_tenant(self, con: Queries, entry: Entry) -> None:
         tenant_id = entry["tenant"]
