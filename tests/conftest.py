@@ -27,6 +27,7 @@ from quart.typing import TestClientProtocol
 
 from actors.fleet.embedded import EmbeddedFleet
 from actors.service import Service, ServiceConfig, open_service
+from fleet_server import FleetServer
 from pgcluster import pg_cluster, pg_db, pg_own  # noqa: F401  (fixtures)
 from server.app import create_app
 from server.auth import Authority
@@ -335,3 +336,13 @@ def run_pasted(script: str, server: LiveServer, cwd: Path) -> subprocess.Complet
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetServer]:
+    """The reference fleet controller (``tests/fleet_server.py``) as a real process."""
+    server = FleetServer(tmp_path / "fleet-state.jsonl").start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import h2.config
 import h2.connection
 import h2.events
+import h11
 import httpx
 
 
@@ -22,6 +23,31 @@ def address(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     return parts.hostname, parts.port
+
+
+def raw_answer(url: str, data: bytes, *, half_close: bool = False) -> tuple[h11.Response, bytes]:
+    """Send ``data`` exactly as given on a fresh connection (no client library cleans it
+    up) and read the whole answer, to the end of its message or of the connection."""
+    client = h11.Connection(h11.CLIENT)
+    # h11 reads an answer only after a request of its own: this one only sets its state
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    with socket.create_connection(address(url), timeout=30) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        response, body = None, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    assert response is not None
+    return response, body
 
 
 def abandoned_request(url: str, head: bytes, body: bytes, *, half_close: bool) -> None:

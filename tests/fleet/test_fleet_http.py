@@ -170,15 +170,6 @@ def problem_code(response: httpx.Response) -> str:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[FleetServer]:
-    server = FleetServer(tmp_path / "fleet-state.jsonl").start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture
 def proxy(
     tmp_path: Path, fleet: FleetServer, request: pytest.FixtureRequest
 ) -> Iterator[LiveServer]:

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import h11
 import httpx
 import pytest
 
 from conftest import QUOTA, Api, LiveServer, bearer
+from peers import raw_answer
 from server.schemas import REFUSED_CATEGORIES, TEXT_PATTERN
 
 SPEC: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
@@ -225,24 +224,7 @@ def test_the_openapi_pattern_says_the_same_for_every_assigned_bmp_character() ->
 
 def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
     """Send one request exactly as given (no client library cleans it up); its answer."""
-    parts = urlsplit(url)
-    assert parts.hostname and parts.port
-    connection = h11.Connection(h11.CLIENT)
-    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
-        sock.sendall(head + b"Connection: close\r\n\r\n" + body)
-        response: h11.Response | None = None
-        data = b""
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                connection.receive_data(sock.recv(65536))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                data += bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-    assert response is not None
+    response, data = raw_answer(url, head + b"Connection: close\r\n\r\n" + body)
     headers = {k.decode().lower(): v.decode("latin-1") for k, v in response.headers}
     return response.status_code, headers, data
 

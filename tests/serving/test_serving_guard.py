@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import h2.errors
 import h2.events
-import h11
 import httpx
 import pytest
 
@@ -28,9 +26,9 @@ from peers import (
     H2Peer,
     abandoned_h2_request,
     abandoned_request,
-    address,
     h2_request,
     honest_status,
+    raw_answer,
 )
 
 ROUNDS = 1000
@@ -229,29 +227,6 @@ def test_hostile_and_random_bytes_never_break_a_connection_handler(
     assert_still_serving(live_server, token)
 
 
-def _answer_to(url: str, head: bytes) -> tuple[h11.Response, bytes]:
-    """Send ``head`` on a fresh connection and read the whole answer (the server closes)."""
-    client = h11.Connection(h11.CLIENT)
-    # h11 reads an answer only after a request of its own: this one only sets its state
-    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-    with socket.create_connection(address(url), timeout=30) as sock:
-        sock.sendall(head)
-        sock.shutdown(socket.SHUT_WR)
-        response, body = None, b""
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                client.receive_data(sock.recv(65536))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
-    assert response is not None
-    return response, body
-
-
 @pytest.mark.parametrize(
     ("head", "status"),
     [
@@ -269,7 +244,7 @@ def test_a_request_http_cannot_parse_gets_a_problem_document(
 ) -> None:
     """Like every error (API.md): a problem document with its code and an X-Request-Id,
     not Hypercorn's empty answer; and never a 5xx for bad input."""
-    response, body = _answer_to(live_server.url, head)
+    response, body = raw_answer(live_server.url, head, half_close=True)
     headers = {name.decode(): value.decode() for name, value in response.headers}
     assert response.status_code == status
     assert headers["content-type"] == "application/problem+json"

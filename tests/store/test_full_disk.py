@@ -129,15 +129,6 @@ async def test_readyz_is_503_while_writes_fail_and_200_once_they_succeed(
     assert os.path.islink(rig.data / "fleet")
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[FleetServer]:
-    server = FleetServer(tmp_path / "fleet-state.jsonl").start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 async def test_spawns_while_the_disk_fills_answer_what_happened(
     tmp_path: Path, fleet: FleetServer, provision: Provision
 ) -> None:
